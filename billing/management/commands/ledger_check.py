@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from billing.invariants import REGISTRY, run_checks
+
+
+class Command(BaseCommand):
+    help = (
+        "Verify every ledger invariant (DESIGN.md section 5) on one consistent snapshot. "
+        "Exit 1 naming each breach; safe on a live system."
+    )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        breaches = run_checks()
+        for breach in breaches:
+            self.stderr.write(f"BREACH {breach.check}: {breach.detail}")
+        if breaches:
+            self.stderr.write(f"ledger_check: {len(breaches)} breach(es) found.")
+            raise SystemExit(1)
+        self.stdout.write(f"ledger_check: all {len(REGISTRY)} checks pass ({', '.join(REGISTRY)}).")

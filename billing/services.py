@@ -1,0 +1,401 @@
+"""Writes to the credit ledger. Every function here keeps the invariants of DESIGN.md §5.
+
+Concurrency rules used throughout (STYLE.md 3, PITFALLS 2, 8, 9):
+- the balance check and the change are one conditional UPDATE (``... WHERE balance >= held + x``);
+  the row count decides, never a value read earlier in Python;
+- a hold changes state by one conditional UPDATE on its status, so it is resolved exactly once;
+- retried operations carry an idempotency key whose uniqueness the database enforces; the loser of
+  a race waits for the winner's commit, hits the unique index and returns the winner's result;
+- when several user accounts are touched (a reversal), their rows are locked in primary-key order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from billing.models import Account, Entry, Hold, LedgerTransaction
+from rivya.errors import (
+    HoldAlreadyResolved,
+    IdempotencyKeyReused,
+    InsufficientCredits,
+    InvalidAmount,
+    NotReversible,
+    ReasonRequired,
+)
+from rivya.money import check_micro, format_credits
+
+T = TypeVar("T")
+
+GRANT_KINDS = (
+    LedgerTransaction.Kind.GRANT,
+    LedgerTransaction.Kind.PURCHASE,
+    LedgerTransaction.Kind.PROMOTION,
+)
+
+
+# --- accounts -------------------------------------------------------------------------------
+
+
+def account_for_user(*, user: Any) -> Account:
+    """The user's credit account, created on first use (race-safe: unique per user)."""
+    account, _ = Account.objects.get_or_create(user=user, defaults={"kind": Account.Kind.USER})
+    return account
+
+
+def system_account_id(kind: str) -> int:
+    """Id of the issuance or revenue account, created on first use.
+
+    Not cached per process: a cached id outlives a flushed or rolled-back database, and the
+    lookup is one primary-key-sized index read.
+    """
+    account, _ = Account.objects.get_or_create(kind=kind, user=None)
+    return account.pk
+
+
+# --- idempotency ----------------------------------------------------------------------------
+
+
+def _fingerprint(**fields: Any) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _replay(scope: str, key: str, fingerprint: str) -> LedgerTransaction | None:
+    txn = LedgerTransaction.objects.filter(idempotency_scope=scope, idempotency_key=key).first()
+    if txn is not None and txn.fingerprint != fingerprint:
+        raise IdempotencyKeyReused()
+    return txn
+
+
+def _once(
+    scope: str,
+    key: str,
+    fingerprint: str,
+    post: Callable[[], LedgerTransaction],
+) -> LedgerTransaction:
+    """Run ``post`` once per (scope, key): a replay returns the first transaction unchanged."""
+    if key:
+        if len(key) > 255:
+            raise InvalidAmount(
+                "Idempotency keys are at most 255 characters.", code="invalid_idempotency_key"
+            )
+        first = _replay(scope, key, fingerprint)
+        if first is not None:
+            return first
+    try:
+        with transaction.atomic():
+            return post()
+    except IntegrityError as exc:
+        # A concurrent call with the same key committed first: the unique index made us wait
+        # for it, then refused our insert. Its result is ours.
+        if key and "ledger_txn_idempotency_unique" in str(exc):
+            first = _replay(scope, key, fingerprint)
+            if first is not None:
+                return first
+        raise
+
+
+def _new_txn(
+    kind: str,
+    *,
+    reason: str = "",
+    actor: Any = None,
+    scope: str = "",
+    key: str = "",
+    fingerprint: str = "",
+    **extra: Any,
+) -> LedgerTransaction:
+    return LedgerTransaction.objects.create(
+        kind=kind,
+        reason=reason[:500],
+        actor=actor,
+        idempotency_scope=scope if key else "",
+        idempotency_key=key,
+        fingerprint=fingerprint if key else "",
+        **extra,
+    )
+
+
+def _entries(txn: LedgerTransaction, legs: list[tuple[int, int]]) -> None:
+    if sum(amount for _, amount in legs) != 0:  # a bug, never user input
+        raise RuntimeError(f"unbalanced ledger transaction {txn.pk}: {legs}")
+    Entry.objects.bulk_create(
+        [
+            Entry(transaction=txn, account_id=account_id, amount=amount)
+            for account_id, amount in legs
+            if amount
+        ]
+    )
+
+
+def _insufficient(account_id: int, needed: int) -> InsufficientCredits:
+    account = Account.objects.get(pk=account_id)
+    return InsufficientCredits(
+        extra={
+            "available": format_credits(account.available),
+            "available_micro": account.available,
+            "required": format_credits(needed),
+            "required_micro": needed,
+        }
+    )
+
+
+def _required_reason(reason: str) -> str:
+    reason = (reason or "").strip()
+    if not reason:
+        raise ReasonRequired()
+    return reason
+
+
+# --- single-phase operations ----------------------------------------------------------------
+
+
+def grant(
+    *,
+    user: Any,
+    amount: int,
+    reason: str,
+    kind: str = LedgerTransaction.Kind.GRANT,
+    idempotency_key: str = "",
+    actor: Any = None,
+) -> LedgerTransaction:
+    """Credit ``amount`` micro-credits to ``user`` (signup grant, purchase, promotion).
+
+    Before: ``amount`` is a positive integer; ``reason`` is not blank.
+    After: the user's balance is higher by ``amount``; issuance is lower by as much.
+    Raises InvalidAmount, ReasonRequired, IdempotencyKeyReused.
+    """
+    check_micro(amount)
+    reason = _required_reason(reason)
+    if kind not in GRANT_KINDS:
+        raise InvalidAmount(f"{kind!r} is not a kind of grant.", code="invalid_kind")
+    account = account_for_user(user=user)
+    scope = f"account:{account.pk}"
+    fingerprint = _fingerprint(op="grant", amount=amount, kind=kind, reason=reason)
+
+    def post() -> LedgerTransaction:
+        txn = _new_txn(
+            kind,
+            reason=reason,
+            actor=actor,
+            scope=scope,
+            key=idempotency_key,
+            fingerprint=fingerprint,
+        )
+        Account.objects.filter(pk=account.pk).update(balance=F("balance") + amount)
+        _entries(txn, [(system_account_id(Account.Kind.ISSUANCE), -amount), (account.pk, amount)])
+        return txn
+
+    return _once(scope, idempotency_key, fingerprint, post)
+
+
+def adjust(
+    *, user: Any, amount: int, actor: Any, reason: str, idempotency_key: str = ""
+) -> LedgerTransaction:
+    """A staff adjustment, positive or negative, that never overdraws the account.
+
+    Before: ``amount`` is a non-zero integer; ``actor`` is the staff member; ``reason`` not blank.
+    After: balance changed by ``amount``; available is still >= 0.
+    Raises InvalidAmount, ReasonRequired, InsufficientCredits (a debit larger than available),
+    IdempotencyKeyReused.
+    """
+    check_micro(amount, allow_negative=True)
+    reason = _required_reason(reason)
+    if actor is None:
+        raise InvalidAmount(
+            "A staff adjustment needs the staff member who makes it.", code="actor_required"
+        )
+    account = account_for_user(user=user)
+    scope = f"account:{account.pk}"
+    fingerprint = _fingerprint(op="adjust", amount=amount, reason=reason, actor=actor.pk)
+
+    def post() -> LedgerTransaction:
+        txn = _new_txn(
+            LedgerTransaction.Kind.ADJUSTMENT,
+            reason=reason,
+            actor=actor,
+            scope=scope,
+            key=idempotency_key,
+            fingerprint=fingerprint,
+        )
+        # WHERE balance + amount >= held: a debit may not take what is available below zero.
+        changed = Account.objects.filter(pk=account.pk, balance__gte=F("held") - amount).update(
+            balance=F("balance") + amount
+        )
+        if not changed:
+            raise _insufficient(account.pk, -amount)
+        _entries(txn, [(system_account_id(Account.Kind.ISSUANCE), -amount), (account.pk, amount)])
+        return txn
+
+    return _once(scope, idempotency_key, fingerprint, post)
+
+
+def reverse(
+    *, txn: LedgerTransaction | int, actor: Any, reason: str, idempotency_key: str = ""
+) -> LedgerTransaction:
+    """Post the exact opposite of a transaction (a grant taken back, a charge refunded).
+
+    A transaction is reversed at most once and a reversal is never reversed. Taking back credits
+    the user has already spent or holds is refused (no overdraft).
+    Raises NotReversible, InsufficientCredits, ReasonRequired, IdempotencyKeyReused.
+    """
+    reason = _required_reason(reason)
+    original_id = txn if isinstance(txn, int) else txn.pk
+    scope = "reversal"
+    fingerprint = _fingerprint(op="reverse", txn=original_id, reason=reason)
+
+    def post() -> LedgerTransaction:
+        original = LedgerTransaction.objects.filter(pk=original_id).first()
+        if original is None:
+            raise NotReversible("No such ledger transaction.", code="not_found", status=404)
+        if original.kind == LedgerTransaction.Kind.REVERSAL:
+            raise NotReversible("A reversal cannot itself be reversed.")
+        if LedgerTransaction.objects.filter(reversal_of=original).exists():
+            raise NotReversible("This transaction was already reversed.")
+        legs = [(e.account_id, -e.amount) for e in original.entries.all()]
+        user_ids = set(
+            Account.objects.filter(pk__in=[a for a, _ in legs], kind=Account.Kind.USER).values_list(
+                "pk", flat=True
+            )
+        )
+        rev = _new_txn(
+            LedgerTransaction.Kind.REVERSAL,
+            reason=reason,
+            actor=actor,
+            scope=scope,
+            key=idempotency_key,
+            fingerprint=fingerprint,
+            reversal_of=original,
+            subject_type=original.subject_type,
+            subject_id=original.subject_id,
+        )
+        # Lock user rows in primary-key order so that two multi-account operations never
+        # deadlock each other.
+        for account_id, delta in sorted(legs):
+            if account_id not in user_ids:
+                continue
+            changed = Account.objects.filter(pk=account_id, balance__gte=F("held") - delta).update(
+                balance=F("balance") + delta
+            )
+            if not changed:
+                raise _insufficient(account_id, -delta)
+        _entries(rev, legs)
+        return rev
+
+    try:
+        return _once(scope, idempotency_key, fingerprint, post)
+    except IntegrityError as exc:
+        if "reversal_of" in str(exc):
+            raise NotReversible("This transaction was already reversed.") from None
+        raise
+
+
+# --- two-phase: hold, capture, release ------------------------------------------------------
+
+
+def _same_hold(hold: Hold, account_id: int, amount: int) -> Hold:
+    if hold.account_id != account_id or hold.amount != amount:
+        raise IdempotencyKeyReused(
+            "A hold for this subject already exists with a different account or amount."
+        )
+    return hold
+
+
+def hold_create(*, user: Any, amount: int, subject_type: str, subject_id: str) -> Hold:
+    """Reserve ``amount`` of the user's available credits for one subject (a task, a chat turn).
+
+    At most one hold exists per subject: calling again with the same arguments returns the
+    existing hold and reserves nothing more.
+    After: held is higher by ``amount``; available stayed >= 0.
+    Raises InsufficientCredits when available < amount; IdempotencyKeyReused when the subject
+    already has a different hold.
+    """
+    check_micro(amount)
+    subject_id = str(subject_id)
+    account = account_for_user(user=user)
+    existing = Hold.objects.filter(subject_type=subject_type, subject_id=subject_id).first()
+    if existing is not None:
+        return _same_hold(existing, account.pk, amount)
+    try:
+        with transaction.atomic():
+            changed = Account.objects.filter(pk=account.pk, balance__gte=F("held") + amount).update(
+                held=F("held") + amount
+            )
+            if not changed:
+                raise _insufficient(account.pk, amount)
+            return Hold.objects.create(
+                account=account, amount=amount, subject_type=subject_type, subject_id=subject_id
+            )
+    except IntegrityError as exc:
+        if "hold_one_per_subject" not in str(exc):
+            raise
+    return _same_hold(
+        Hold.objects.get(subject_type=subject_type, subject_id=subject_id), account.pk, amount
+    )
+
+
+def hold_capture(*, hold: Hold | int, amount: int | None = None, reason: str = "") -> Hold:
+    """Settle a hold: charge ``amount`` (default: all of it) and release the rest.
+
+    Resolved exactly once: the first capture wins; repeating the same capture returns the hold
+    unchanged; capturing a hold that was released (or captured for another amount) raises
+    HoldAlreadyResolved. Capturing 0 is a release.
+    Raises InvalidAmount when ``amount`` exceeds the hold.
+    """
+    hold_id = hold if isinstance(hold, int) else hold.pk
+    with transaction.atomic():
+        current = Hold.objects.get(pk=hold_id)
+        amount = current.amount if amount is None else check_micro(amount, allow_zero=True)
+        if amount > current.amount:
+            raise InvalidAmount(
+                "Cannot capture more than was held.", extra={"held_micro": current.amount}
+            )
+        if amount == 0:
+            return hold_release(hold=hold_id)
+        now = timezone.now()
+        won = Hold.objects.filter(pk=hold_id, status=Hold.Status.OPEN).update(
+            status=Hold.Status.CAPTURED, captured=amount, resolved_at=now
+        )
+        if not won:
+            current.refresh_from_db()
+            if current.status == Hold.Status.CAPTURED and current.captured == amount:
+                return current
+            raise HoldAlreadyResolved(extra={"hold_status": current.status})
+        Account.objects.filter(pk=current.account_id).update(
+            balance=F("balance") - amount, held=F("held") - current.amount
+        )
+        txn = _new_txn(
+            LedgerTransaction.Kind.CAPTURE,
+            reason=reason,
+            hold_id=hold_id,
+            subject_type=current.subject_type,
+            subject_id=current.subject_id,
+        )
+        _entries(
+            txn, [(current.account_id, -amount), (system_account_id(Account.Kind.REVENUE), amount)]
+        )
+    current.refresh_from_db()
+    return current
+
+
+def hold_release(*, hold: Hold | int) -> Hold:
+    """Return a hold to the user's available credits. Releasing twice is harmless; releasing a
+    captured hold raises HoldAlreadyResolved."""
+    hold_id = hold if isinstance(hold, int) else hold.pk
+    with transaction.atomic():
+        won = Hold.objects.filter(pk=hold_id, status=Hold.Status.OPEN).update(
+            status=Hold.Status.RELEASED, resolved_at=timezone.now()
+        )
+        current = Hold.objects.get(pk=hold_id)
+        if not won:
+            if current.status == Hold.Status.RELEASED:
+                return current
+            raise HoldAlreadyResolved(extra={"hold_status": current.status})
+        Account.objects.filter(pk=current.account_id).update(held=F("held") - current.amount)
+    return current

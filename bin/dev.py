@@ -1,0 +1,103 @@
+"""Start Rivya's processes in one terminal (web, Celery worker, Celery beat); Ctrl-C stops all.
+
+Used by ``make run``. Each child gets its own process group so that one Ctrl-C (or SIGTERM)
+reaches every process, and if any child dies the others are stopped too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+PY = sys.executable
+
+
+def commands() -> list[tuple[str, list[str]]]:
+    host = os.environ.get("RIVYA_HOST", "127.0.0.1")
+    port = os.environ.get("RIVYA_PORT", "8000")
+    return [
+        (
+            "web",
+            [
+                PY,
+                "-m",
+                "gunicorn",
+                "rivya.wsgi:application",
+                "--bind",
+                f"{host}:{port}",
+                "--worker-class",
+                "gthread",
+                "--workers",
+                "2",
+                "--threads",
+                "8",
+                "--access-logfile",
+                "-",
+            ],
+        ),
+        (
+            "worker",
+            [
+                PY,
+                "-m",
+                "celery",
+                "-A",
+                "rivya",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--concurrency",
+                "2",
+            ],
+        ),
+        ("beat", [PY, "-m", "celery", "-A", "rivya", "beat", "--loglevel", "INFO"]),
+    ]
+
+
+def main() -> int:
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        for _name, proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for name, cmd in commands():
+        procs.append((name, subprocess.Popen(cmd, start_new_session=True)))
+        print(f"[dev] started {name} (pid {procs[-1][1].pid})", flush=True)
+    host = os.environ.get("RIVYA_HOST", "127.0.0.1")
+    print(
+        f"[dev] Rivya is at http://{host}:{os.environ.get('RIVYA_PORT', '8000')}/ — "
+        "Ctrl-C stops everything.",
+        flush=True,
+    )
+    code = 0
+    while not stopping:
+        for name, proc in procs:
+            if proc.poll() is not None:
+                print(f"[dev] {name} exited with {proc.returncode}; stopping the rest.", flush=True)
+                code = proc.returncode or 1
+                stop()
+                break
+        time.sleep(0.5)
+    deadline = time.monotonic() + 15
+    for _name, proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

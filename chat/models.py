@@ -1,0 +1,1 @@
+"""Models of the chat app (built in its own issue)."""

@@ -1,0 +1,82 @@
+"""Domain errors shared by every app.
+
+Each carries a stable ``code``, a human ``message``, a ``kind`` (``user``: the user can correct
+it; ``provider``: an upstream failed; ``infra``: we failed) and the HTTP status the API answers
+with. Services raise them; ``rivya.exceptions.api_exception_handler`` renders them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    code = "error"
+    message = "Something went wrong."
+    kind = "user"
+    status = 400
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        kind: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.message = message or self.message
+        self.code = code or self.code
+        self.status = status or self.status
+        self.kind = kind or self.kind
+        self.extra = extra or {}
+        super().__init__(self.message)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "kind": self.kind, **self.extra}
+
+
+class InvalidAmount(DomainError):
+    code = "invalid_amount"
+    message = "The amount is not valid."
+
+
+class InsufficientCredits(DomainError):
+    code = "insufficient_credits"
+    message = "Not enough credits available. Add credits or lower the cost of the request."
+    status = 402
+
+
+class IdempotencyKeyReused(DomainError):
+    code = "idempotency_key_reused"
+    message = "This idempotency key was already used with different arguments."
+    status = 422
+
+
+class IdempotencyInProgress(DomainError):
+    code = "idempotency_in_progress"
+    message = "A request with this idempotency key is still being processed; retry shortly."
+    status = 409
+
+
+class HoldAlreadyResolved(DomainError):
+    code = "hold_already_resolved"
+    message = "This hold was already captured or released."
+    status = 409
+
+
+class NotReversible(DomainError):
+    code = "not_reversible"
+    message = "This ledger transaction cannot be reversed."
+    status = 409
+
+
+class ReasonRequired(DomainError):
+    code = "reason_required"
+    message = "A reason is required."
+
+
+class NotFound(DomainError):
+    code = "not_found"
+    message = "Not found."
+    status = 404

@@ -1,0 +1,84 @@
+"""One DRF exception handler: every error becomes ``{"error": {"code", "message", "kind"}}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions as drf
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from rivya.errors import DomainError
+
+logger = logging.getLogger(__name__)
+
+_DRF_CODES: dict[type[Exception], str] = {
+    drf.ParseError: "malformed_request",
+    drf.AuthenticationFailed: "authentication_failed",
+    drf.NotAuthenticated: "not_authenticated",
+    drf.PermissionDenied: "permission_denied",
+    drf.NotFound: "not_found",
+    drf.MethodNotAllowed: "method_not_allowed",
+    drf.NotAcceptable: "not_acceptable",
+    drf.UnsupportedMediaType: "unsupported_media_type",
+    drf.Throttled: "throttled",
+}
+
+
+def error_body(
+    code: str, message: str, kind: str = "user", fields: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message, "kind": kind}
+    if fields is not None:
+        body["fields"] = fields
+    return {"error": body}
+
+
+def _flatten(detail: Any) -> Any:
+    if isinstance(detail, dict):
+        return {k: _flatten(v) for k, v in detail.items()}
+    if isinstance(detail, list):
+        out: list[Any] = []
+        for item in detail:
+            flat = _flatten(item)
+            out.append(flat)
+        return out
+    return str(detail)
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, DomainError):
+        return Response({"error": exc.as_dict()}, status=exc.status)
+    if isinstance(exc, Http404):
+        exc = drf.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = drf.PermissionDenied()
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None  # a real bug: let Django log it and answer 500
+    if isinstance(exc, drf.ValidationError):
+        detail = _flatten(exc.detail)
+        if not isinstance(detail, dict):
+            detail = {"non_field_errors": detail if isinstance(detail, list) else [detail]}
+        response.data = error_body(
+            "validation_error", "The request is not valid.", "user", fields=detail
+        )
+        return response
+    if not isinstance(exc, drf.APIException):
+        return response
+    code = next((c for klass, c in _DRF_CODES.items() if isinstance(exc, klass)), None)
+    if code is None:
+        code = exc.get_codes() if isinstance(exc.get_codes(), str) else "error"
+    detail = exc.detail
+    message = str(exc.default_detail) if isinstance(detail, dict | list) else str(detail)
+    kind = "infra" if response.status_code >= 500 else "user"
+    response.data = error_body(str(code), message, kind)
+    return response
+
+
+def json_not_found(request: Any, exception: Exception | None = None) -> JsonResponse:
+    """404 for unknown URLs under /api/: JSON, like every other API answer."""
+    return JsonResponse(error_body("not_found", "No such API endpoint."), status=404)

@@ -1,0 +1,88 @@
+"""The pages shell: home, signup, login/logout, account (API keys and credit history)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import UserCreationForm
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods
+
+from billing import selectors as billing
+from rivya import services
+from rivya.errors import DomainError
+from rivya.models import User
+
+
+class SignupForm(UserCreationForm):
+    email = forms.EmailField(required=True)
+
+    class Meta(UserCreationForm.Meta):
+        model = User
+        fields = ("username", "email")
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    context: dict[str, Any] = {}
+    if request.user.is_authenticated:
+        context["credits"] = billing.balance_for_user(user=request.user)
+    return render(request, "pages/home.html", context)
+
+
+@require_http_methods(["GET", "POST"])
+def signup(request: HttpRequest) -> HttpResponse:
+    form = SignupForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = services.user_signup(
+            username=form.cleaned_data["username"],
+            email=form.cleaned_data["email"],
+            password=form.cleaned_data["password1"],
+        )
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        messages.success(request, "Welcome to Rivya! Your signup credits are in your account.")
+        return redirect("home")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+class LoginView(auth_views.LoginView):
+    template_name = "registration/login.html"
+    redirect_authenticated_user = True
+
+
+class LogoutView(auth_views.LogoutView):
+    pass
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def account(request: HttpRequest) -> HttpResponse:
+    new_key = None
+    if request.method == "POST":
+        action = request.POST.get("action")
+        if action == "create_key":
+            new_key = services.api_key_create(
+                user=request.user, name=request.POST.get("name", "")[:100]
+            ).raw
+        elif action == "revoke_key":
+            try:
+                services.api_key_revoke(user=request.user, prefix=request.POST.get("prefix", ""))
+                messages.success(request, "The key was revoked.")
+            except DomainError as exc:
+                messages.error(request, exc.message)
+            return redirect("account")
+    return render(
+        request,
+        "pages/account.html",
+        {
+            "new_key": new_key,
+            "api_keys": request.user.api_keys.order_by("-created_at"),
+            "credits": billing.balance_for_user(user=request.user),
+            "entries": billing.ledger_for_user(user=request.user)[:50],
+        },
+    )

@@ -1,0 +1,97 @@
+"""Writes for users and API keys."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.utils import timezone
+
+from rivya.errors import NotFound
+from rivya.models import ApiKey, User, hash_api_key
+
+KEY_RE = re.compile(r"^rv_([a-f0-9]{12})_([A-Za-z0-9_-]{20,100})$")
+
+
+@dataclass(frozen=True)
+class NewApiKey:
+    api_key: ApiKey
+    raw: str  # shown once; only its hash is stored
+
+
+def api_key_create(*, user: User, name: str = "") -> NewApiKey:
+    """Create a key for ``user``. The raw key is returned once and never stored."""
+    prefix = secrets.token_hex(6)
+    raw = f"rv_{prefix}_{secrets.token_urlsafe(32)}"
+    api_key = ApiKey.objects.create(
+        user=user, name=name[:100], prefix=prefix, key_hash=hash_api_key(raw)
+    )
+    return NewApiKey(api_key=api_key, raw=raw)
+
+
+def api_key_revoke(*, user: User, prefix: str) -> ApiKey:
+    """Revoke one of ``user``'s keys; revoking twice is harmless. Raises NotFound."""
+    ApiKey.objects.filter(user=user, prefix=prefix, revoked_at__isnull=True).update(
+        revoked_at=timezone.now()
+    )
+    try:
+        return ApiKey.objects.get(user=user, prefix=prefix)
+    except ApiKey.DoesNotExist:
+        raise NotFound("No such API key.") from None
+
+
+def api_key_authenticate(*, raw: str) -> ApiKey | None:
+    """The active key matching ``raw`` (constant-time comparison), or None."""
+    match = KEY_RE.match(raw)
+    if not match:
+        return None
+    key = (
+        ApiKey.objects.select_related("user")
+        .filter(prefix=match.group(1), revoked_at__isnull=True)
+        .first()
+    )
+    if key is None or not key.matches(raw) or not key.user.is_active:
+        return None
+    now = timezone.now()
+    # Touch last_used_at at most once a minute: no write on every request.
+    if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+    return key
+
+
+def user_find(*, identifier: str) -> User:
+    """A user by username, or by email where the email is unique. Raises NotFound."""
+    users = get_user_model().objects
+    user = users.filter(username=identifier).first()
+    if user is not None:
+        return user
+    matches = list(users.filter(email__iexact=identifier)[:2])
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise NotFound(f"Several users have the email {identifier!r}; use the username.")
+    raise NotFound(f"No user {identifier!r}.")
+
+
+@transaction.atomic
+def user_signup(*, username: str, email: str, password: str) -> User:
+    """Create a user and grant the signup credits (SIGNUP_GRANT_CREDITS), in one transaction."""
+    from django.conf import settings
+
+    from billing import services as billing
+    from rivya.money import parse_credits
+
+    user = get_user_model().objects.create_user(username=username, email=email, password=password)
+    amount = parse_credits(settings.SIGNUP_GRANT_CREDITS, allow_zero=True)
+    if amount:
+        billing.grant(
+            user=user,
+            amount=amount,
+            reason="Signup grant",
+            kind="grant",
+            idempotency_key=f"signup:{user.pk}",
+        )
+    return user

@@ -1,0 +1,1 @@
+"""Models of the tasks app (built in its own issue)."""
