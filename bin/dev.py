@@ -66,9 +66,11 @@ def main() -> int:
         if stopping:
             return
         stopping = True
+        # Signal each main process (gunicorn's arbiter, Celery's main process) and let it stop
+        # its own children; whatever is left after the grace period is killed as a group.
         for _name, proc in procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -91,10 +93,11 @@ def main() -> int:
                 break
         time.sleep(0.5)
     deadline = time.monotonic() + 15
-    for _name, proc in procs:
+    for name, proc in procs:
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            print(f"[dev] {name} did not stop in time; killing it.", flush=True)
             os.killpg(proc.pid, signal.SIGKILL)
     return code
 
