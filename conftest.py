@@ -18,8 +18,9 @@ _counter = itertools.count()
 def make_user(db: Any) -> Any:
     def make(username: str | None = None, **extra: Any) -> Any:
         name = username or f"user{next(_counter)}"
+        extra.setdefault("email", f"{name}@example.com")
         return get_user_model().objects.create_user(
-            username=name, email=f"{name}@example.com", password="pw-Secret-123", **extra
+            username=name, password="pw-Secret-123", **extra
         )
 
     return make

@@ -195,3 +195,35 @@ class Entry(models.Model):
 
     def __str__(self) -> str:
         return f"entry {self.pk} {self.amount:+d} on {self.account_id}"
+
+
+class IdempotencyRecord(models.Model):
+    """An ``Idempotency-Key`` of an API request that creates or bills (kept 24 h, per user).
+
+    The record is claimed (``in_progress``) in its own transaction before the work starts, and
+    completed in the same database transaction as the work, so "completed" means "the work
+    committed". A claim left ``in_progress`` by a crashed request is taken over after a while.
+    """
+
+    class Status(models.TextChoices):
+        IN_PROGRESS = "in_progress", "In progress"
+        COMPLETED = "completed", "Completed"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    status = models.CharField(max_length=16, choices=Status.choices)
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_body = models.JSONField(null=True, blank=True)
+    response_headers = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    locked_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "key"], name="idempotency_key_per_user"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id}:{self.key} ({self.status})"

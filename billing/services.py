@@ -14,15 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from billing.models import Account, Entry, Hold, LedgerTransaction
+from billing.models import Account, Entry, Hold, IdempotencyRecord, LedgerTransaction
 from rivya.errors import (
     HoldAlreadyResolved,
+    IdempotencyInProgress,
     IdempotencyKeyReused,
     InsufficientCredits,
     InvalidAmount,
@@ -399,3 +402,110 @@ def hold_release(*, hold: Hold | int) -> Hold:
             raise HoldAlreadyResolved(extra={"hold_status": current.status})
         Account.objects.filter(pk=current.account_id).update(held=F("held") - current.amount)
     return current
+
+
+# --- API idempotency keys -------------------------------------------------------------------
+
+IDEMPOTENCY_TTL = timedelta(hours=24)
+IDEMPOTENCY_STALE = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """Either ``record`` (ours to run and complete) or ``replay`` (the first response)."""
+
+    record: IdempotencyRecord | None = None
+    replay: IdempotencyRecord | None = None
+
+
+def _take_over(record: IdempotencyRecord, fingerprint: str, now: Any) -> IdempotencyRecord | None:
+    won = IdempotencyRecord.objects.filter(
+        pk=record.pk, locked_at=record.locked_at, status=record.status
+    ).update(
+        fingerprint=fingerprint,
+        status=IdempotencyRecord.Status.IN_PROGRESS,
+        locked_at=now,
+        expires_at=now + IDEMPOTENCY_TTL,
+        response_status=None,
+        response_body=None,
+        response_headers={},
+    )
+    return IdempotencyRecord.objects.get(pk=record.pk) if won else None
+
+
+def idempotency_claim(*, user: Any, key: str, fingerprint: str) -> IdempotencyClaim:
+    """Claim ``key`` for a request with ``fingerprint`` (a hash of method, path and body).
+
+    Returns a claim to run, or the completed first response to replay.
+    Raises IdempotencyKeyReused (same key, different request), IdempotencyInProgress (the first
+    request is still running), InvalidAmount-coded ``invalid_idempotency_key`` for bad keys.
+    """
+    if not key or len(key) > 255 or not key.isprintable():
+        raise InvalidAmount(
+            "Idempotency-Key must be 1 to 255 printable characters.", code="invalid_idempotency_key"
+        )
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            return IdempotencyClaim(
+                record=IdempotencyRecord.objects.create(
+                    user=user,
+                    key=key,
+                    fingerprint=fingerprint,
+                    status=IdempotencyRecord.Status.IN_PROGRESS,
+                    locked_at=now,
+                    expires_at=now + IDEMPOTENCY_TTL,
+                )
+            )
+    except IntegrityError:
+        pass
+    record = IdempotencyRecord.objects.get(user=user, key=key)
+    if record.expires_at <= now:
+        taken = _take_over(record, fingerprint, now)
+        if taken is not None:
+            return IdempotencyClaim(record=taken)
+        record.refresh_from_db()
+    if record.fingerprint != fingerprint:
+        raise IdempotencyKeyReused()
+    if record.status == IdempotencyRecord.Status.COMPLETED:
+        return IdempotencyClaim(replay=record)
+    if record.locked_at <= now - IDEMPOTENCY_STALE:
+        # The first request died before committing (its completion shares the work's
+        # transaction, so an in-progress record means the work did not commit).
+        taken = _take_over(record, fingerprint, now)
+        if taken is not None:
+            return IdempotencyClaim(record=taken)
+    raise IdempotencyInProgress()
+
+
+def idempotency_complete(
+    *, record: IdempotencyRecord, status: int, body: Any, headers: dict[str, str]
+) -> None:
+    """Store the response; call inside the transaction of the work itself.
+
+    Raises IdempotencyInProgress if the claim was taken over meanwhile (the caller's
+    transaction must then roll back, so the work happens once).
+    """
+    done = IdempotencyRecord.objects.filter(
+        pk=record.pk, locked_at=record.locked_at, status=IdempotencyRecord.Status.IN_PROGRESS
+    ).update(
+        status=IdempotencyRecord.Status.COMPLETED,
+        response_status=status,
+        response_body=body,
+        response_headers=headers,
+    )
+    if not done:
+        raise IdempotencyInProgress("This request was superseded by a retry with the same key.")
+
+
+def idempotency_abandon(*, record: IdempotencyRecord) -> None:
+    """Drop our claim so that a retry with the same key runs anew (nothing was committed)."""
+    IdempotencyRecord.objects.filter(
+        pk=record.pk, locked_at=record.locked_at, status=IdempotencyRecord.Status.IN_PROGRESS
+    ).delete()
+
+
+def idempotency_purge_expired(*, now: Any = None) -> int:
+    """Delete records past their 24 h; returns how many."""
+    deleted, _ = IdempotencyRecord.objects.filter(expires_at__lt=now or timezone.now()).delete()
+    return deleted

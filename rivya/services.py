@@ -72,7 +72,11 @@ def user_find(*, identifier: str) -> User:
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise NotFound(f"Several users have the email {identifier!r}; use the username.")
+        raise NotFound(
+            f"Several users have the email {identifier!r}; use the username.",
+            code="ambiguous_user",
+            status=400,
+        )
     raise NotFound(f"No user {identifier!r}.")
 
 

@@ -1,1 +1,282 @@
-"""Models of the tasks app (built in its own issue)."""
+"""The model catalog, generation tasks (``ai_task``), their timeline, the provider callbacks
+inbox and uploaded reference files."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class Category(models.TextChoices):
+    IMAGE = "image", "Image"
+    VIDEO = "video", "Video"
+    AUDIO = "audio", "Audio"
+    CHAT = "chat", "Chat"
+
+
+class AIModel(models.Model):
+    """One AI model users can run, with its price, parameters and rules."""
+
+    class Runtime(models.TextChoices):
+        ASYNC = "async", "Asynchronous (callback / polling)"
+        SYNC = "sync", "Synchronous (inside the request)"
+
+    class BillingType(models.TextChoices):
+        PER_TASK = "per_task", "Per task"
+        PER_OUTPUT = "per_output", "Per output (e.g. per image)"
+        PER_OUTPUT_SECOND = "per_output_second", "Per output second"
+        PER_TOKEN = "per_token", "Per token"
+
+    slug = models.SlugField(max_length=100, unique=True)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    category = models.CharField(max_length=16, choices=Category.choices)
+    provider = models.CharField(max_length=32, help_text="provider key, e.g. 'sandbox'")
+    upstream_model = models.CharField(max_length=200, help_text="the provider's model id")
+    runtime = models.CharField(max_length=8, choices=Runtime.choices, default=Runtime.ASYNC)
+    enabled = models.BooleanField(default=True, help_text="listed and usable")
+    direct_generation = models.BooleanField(
+        default=True, help_text="usable directly from the Studio / tasks API"
+    )
+    prompt_required = models.BooleanField(default=True)
+    max_prompt_length = models.PositiveIntegerField(default=2000)
+    params_schema = models.JSONField(
+        default=dict, blank=True, help_text="JSON Schema (object) of the parameters, with defaults"
+    )
+    file_rules = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='reference files: {"accept": [mime...], "min": 0, "max": 0, "max_bytes": n, '
+        '"min_duration_ms": n, "max_duration_ms": n}',
+    )
+    price_micro = models.BigIntegerField(
+        help_text="micro-credits per task / output / second / token, per billing type"
+    )
+    billing_type = models.CharField(
+        max_length=24, choices=BillingType.choices, default=BillingType.PER_TASK
+    )
+    billing_policy = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='{"failure_charge_percent": 0, "cancel_charge_percent": 0, '
+        '"partial_success": true}',
+    )
+    timeout_seconds = models.PositiveIntegerField(default=600)
+    poll_interval_seconds = models.PositiveIntegerField(default=2)
+    result_ttl_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="overrides TASK_RESULT_TTL for this model"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "AI model"
+        ordering = ("category", "name")
+        constraints = [
+            models.CheckConstraint(
+                name="aimodel_price_not_negative", condition=Q(price_micro__gte=0)
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Task(models.Model):
+    """One generation: WAITING → GENERATING → SUCCESS / FAILED / REJECTED / CANCELLED.
+
+    Statuses change only through conditional UPDATEs in ``tasks.services`` naming the states
+    they leave; terminal states never change. Rows are never hard-deleted (``deleted_at``).
+    """
+
+    class Status(models.TextChoices):
+        WAITING = "WAITING", "Waiting"
+        GENERATING = "GENERATING", "Generating"
+        SUCCESS = "SUCCESS", "Success"
+        FAILED = "FAILED", "Failed"
+        REJECTED = "REJECTED", "Rejected"
+        CANCELLED = "CANCELLED", "Cancelled"
+
+    UNFINISHED = (Status.WAITING, Status.GENERATING)
+    TERMINAL = (Status.SUCCESS, Status.FAILED, Status.REJECTED, Status.CANCELLED)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="tasks"
+    )
+    model = models.ForeignKey(AIModel, on_delete=models.PROTECT, related_name="tasks")
+    # Snapshot at submit: later catalog edits never change a submitted task.
+    model_slug = models.CharField(max_length=100)
+    category = models.CharField(max_length=16, choices=Category.choices)
+    provider = models.CharField(max_length=32)
+    upstream_model = models.CharField(max_length=200)
+    prompt = models.TextField(blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    upload_ids = models.JSONField(default=list, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.WAITING)
+    price_micro = models.BigIntegerField()
+    billing_type = models.CharField(max_length=24)
+    billing_policy = models.JSONField(default=dict, blank=True)
+    timeout_seconds = models.PositiveIntegerField(default=600)
+    poll_interval_seconds = models.PositiveIntegerField(default=2)
+    result_ttl_seconds = models.PositiveIntegerField()
+    reserved_micro = models.BigIntegerField(default=0)
+    charged_micro = models.BigIntegerField(default=0)
+    refunded_micro = models.BigIntegerField(default=0)
+    upstream_id = models.CharField(max_length=200, blank=True)
+    results = models.JSONField(default=list, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.TextField(blank=True)
+    error_kind = models.CharField(max_length=16, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    submitted_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    results_expired_at = models.DateTimeField(null=True, blank=True)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    next_poll_at = models.DateTimeField(null=True, blank=True)
+    poll_count = models.PositiveIntegerField(default=0)
+    submit_attempts = models.PositiveIntegerField(default=0)
+    last_submit_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "ai_task"
+        constraints = [
+            models.CheckConstraint(
+                name="task_money_consistent",
+                condition=Q(
+                    reserved_micro__gte=0,
+                    charged_micro__gte=0,
+                    refunded_micro__gte=0,
+                    charged_micro__lte=models.F("reserved_micro"),
+                ),
+            ),
+            models.CheckConstraint(
+                name="task_finished_iff_terminal",
+                condition=(
+                    Q(status__in=["WAITING", "GENERATING"], finished_at__isnull=True)
+                    | Q(
+                        status__in=["SUCCESS", "FAILED", "REJECTED", "CANCELLED"],
+                        finished_at__isnull=False,
+                    )
+                ),
+            ),
+        ]
+        indexes = [
+            # History: the user's visible tasks, newest first.
+            models.Index(
+                fields=["user", "-created_at", "-id"],
+                condition=Q(deleted_at=None),
+                name="task_history",
+            ),
+            # The poller: GENERATING tasks by due time.
+            models.Index(
+                fields=["next_poll_at"], condition=Q(status="GENERATING"), name="task_poll_due"
+            ),
+            # The reconciler: WAITING tasks by age.
+            models.Index(fields=["created_at"], condition=Q(status="WAITING"), name="task_waiting"),
+            # Capacity: unfinished tasks per user.
+            models.Index(
+                fields=["user"],
+                condition=Q(status__in=["WAITING", "GENERATING"]),
+                name="task_unfinished_by_user",
+            ),
+            models.Index(fields=["provider", "upstream_id"], name="task_upstream"),
+            # Expiry: finished tasks whose files are still stored, by expiry time.
+            models.Index(
+                fields=["expires_at"], condition=Q(results_expired_at=None), name="task_expiry_due"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model_slug} {self.id} {self.status}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.TERMINAL
+
+
+class TaskEvent(models.Model):
+    """The task's timeline: every transition, submission, callback, poll and ledger operation."""
+
+    task = models.ForeignKey(Task, on_delete=models.PROTECT, related_name="events")
+    kind = models.CharField(max_length=48)
+    message = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["task", "created_at"], name="taskevent_timeline")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} @ {self.created_at:%Y-%m-%d %H:%M:%S}"
+
+
+class CallbackDelivery(models.Model):
+    """The provider callbacks inbox: each verified delivery stored once, processed in Celery."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        PROCESSED = "processed", "Processed"
+        IGNORED = "ignored", "Ignored (no such task)"
+
+    provider = models.CharField(max_length=32)
+    event_id = models.CharField(max_length=200)
+    upstream_id = models.CharField(max_length=200, blank=True)
+    task = models.ForeignKey(
+        Task, on_delete=models.PROTECT, null=True, blank=True, related_name="callbacks"
+    )
+    payload = models.JSONField(default=dict)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    received_at = models.DateTimeField(auto_now_add=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "callback deliveries"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["provider", "event_id"], name="callback_once_per_event"
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["received_at"], condition=Q(status="pending"), name="callback_pending"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.event_id}"
+
+
+def upload_path(instance: Upload, filename: str) -> str:
+    # Never the user's file name: a fixed name under a random directory.
+    return f"uploads/{instance.user_id}/{instance.id}/file"
+
+
+class Upload(models.Model):
+    """A reference file a user uploaded, its type and size verified by content."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="uploads"
+    )
+    file = models.FileField(upload_to=upload_path, max_length=300)
+    original_name = models.CharField(max_length=255, blank=True)
+    mime = models.CharField(max_length=100)
+    bytes = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["user", "-created_at"], name="upload_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.mime}, {self.bytes} B)"

@@ -112,7 +112,7 @@ class LedgerMachine(RuleBasedStateMachine):
         call = lambda: services.adjust(
             user=self.users[u],
             amount=amount,
-            actor=self.staff,  # noqa: E731
+            actor=self.staff,
             reason="a",
             idempotency_key=key,
         )
@@ -135,7 +135,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def hold(self, u: int, subject: str, amount: int) -> None:
         call = lambda: services.hold_create(
             user=self.users[u],
-            amount=amount,  # noqa: E731
+            amount=amount,
             subject_type="sm",
             subject_id=subject,
         )
@@ -163,7 +163,7 @@ class LedgerMachine(RuleBasedStateMachine):
         db_hold = selectors.hold_for_subject(subject_type="sm", subject_id=subject)
         amount = None if part is None else hold.amount * part // 4
         target = hold.amount if amount is None else amount
-        call = lambda: services.hold_capture(hold=db_hold, amount=amount)  # noqa: E731
+        call = lambda: services.hold_capture(hold=db_hold, amount=amount)
         if target > hold.amount:
             with pytest.raises(InvalidAmount):
                 call()
@@ -200,7 +200,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if not self.model.txns:
             return
         txn = self.model.txns[index % len(self.model.txns)]
-        call = lambda: services.reverse(txn=txn.pk, actor=self.staff, reason="r")  # noqa: E731
+        call = lambda: services.reverse(txn=txn.pk, actor=self.staff, reason="r")
         if txn.kind == "reversal" or txn.reversed:
             with pytest.raises(NotReversible):
                 call()

@@ -25,7 +25,7 @@ class Command(BaseCommand):
         try:
             user = services.user_find(identifier=identifier)
         except DomainError as exc:
-            if not options["create_user"]:
+            if not options["create_user"] or exc.code != "not_found":
                 raise CommandError(f"{exc.message} (use --create-user to create it)") from None
             user = get_user_model().objects.create_user(username=identifier)
             self.stderr.write(f"Created user {user.username} (0 credits).")

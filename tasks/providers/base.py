@@ -1,0 +1,108 @@
+"""The one typed interface every upstream sits behind (DESIGN.md §7).
+
+Adapters take and return the dataclasses below, touch neither models nor money, do all HTTP
+through ``tasks.providers.http``, and raise ``ProviderError`` saying whether a retry may help.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"  # the upstream found the input invalid (content policy, bad file, ...)
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.REJECTED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    name: str
+    mime: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    idempotency_key: str  # our task id: a retried submit never creates a second upstream job
+    upstream_model: str
+    prompt: str
+    params: Mapping[str, Any]
+    files: tuple[InputFile, ...] = ()
+    callback_url: str | None = None  # None: the upstream must not call back (polling only)
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    upstream_id: str
+
+
+@dataclass(frozen=True)
+class Output:
+    url: str  # the provider's (often expiring) URL; we copy the bytes into our storage
+    mime: str
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    upstream_id: str
+    state: JobState
+    outputs: tuple[Output, ...] = ()
+    requested_outputs: int | None = None  # for partial success: K outputs of N requested
+    error_code: str = ""
+    error_message: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CallbackEvent:
+    event_id: str  # the provider's delivery id: each is processed once
+    upstream_id: str
+    state: JobState | None  # what the callback claims; we re-fetch the status before acting
+    payload: Mapping[str, Any]
+
+
+class ProviderError(Exception):
+    """An upstream call failed. ``retryable``: the same call may succeed later."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        code: str = "provider_error",
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.code = code
+        self.status = status
+
+
+class InvalidSignature(Exception):
+    """A callback whose signature (or timestamp) does not verify: refused with 401."""
+
+
+class Provider(Protocol):
+    key: str
+
+    def submit(self, request: SubmitRequest) -> SubmitResult: ...
+
+    def fetch_status(self, upstream_id: str) -> JobStatus: ...
+
+    def cancel(self, upstream_id: str) -> None: ...
+
+    def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CallbackEvent: ...
+
+    def download(self, output: Output, *, max_bytes: int) -> bytes: ...
