@@ -80,3 +80,40 @@ class NotFound(DomainError):
     code = "not_found"
     message = "Not found."
     status = 404
+
+
+class ValidationFailed(DomainError):
+    """Input refused before anything is recorded: 400 with per-field messages."""
+
+    code = "validation_error"
+    message = "The request is not valid."
+
+    def __init__(
+        self, fields: dict[str, list[str]], message: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code, extra={"fields": fields})
+        self.fields = fields
+
+
+class CapacityExceeded(DomainError):
+    code = "capacity_exceeded"
+    message = "Too many generations are running. Wait for some to finish, then try again."
+    status = 429
+
+    def __init__(
+        self, message: str | None = None, *, retry_after: int = 10, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code, extra={"retry_after": retry_after})
+        self.retry_after = retry_after
+
+
+class InvalidTransition(DomainError):
+    code = "invalid_transition"
+    message = "The task cannot change to that state."
+    status = 409
+
+
+class ResultsExpired(DomainError):
+    code = "results_expired"
+    message = "The results of this task have expired and were deleted."
+    status = 410

@@ -52,6 +52,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "rivya.middleware.RequestSizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -171,6 +172,23 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TASK_ALWAYS_EAGER = False
+# Periodic jobs, declared in code (the database scheduler picks them up). Each is safe to run
+# twice or concurrently (SKIP LOCKED batches, conditional UPDATEs): PITFALLS 16.
+CELERY_BEAT_SCHEDULE = {
+    "poll-due-tasks": {
+        "task": "tasks.poll_due",
+        "schedule": env.float("TASK_POLL_EVERY", default=2.0),
+    },
+    "reconcile-waiting-tasks": {
+        "task": "tasks.reconcile_waiting",
+        "schedule": env.float("TASK_RECONCILE_EVERY", default=15.0),
+    },
+    "retry-pending-callbacks": {
+        "task": "tasks.retry_pending_callbacks",
+        "schedule": env.float("CALLBACK_RETRY_EVERY", default=30.0),
+    },
+    "purge-idempotency-keys": {"task": "billing.purge_idempotency_keys", "schedule": 3600.0},
+}
 
 # --- DRF ------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -208,6 +226,50 @@ SPECTACULAR_SETTINGS = {
 SIGNUP_GRANT_CREDITS = env.str("SIGNUP_GRANT_CREDITS", default="10")
 DEMO_USER_CREDITS = env.str("DEMO_USER_CREDITS", default="100")
 MAX_REQUEST_BYTES = env.int("MAX_REQUEST_BYTES", default=100 * 1024 * 1024)
+MAX_UPLOAD_BYTES = env.int("MAX_UPLOAD_BYTES", default=50 * 1024 * 1024)
+MAX_IMAGE_PIXELS = env.int("MAX_IMAGE_PIXELS", default=40_000_000)
+MAX_RESULT_BYTES = env.int("MAX_RESULT_BYTES", default=512 * 1024 * 1024)
+# JSON bodies (not files) are read into memory: bound them well below MAX_REQUEST_BYTES.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("MAX_JSON_BYTES", default=5 * 1024 * 1024)
+FILE_UPLOAD_HANDLERS = ["tasks.uploads.LimitedUploadHandler"]
+
+# --- generation lifecycle -------------------------------------------------------------------
+CALLBACKS_ENABLED = env.bool("CALLBACKS_ENABLED", default=True)
+# Base URL providers call back to (must reach this server): defaults to SITE_URL.
+CALLBACK_BASE_URL = env.str("CALLBACK_BASE_URL", default=SITE_URL).rstrip("/")
+TASK_RESULT_TTL = env.int("TASK_RESULT_TTL", default=7 * 24 * 3600)
+TASK_EXPIRY_WARNING = env.int("TASK_EXPIRY_WARNING", default=24 * 3600)
+TASK_MAX_RUNNING_PER_USER = env.int("TASK_MAX_RUNNING_PER_USER", default=20)
+TASK_MAX_RUNNING = env.int("TASK_MAX_RUNNING", default=500)
+TASK_SUBMIT_MAX_ATTEMPTS = env.int("TASK_SUBMIT_MAX_ATTEMPTS", default=6)
+# A WAITING task not submitted for this long is handed to the submitter again.
+TASK_RESUBMIT_AFTER = env.int("TASK_RESUBMIT_AFTER", default=30)
+TASK_POLL_BATCH = env.int("TASK_POLL_BATCH", default=200)
+
+SANDBOX_URL = env.str("SANDBOX_URL", default="http://127.0.0.1:8765").rstrip("/")
+
+
+def _sandbox_secret() -> str:
+    """SANDBOX_WEBHOOK_SECRET, or one generated once and kept in var/ (shared with the sandbox
+    process that `make run` starts)."""
+    configured = env.str("SANDBOX_WEBHOOK_SECRET", default="")
+    if configured:
+        return configured
+    import base64
+    import secrets
+
+    path = VAR_DIR / "sandbox_webhook_secret"
+    if not path.exists():
+        secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        try:
+            with open(path, "x") as fh:  # "x": two processes starting at once keep one secret
+                fh.write(secret)
+        except FileExistsError:
+            pass
+    return path.read_text().strip()
+
+
+SANDBOX_WEBHOOK_SECRET = _sandbox_secret()
 
 LOGGING = {
     "version": 1,
@@ -215,6 +277,8 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    # One line per upstream request is noise at INFO; failures surface as ProviderError logs.
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }
 
 if not DEBUG:

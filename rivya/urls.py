@@ -9,6 +9,8 @@ from rivya.pages import views as pages
 
 api_v1 = [
     path("", include("billing.api.urls")),
+    path("", include("tasks.api.urls")),
+    path("", include("notifications.api.urls")),
 ]
 
 urlpatterns = [

@@ -105,4 +105,9 @@ class Provider(Protocol):
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CallbackEvent: ...
 
+    def status_from_callback(self, payload: Mapping[str, Any]) -> JobStatus | None:
+        """The job status a verified callback carries, or None when the provider's signature
+        does not cover the body (then we must ask the provider: PITFALLS 6)."""
+        ...
+
     def download(self, output: Output, *, max_bytes: int) -> bytes: ...

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from rivya.money import format_credits
+from tasks.models import AIModel, Task, Upload
+
+
+class ModelSerializer(serializers.ModelSerializer):
+    price = serializers.SerializerMethodField()
+
+    class Meta:
+        model = AIModel
+        fields = [
+            "slug",
+            "name",
+            "description",
+            "category",
+            "runtime",
+            "params_schema",
+            "file_rules",
+            "prompt_required",
+            "max_prompt_length",
+            "price",
+            "price_micro",
+            "billing_type",
+            "billing_policy",
+        ]
+
+    def get_price(self, obj: AIModel) -> str:
+        return format_credits(obj.price_micro)
+
+
+class TaskCreateSerializer(serializers.Serializer):
+    """Input of ``POST /api/v1/tasks/`` (types are checked by the service, which answers with
+    field errors)."""
+
+    model = serializers.CharField()
+    prompt = serializers.CharField(required=False, allow_blank=True)
+    params = serializers.JSONField(required=False)
+    upload_ids = serializers.ListField(child=serializers.CharField(), required=False)
+    files = serializers.ListField(
+        child=serializers.FileField(), required=False, help_text="multipart only"
+    )
+
+
+class ErrorSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+    kind = serializers.CharField()
+
+
+class CreditsOfTaskSerializer(serializers.Serializer):
+    reserved = serializers.CharField()
+    reserved_micro = serializers.IntegerField()
+    charged = serializers.CharField()
+    charged_micro = serializers.IntegerField()
+    refunded = serializers.CharField()
+    refunded_micro = serializers.IntegerField()
+
+
+class ResultSerializer(serializers.Serializer):
+    url = serializers.CharField()
+    mime = serializers.CharField()
+    bytes = serializers.IntegerField()
+    width = serializers.IntegerField(allow_null=True)
+    height = serializers.IntegerField(allow_null=True)
+    duration_ms = serializers.IntegerField(allow_null=True)
+
+
+class TaskSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="model_slug")
+    expired = serializers.SerializerMethodField()
+    error = serializers.SerializerMethodField()
+    credits = serializers.SerializerMethodField()
+    results = serializers.SerializerMethodField()
+    poll_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Task
+        fields = [
+            "id",
+            "model",
+            "category",
+            "status",
+            "prompt",
+            "params",
+            "upload_ids",
+            "created_at",
+            "submitted_at",
+            "started_at",
+            "finished_at",
+            "expires_at",
+            "expired",
+            "error",
+            "credits",
+            "results",
+            "poll_url",
+        ]
+
+    def get_expired(self, obj: Task) -> bool:
+        return obj.results_expired_at is not None
+
+    @extend_schema_field(ErrorSerializer(allow_null=True))
+    def get_error(self, obj: Task) -> dict[str, str] | None:
+        if not obj.error_code:
+            return None
+        return {"code": obj.error_code, "message": obj.error_message, "kind": obj.error_kind}
+
+    @extend_schema_field(CreditsOfTaskSerializer)
+    def get_credits(self, obj: Task) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("reserved", "charged", "refunded"):
+            micro = getattr(obj, f"{name}_micro")
+            out[name], out[f"{name}_micro"] = format_credits(micro), micro
+        return out
+
+    @extend_schema_field(ResultSerializer(many=True))
+    def get_results(self, obj: Task) -> list[dict[str, Any]]:
+        if obj.results_expired_at is not None:
+            return []
+        return [
+            {
+                "url": reverse("api-task-result", args=[obj.pk, n]),
+                "mime": r.get("mime"),
+                "bytes": r.get("bytes"),
+                "width": r.get("width"),
+                "height": r.get("height"),
+                "duration_ms": r.get("duration_ms"),
+            }
+            for n, r in enumerate(obj.results)
+        ]
+
+    def get_poll_url(self, obj: Task) -> str:
+        return reverse("api-task-detail", args=[obj.pk])
+
+
+class UploadSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Upload
+        fields = [
+            "id",
+            "original_name",
+            "mime",
+            "bytes",
+            "width",
+            "height",
+            "duration_ms",
+            "created_at",
+        ]

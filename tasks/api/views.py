@@ -1,0 +1,231 @@
+"""Thin API views: validate the transport, call a service, serialize the result."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from django.core.cache import cache
+from django.core.exceptions import RequestDataTooBig
+from django.core.files.storage import default_storage
+from django.http import FileResponse, HttpRequest, HttpResponseRedirect, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import generics, permissions
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from rivya.errors import DomainError, NotFound, ResultsExpired, ValidationFailed
+from rivya.exceptions import error_body
+from rivya.idempotency import run_idempotent
+from rivya.pagination import CursorPagination
+from tasks import selectors, services
+from tasks.api.serializers import (
+    ModelSerializer,
+    TaskCreateSerializer,
+    TaskSerializer,
+    UploadSerializer,
+)
+from tasks.models import Task
+from tasks.providers.base import InvalidSignature, ProviderError
+from tasks.providers.registry import get_provider, known_provider
+
+logger = logging.getLogger(__name__)
+
+
+class ModelListView(generics.ListAPIView):
+    """Enabled models with their parameter schema and price (public)."""
+
+    permission_classes = [permissions.AllowAny]
+    serializer_class = ModelSerializer
+    pagination_class = None
+    queryset = selectors.models_enabled()
+
+
+def _too_large(request: Request) -> None:
+    if getattr(request._request, "upload_too_large", False):
+        raise DomainError("A file is over the upload limit.", code="file_too_large", status=413)
+
+
+def _task_input(request: Request) -> dict[str, Any]:
+    data = request.data
+    if hasattr(data, "getlist"):  # multipart or form
+        _too_large(request)
+        params: Any = data.get("params") or None
+        if isinstance(params, str):
+            try:
+                params = json.loads(params)
+            except ValueError:
+                raise ValidationFailed({"params": ["Must be a JSON object."]}) from None
+        return {
+            "model_slug": data.get("model"),
+            "prompt": data.get("prompt", ""),
+            "params": params,
+            "upload_ids": data.getlist("upload_ids"),
+            "files": request.FILES.getlist("files"),
+        }
+    if not isinstance(data, dict):
+        raise ValidationFailed({"non_field_errors": ["Send a JSON object."]})
+    unknown = sorted(set(data) - {"model", "prompt", "params", "upload_ids"})
+    if unknown:
+        raise ValidationFailed({k: ["Unknown field."] for k in unknown})
+    return {
+        "model_slug": data.get("model"),
+        "prompt": data.get("prompt", ""),
+        "params": data.get("params"),
+        "upload_ids": data.get("upload_ids") or [],
+    }
+
+
+class TaskListCreateView(APIView):
+    parser_classes = [JSONParser, MultiPartParser, FormParser]
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("status", str),
+            OpenApiParameter("category", str),
+            OpenApiParameter("model", str),
+            OpenApiParameter("cursor", str),
+        ],
+        responses=TaskSerializer(many=True),
+    )
+    def get(self, request: Request) -> Response:
+        """The caller's generations, newest first (cursor-paginated)."""
+        q = request.query_params
+        qs = selectors.history_for_user(
+            user=request.user,
+            status=q.get("status"),
+            category=q.get("category"),
+            model=q.get("model"),
+        )
+        paginator = CursorPagination()
+        page = paginator.paginate_queryset(qs, request, view=self)
+        return paginator.get_paginated_response(TaskSerializer(page, many=True).data)
+
+    @extend_schema(
+        request=TaskCreateSerializer,
+        responses={
+            202: TaskSerializer,
+            402: OpenApiResponse(TaskSerializer, "insufficient credits: the FAILED task"),
+        },
+    )
+    def post(self, request: Request) -> Response:
+        """Submit a generation (JSON with ``upload_ids``, or multipart with ``files``)."""
+
+        def create() -> Response:
+            outcome = services.task_submit(user=request.user, **_task_input(request))
+            body = TaskSerializer(outcome.task).data
+            if not outcome.accepted:
+                return Response(body, status=402)
+            return Response(body, status=202, headers={"Location": body["poll_url"]})
+
+        return run_idempotent(request, create)
+
+
+class TaskDetailView(APIView):
+    @extend_schema(responses=TaskSerializer)
+    def get(self, request: Request, pk: str) -> Response:
+        task = selectors.task_get_for_user(user=request.user, task_id=pk)
+        if task is None:
+            raise NotFound("No such task.")
+        return Response(TaskSerializer(task).data)
+
+
+class TaskResultView(APIView):
+    @extend_schema(responses={(200, "application/octet-stream"): bytes})
+    def get(self, request: Request, pk: str, n: int) -> Any:
+        """The n-th result file of the caller's task (streamed, or a short-lived signed URL on
+        object storage)."""
+        task = selectors.task_get_for_user(user=request.user, task_id=pk)
+        if task is None:
+            raise NotFound("No such task.")
+        if task.results_expired_at is not None:
+            raise ResultsExpired()
+        if task.status != Task.Status.SUCCESS or not 0 <= n < len(task.results):
+            raise NotFound("No such result.")
+        result = task.results[n]
+        name = result["name"]
+        try:
+            path = default_storage.path(name)
+        except NotImplementedError:  # object storage: a signed, expiring URL
+            return HttpResponseRedirect(default_storage.url(name))
+        ext = name.rsplit(".", 1)[-1]
+        response = FileResponse(open(path, "rb"), content_type=result["mime"])  # noqa: SIM115
+        # Served as exactly what we verified it to be, never sniffed, never run as a page.
+        response["X-Content-Type-Options"] = "nosniff"
+        response["Content-Security-Policy"] = "sandbox; default-src 'none'"
+        response["Content-Disposition"] = f'inline; filename="{task.pk}-{n}.{ext}"'
+        response["Cache-Control"] = "private, max-age=3600"
+        return response
+
+
+class UploadCreateView(APIView):
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(
+        request={
+            "multipart/form-data": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+            }
+        },
+        responses={201: UploadSerializer},
+    )
+    def post(self, request: Request) -> Response:
+        """Upload a reference file (type checked by content)."""
+
+        def create() -> Response:
+            _too_large(request)
+            file = request.FILES.get("file")
+            if file is None:
+                raise ValidationFailed({"file": ["Send the file as multipart field 'file'."]})
+            upload = services.upload_create(user=request.user, file=file)
+            return Response(UploadSerializer(upload).data, status=201)
+
+        return run_idempotent(request, create)
+
+
+REFUSED_COUNTER = "callbacks_refused:{provider}"
+
+
+@csrf_exempt
+@require_POST
+def callback_view(request: HttpRequest, provider: str) -> JsonResponse:
+    """Provider callbacks: verify the raw body's signature before anything else, store the
+    delivery once, answer fast; processing happens in Celery."""
+    if not known_provider(provider):
+        return JsonResponse(error_body("not_found", "No such provider."), status=404)
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        return JsonResponse(error_body("request_too_large", "Callback body too large."), status=413)
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    try:
+        event = get_provider(provider).verify_callback(headers, body)
+    except InvalidSignature as exc:
+        key = REFUSED_COUNTER.format(provider=provider)
+        cache.add(key, 0, timeout=None)
+        try:
+            cache.incr(key)
+        except ValueError:
+            cache.set(key, 1, timeout=None)
+        logger.warning(
+            "refused %s callback from %s: %s", provider, request.META.get("REMOTE_ADDR"), exc
+        )
+        return JsonResponse(
+            error_body(
+                "invalid_signature",
+                "The callback signature or timestamp did not verify.",
+                "provider",
+            ),
+            status=401,
+        )
+    except ProviderError as exc:  # signed, but not an event we understand
+        logger.warning("unreadable %s callback: %s", provider, exc)
+        return JsonResponse(error_body(exc.code, exc.message, "provider"), status=400)
+    delivery, created = services.callback_receive(provider=provider, event=event)
+    return JsonResponse({"received": True, "duplicate": not created, "id": delivery.pk})

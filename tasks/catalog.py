@@ -1,0 +1,145 @@
+"""The seed catalog: sandbox models covering every category (``manage.py seed_catalog``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+
+from tasks.models import AIModel, Category
+
+C = 1_000_000
+
+# Every sandbox model accepts these knobs (docs/sandbox.md): any client can drive the sandbox's
+# upstream behaviours deterministically through the public API.
+SANDBOX_KNOBS: dict[str, Any] = {
+    "sandbox_latency_ms": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 600_000,
+        "default": 0,
+        "description": "time until the upstream job finishes",
+    },
+    "sandbox_outcome": {"enum": ["success", "fail", "reject", "partial"], "default": "success"},
+    "sandbox_callback": {
+        "enum": ["once", "early", "duplicate", "none", "out_of_order"],
+        "default": "once",
+    },
+    "sandbox_status": {"enum": ["ok", "error"], "default": "ok"},
+    "sandbox_submit": {"enum": ["ok", "error", "invalid"], "default": "ok"},
+    "sandbox_submit_delay_ms": {"type": "integer", "minimum": 0, "maximum": 30_000, "default": 0},
+}
+
+
+def _schema(**properties: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {**properties, **SANDBOX_KNOBS},
+    }
+
+
+AUDIO_TYPES = ["audio/wav", "audio/mpeg", "audio/ogg", "audio/flac", "audio/webm", "audio/mp4"]
+IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"]
+
+SEED: list[dict[str, Any]] = [
+    {
+        "slug": "sandbox-image",
+        "name": "Sandbox Image",
+        "category": Category.IMAGE,
+        "description": "PNG images drawn from your prompt. Billed per image.",
+        "upstream_model": "sandbox/image-v1",
+        "price_micro": C,
+        "billing_type": AIModel.BillingType.PER_OUTPUT,
+        "params_schema": _schema(
+            width={"type": "integer", "minimum": 64, "maximum": 2048, "default": 512},
+            height={"type": "integer", "minimum": 64, "maximum": 2048, "default": 512},
+            num_outputs={"type": "integer", "minimum": 1, "maximum": 4, "default": 1},
+        ),
+        "file_rules": {"accept": IMAGE_TYPES, "min": 0, "max": 1, "max_bytes": 10 * 2**20},
+        "timeout_seconds": 300,
+        "poll_interval_seconds": 2,
+    },
+    {
+        "slug": "sandbox-video",
+        "name": "Sandbox Video",
+        "category": Category.VIDEO,
+        "description": "Short WebM clips from your prompt. Billed per second of video.",
+        "upstream_model": "sandbox/video-v1",
+        "price_micro": C // 2,
+        "billing_type": AIModel.BillingType.PER_OUTPUT_SECOND,
+        "params_schema": _schema(
+            duration_s={"type": "integer", "minimum": 1, "maximum": 10, "default": 2},
+        ),
+        "file_rules": {"accept": IMAGE_TYPES, "min": 0, "max": 1, "max_bytes": 10 * 2**20},
+        "timeout_seconds": 600,
+        "poll_interval_seconds": 2,
+    },
+    {
+        "slug": "sandbox-speech",
+        "name": "Sandbox Speech",
+        "category": Category.AUDIO,
+        "description": "Text to speech (a tone shaped by your text). Billed per second.",
+        "upstream_model": "sandbox/speech-v1",
+        "price_micro": C // 10,
+        "billing_type": AIModel.BillingType.PER_OUTPUT_SECOND,
+        "max_prompt_length": 5000,
+        "params_schema": _schema(
+            duration_s={"type": "integer", "minimum": 1, "maximum": 60, "default": 2},
+        ),
+        "file_rules": {"max": 0},
+        "timeout_seconds": 300,
+        "poll_interval_seconds": 2,
+    },
+    {
+        "slug": "sandbox-audio-isolation",
+        "name": "Sandbox Audio Isolation",
+        "category": Category.AUDIO,
+        "description": "Isolates the voice in an uploaded recording (1 s to 10 min). Billed per "
+        "second of the recording.",
+        "upstream_model": "sandbox/audio-isolation-v1",
+        "price_micro": C // 20,
+        "billing_type": AIModel.BillingType.PER_OUTPUT_SECOND,
+        "prompt_required": False,
+        "params_schema": _schema(),
+        "file_rules": {
+            "accept": AUDIO_TYPES,
+            "min": 1,
+            "max": 1,
+            "max_bytes": 50 * 2**20,
+            "min_duration_ms": 1000,
+            "max_duration_ms": 600_000,
+        },
+        "timeout_seconds": 600,
+        "poll_interval_seconds": 2,
+    },
+    {
+        "slug": "sandbox-chat",
+        "name": "Sandbox Chat",
+        "category": Category.CHAT,
+        "description": "A chat model for trying Rivya (used through chat, not generations).",
+        "upstream_model": "sandbox/chat-v1",
+        "price_micro": 2,
+        "billing_type": AIModel.BillingType.PER_TOKEN,
+        "direct_generation": False,
+        "params_schema": _schema(),
+        "file_rules": {"max": 0},
+    },
+]
+
+
+@transaction.atomic
+def seed_catalog(*, update: bool = False) -> tuple[int, int]:
+    """Create the seed models that are missing (and, with ``update``, reset the others to the
+    seed values). Returns (created, updated). Idempotent."""
+    created = updated = 0
+    for spec in SEED:
+        values = {"provider": "sandbox", **spec}
+        slug = values.pop("slug")
+        if update:
+            _, was_created = AIModel.objects.update_or_create(slug=slug, defaults=values)
+            updated += not was_created
+        else:
+            _, was_created = AIModel.objects.get_or_create(slug=slug, defaults=values)
+        created += was_created
+    return created, updated

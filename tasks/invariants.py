@@ -1,0 +1,82 @@
+"""Invariant 4 of DESIGN.md §5, registered with billing's ``ledger_check`` registry.
+
+Every terminal task that has a hold has it resolved; SUCCESS charged its price once (or its
+partial-success share); every other terminal status charged nothing unless its model's billing
+policy says so; a task FAILED for insufficient credits has no hold. Unfinished tasks hold exactly
+what they reserved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import connection
+
+from billing.invariants import _named, _rows, register
+
+
+def _join() -> str:
+    # Holds refer to tasks by generic reference (the task id as text). PostgreSQL stores UUIDs
+    # natively; SQLite stores them as 32 hex digits without dashes.
+    if connection.vendor == "postgresql":
+        return "h.subject_type = 'tasks.task' AND h.subject_id = CAST(t.id AS TEXT)"
+    return "h.subject_type = 'tasks.task' AND REPLACE(h.subject_id, '-', '') = t.id"
+
+
+TASK_BILLING_SQL = """
+        SELECT t.id, t.status, t.error_code, t.price_micro, t.reserved_micro, t.charged_micro,
+               h.id, h.status, h.amount, h.captured
+        FROM ai_task t LEFT JOIN billing_hold h ON {join}
+        WHERE
+            -- unfinished: an open hold of exactly the reserved amount, nothing charged
+            (t.status IN ('WAITING', 'GENERATING') AND (h.id IS NULL OR h.status <> 'open'
+                OR h.amount <> t.reserved_micro OR t.charged_micro <> 0))
+            -- refused for credits: no hold, nothing reserved or charged
+            OR (t.status = 'FAILED' AND t.error_code = 'insufficient_credits'
+                AND (h.id IS NOT NULL OR t.reserved_micro <> 0 OR t.charged_micro <> 0))
+            -- any other terminal task: its hold resolved, charged exactly what was captured
+            OR (t.status IN ('SUCCESS', 'FAILED', 'REJECTED', 'CANCELLED')
+                AND t.error_code <> 'insufficient_credits'
+                AND (h.id IS NULL OR h.status = 'open' OR h.amount <> t.reserved_micro
+                     OR h.captured <> t.charged_micro
+                     OR t.charged_micro + t.refunded_micro <> t.reserved_micro))
+            -- success charges at most the price; rejection never charges
+            OR (t.status = 'SUCCESS' AND t.charged_micro > t.price_micro)
+            OR (t.status = 'REJECTED' AND t.charged_micro <> 0)
+        ORDER BY t.created_at"""
+
+
+@register("4.task_billing", "every task's hold matches its status and billing policy")
+def check_task_billing(cursor: Any) -> list[str]:
+    # The only substitution is a fixed, vendor-specific join expression (no user input).
+    rows = _rows(cursor, TASK_BILLING_SQL.replace("{join}", _join()))
+    return _named(
+        rows,
+        lambda r: (
+            f"task {r[0]} ({r[1]}{' ' + r[2] if r[2] else ''}): price {r[3]}, reserved {r[4]}, "
+            f"charged {r[5]}; hold {r[6] or 'none'} {r[7] or ''} amount {r[8]} captured {r[9]}"
+        ),
+    )
+
+
+@register("4.task_policy", "failed and cancelled tasks charged only what their policy allows")
+def check_task_policy(cursor: Any) -> list[str]:
+    # The percentages live in a JSON column; read only the few tasks that charged anything.
+    rows = _rows(
+        cursor,
+        """
+        SELECT id, status, reserved_micro, charged_micro, billing_policy FROM ai_task
+        WHERE status IN ('FAILED', 'CANCELLED') AND charged_micro > 0""",
+    )
+    import json
+
+    out = []
+    for task_id, status, reserved, charged, policy in rows:
+        policy = json.loads(policy) if isinstance(policy, str) else (policy or {})
+        key = "failure_charge_percent" if status == "FAILED" else "cancel_charge_percent"
+        allowed = reserved * int(policy.get(key, 0) or 0) // 100
+        if charged > allowed:
+            out.append(
+                f"task {task_id} ({status}) charged {charged} but its policy allows {allowed}"
+            )
+    return out

@@ -1,0 +1,68 @@
+"""Celery tasks of the generation lifecycle: thin, named ``tasks.<verb>``, ids in, safe twice."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+from django.conf import settings
+
+from tasks import services
+from tasks.providers.base import ProviderError
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(name="tasks.submit", bind=True, max_retries=None, acks_late=True)
+def submit(self: object, task_id: str) -> None:
+    """Send a WAITING task upstream; retry temporary errors with backoff and jitter."""
+    try:
+        services.task_send_upstream(task_id=task_id)
+    except ProviderError as exc:
+        from tasks.models import Task
+
+        attempts = (
+            Task.objects.filter(pk=task_id).values_list("submit_attempts", flat=True).first() or 0
+        )
+        if exc.retryable and attempts < settings.TASK_SUBMIT_MAX_ATTEMPTS:
+            logger.info("submit of %s failed (%s); retrying", task_id, exc.code)
+            raise self.retry(exc=exc, countdown=services.retry_delay(attempts)) from None  # type: ignore[attr-defined]
+        services.task_submit_failed(task_id=task_id, error=exc)
+
+
+@shared_task(name="tasks.refresh", acks_late=True)
+def refresh(task_id: str) -> None:
+    services.task_refresh(task_id=task_id, reason="poll")
+
+
+@shared_task(name="tasks.poll_due")
+def poll_due() -> int:
+    ids = services.poll_claim_due()
+    for task_id in ids:
+        refresh.delay(task_id)
+    return len(ids)
+
+
+@shared_task(name="tasks.process_callback", bind=True, max_retries=None, acks_late=True)
+def process_callback(self: object, delivery_id: int) -> str:
+    outcome = services.callback_process(delivery_id=delivery_id)
+    if outcome == "deferred":
+        # The callback beat our own UPDATE storing the upstream id: look again shortly.
+        raise self.retry(countdown=2) from None  # type: ignore[attr-defined]
+    return outcome
+
+
+@shared_task(name="tasks.retry_pending_callbacks")
+def retry_pending_callbacks() -> int:
+    ids = services.callbacks_pending()
+    for delivery_id in ids:
+        process_callback.delay(delivery_id)
+    return len(ids)
+
+
+@shared_task(name="tasks.reconcile_waiting")
+def reconcile_waiting() -> int:
+    ids = services.waiting_due_for_resubmit()
+    for task_id in ids:
+        submit.delay(task_id)
+    return len(ids)

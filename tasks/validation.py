@@ -1,0 +1,161 @@
+"""Validation and pricing of a generation request against its catalog model (DESIGN.md §4.1).
+
+Everything here runs before any row is written: a request that fails creates no task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from rivya.errors import ValidationFailed
+from tasks.media import MediaInfo
+from tasks.models import AIModel
+
+
+def normalize_params(schema: Mapping[str, Any], params: Any) -> dict[str, Any]:
+    """Fill defaults and check ``params`` against the model's JSON Schema.
+
+    Unknown keys and out-of-range values are refused (the catalog schemas set
+    ``additionalProperties: false``; we enforce it even when a schema forgets to).
+    Raises ValidationFailed with ``params.<name>`` fields.
+    """
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ValidationFailed({"params": ["Must be a JSON object."]})
+    properties: Mapping[str, Any] = schema.get("properties", {})
+    unknown = sorted(set(params) - set(properties))
+    if unknown:
+        raise ValidationFailed(
+            {f"params.{k}": ["Unknown parameter for this model."] for k in unknown}
+        )
+    normalized = {
+        name: spec["default"]
+        for name, spec in properties.items()
+        if isinstance(spec, Mapping) and "default" in spec
+    }
+    normalized.update(params)
+    try:
+        validator = Draft202012Validator({**schema, "type": "object"})
+        errors = sorted(validator.iter_errors(normalized), key=lambda e: list(e.path))
+    except SchemaError:  # a broken catalog entry is our problem, not the user's
+        raise ValidationFailed(
+            {"model": ["This model is misconfigured; try another."]}, code="model_misconfigured"
+        ) from None
+    if errors:
+        fields: dict[str, list[str]] = {}
+        for error in errors:
+            path = ".".join(str(p) for p in error.absolute_path)
+            fields.setdefault(f"params.{path}" if path else "params", []).append(error.message)
+        raise ValidationFailed(fields)
+    return normalized
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    name: str
+    info: MediaInfo
+    size: int
+
+
+def check_files(rules: Mapping[str, Any], files: Sequence[FileCheck]) -> None:
+    """Reference files against the model's rules: count, type (by content), size, duration."""
+    field = "files"
+    minimum, maximum = int(rules.get("min", 0)), int(rules.get("max", 0))
+    if len(files) < minimum:
+        raise ValidationFailed(
+            {field: [f"This model needs {minimum} reference file(s); {len(files)} given."]},
+            code="file_required",
+        )
+    if len(files) > maximum:
+        raise ValidationFailed(
+            {
+                field: [
+                    f"This model accepts at most {maximum} reference file(s); {len(files)} given."
+                ]
+            },
+            code="too_many_files",
+        )
+    accept = set(rules.get("accept", []))
+    max_bytes = rules.get("max_bytes")
+    min_ms, max_ms = rules.get("min_duration_ms"), rules.get("max_duration_ms")
+    errors: dict[str, list[str]] = {}
+    for index, f in enumerate(files):
+        key = f"{field}.{index}"
+        if accept and f.info.mime not in accept:
+            errors.setdefault(key, []).append(
+                f"{f.name}: {f.info.mime} files are not accepted by this model "
+                f"(accepted: {', '.join(sorted(accept))})."
+            )
+        if max_bytes and f.size > max_bytes:
+            errors.setdefault(key, []).append(
+                f"{f.name}: {f.size} bytes is over this model's limit of {max_bytes}."
+            )
+        if min_ms is not None or max_ms is not None:
+            duration = f.info.duration_ms
+            if duration is None:
+                errors.setdefault(key, []).append(f"{f.name}: its duration could not be read.")
+            elif min_ms is not None and duration < min_ms:
+                errors.setdefault(key, []).append(
+                    f"{f.name}: {duration / 1000:.1f} s is shorter than the minimum "
+                    f"{min_ms / 1000:.1f} s."
+                )
+            elif max_ms is not None and duration > max_ms:
+                errors.setdefault(key, []).append(
+                    f"{f.name}: {duration / 1000:.1f} s is longer than the maximum "
+                    f"{max_ms / 1000:.1f} s."
+                )
+    if errors:
+        raise ValidationFailed(errors, code="invalid_file")
+
+
+def check_prompt(model: AIModel, prompt: Any) -> str:
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise ValidationFailed({"prompt": ["Must be a string."]})
+    prompt = prompt.strip()
+    if model.prompt_required and not prompt:
+        raise ValidationFailed({"prompt": ["This model needs a prompt."]})
+    if len(prompt) > model.max_prompt_length:
+        raise ValidationFailed(
+            {
+                "prompt": [
+                    f"At most {model.max_prompt_length} characters for this model "
+                    f"({len(prompt)} given)."
+                ]
+            },
+            code="prompt_too_long",
+        )
+    return prompt
+
+
+def price_for(model: AIModel, params: Mapping[str, Any], files: Sequence[FileCheck]) -> int:
+    """The task's price in micro-credits, fixed at submit.
+
+    Per-second prices use the requested duration (``duration_s``) or, for models that process an
+    uploaded file (audio isolation), the measured duration of that file, rounded up to seconds.
+    """
+    price = model.price_micro
+    kind = model.billing_type
+    if kind == AIModel.BillingType.PER_TASK:
+        return price
+    if kind == AIModel.BillingType.PER_OUTPUT:
+        return price * int(params.get("num_outputs", 1))
+    if kind == AIModel.BillingType.PER_OUTPUT_SECOND:
+        if "duration_s" in params:
+            seconds = math.ceil(float(params["duration_s"]))
+        else:
+            durations = [f.info.duration_ms or 0 for f in files]
+            seconds = math.ceil(sum(durations) / 1000) if durations else 1
+        return price * max(1, seconds)
+    raise ValidationFailed(
+        {"model": ["This model is billed per token and cannot run as a generation task."]},
+        code="model_not_available",
+    )
