@@ -534,7 +534,7 @@ def task_fail(
                 )
             else:
                 billing.hold_release(hold=hold)
-        _event(task_id, status.lower(), message, code=code, kind=kind)
+        _event(task_id, status.lower(), message, code=code, error_kind=kind)
         _event(
             task_id,
             "credits_captured" if charge else "credits_released",
@@ -686,6 +686,22 @@ def _finish_from_status(task: Task, status: JobStatus, reason: str) -> None:
         )
 
 
+EXTENSIONS = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/webp": "webp",
+    "image/gif": "gif",
+    "audio/wav": "wav",
+    "audio/mpeg": "mp3",
+    "audio/ogg": "ogg",
+    "audio/flac": "flac",
+    "audio/webm": "webm",
+    "audio/mp4": "m4a",
+    "video/webm": "webm",
+    "video/mp4": "mp4",
+}
+
+
 def _store_and_succeed(task: Task, status: JobStatus, reason: str) -> None:
     # Download before the transaction (never hold row locks across HTTP), into a directory of
     # this attempt: a concurrent attempt that loses the race deletes only its own files.
@@ -699,14 +715,16 @@ def _store_and_succeed(task: Task, status: JobStatus, reason: str) -> None:
             try:
                 info = inspect_media(data, max_pixels=settings.MAX_IMAGE_PIXELS)
             except MediaError:
+                # Not media we can verify: keep the bytes but never serve them as anything a
+                # browser would render (PITFALLS 19).
                 info = MediaInfo(
-                    mime=output.mime,
-                    kind=output.mime.split("/")[0],
+                    mime="application/octet-stream",
+                    kind="binary",
                     width=None,
                     height=None,
                     duration_ms=None,
                 )
-            ext = info.mime.split("/")[-1].replace("mpeg", "mp3")
+            ext = EXTENSIONS.get(info.mime, "bin")
             name = default_storage.save(
                 f"results/{task.pk}/{attempt}/{index}.{ext}", ContentFile(data)
             )
