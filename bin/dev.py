@@ -1,4 +1,5 @@
-"""Start Rivya's processes in one terminal (web, Celery worker, Celery beat); Ctrl-C stops all.
+"""Start Rivya's processes in one terminal (web, Celery worker, Celery beat and the sandbox
+provider); Ctrl-C stops all.
 
 Used by ``make run``. Each child gets its own process group so that one Ctrl-C (or SIGTERM)
 reaches every process, and if any child dies the others are stopped too.
@@ -11,14 +12,50 @@ import signal
 import subprocess
 import sys
 import time
+from urllib.parse import urlparse
 
 PY = sys.executable
+
+
+def sandbox_settings() -> tuple[str, str]:
+    """The sandbox URL and webhook secret exactly as the Django processes will see them."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "rivya.settings")
+    import django
+    from django.conf import settings
+
+    django.setup()
+    return settings.SANDBOX_URL, settings.SANDBOX_WEBHOOK_SECRET
 
 
 def commands() -> list[tuple[str, list[str]]]:
     host = os.environ.get("RIVYA_HOST", "127.0.0.1")
     port = os.environ.get("RIVYA_PORT", "8000")
+    sandbox_url, secret = sandbox_settings()
+    # Every child shares the secret (a generated one lives in var/sandbox_webhook_secret).
+    os.environ["SANDBOX_WEBHOOK_SECRET"] = secret
+    parsed = urlparse(sandbox_url)
+    sandbox = []
+    if (
+        parsed.hostname in ("127.0.0.1", "localhost")
+        and os.environ.get("SANDBOX_START", "1") != "0"
+    ):
+        sandbox = [
+            (
+                "sandbox",
+                [
+                    PY,
+                    "-m",
+                    "tasks.sandbox",
+                    "--host",
+                    parsed.hostname,
+                    "--port",
+                    str(parsed.port or 80),
+                    "--quiet",
+                ],
+            )
+        ]
     return [
+        *sandbox,
         (
             "web",
             [
