@@ -12,9 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from bin/: make the project importable
 
 
 def sandbox_settings() -> tuple[str, str]:
