@@ -1,23 +1,57 @@
 #!/usr/bin/env bash
-# Smoke test of `make run`'s embedded defaults on a throwaway SQLite database: migrate, seed twice
-# (idempotent), serve a page and the API with the printed key, and check the ledger.
+# Smoke test of `make run`'s embedded defaults (SQLite + filesystem broker, no server needed):
+# migrate, seed twice (idempotent), start every process as `make run` does, then submit a
+# generation through the API with the printed key and wait for it to succeed, and check the
+# ledger. Ports and the database are throwaway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
-export DEBUG=1 DATABASE_URL="sqlite:///$tmp/smoke.sqlite3"
-unset CELERY_BROKER_URL REDIS_URL
+pid=""
+cleanup() {
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+port=$((20000 + RANDOM % 20000))
+sandbox_port=$((port + 1))
+export DEBUG=1 DATABASE_URL="sqlite:///$tmp/smoke.sqlite3" MEDIA_ROOT="$tmp/media"
+export RIVYA_PORT=$port SANDBOX_URL="http://127.0.0.1:$sandbox_port"
+export SITE_URL="http://127.0.0.1:$port" CELERY_BROKER_URL="filesystem://"
+export SANDBOX_WEBHOOK_SECRET="whsec_$(head -c 24 /dev/urandom | base64)"
+unset REDIS_URL
 py=.venv/bin/python
 $py manage.py migrate --noinput -v0
 $py manage.py createcachetable
+$py manage.py seed_catalog >/dev/null
+$py manage.py seed_catalog >/dev/null
 $py manage.py seed_demo >/dev/null
 out=$($py manage.py seed_demo)
 key=$(printf '%s\n' "$out" | sed -n 's/^Demo API key: //p')
-port=$((20000 + RANDOM % 20000))
-$py -m gunicorn rivya.wsgi:application --bind 127.0.0.1:$port --workers 1 --log-level warning &
-for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.2; done
-curl -fs "http://127.0.0.1:$port/login/" | grep -q "Log in"
-credits=$(curl -fs -H "Authorization: Bearer $key" "http://127.0.0.1:$port/api/v1/credits/")
+$py bin/dev.py >"$tmp/dev.log" 2>&1 &
+pid=$!
+base="http://127.0.0.1:$port"
+for _ in $(seq 100); do curl -fs "$base/" >/dev/null 2>&1 && break; sleep 0.3; done
+curl -fs "$base/login/" | grep -q "Log in"
+credits=$(curl -fs -H "Authorization: Bearer $key" "$base/api/v1/credits/")
 echo "$credits" | grep -q '"available":"100"' || { echo "unexpected credits: $credits"; exit 1; }
+task=$(curl -fs -H "Authorization: Bearer $key" -H "Content-Type: application/json" \
+  -d '{"model": "sandbox-image", "prompt": "smoke test"}' "$base/api/v1/tasks/")
+poll=$(printf '%s' "$task" | $py -c 'import json,sys; print(json.load(sys.stdin)["poll_url"])')
+status=""
+for _ in $(seq 120); do
+  status=$(curl -fs -H "Authorization: Bearer $key" "$base$poll" \
+    | $py -c 'import json,sys; print(json.load(sys.stdin)["status"])')
+  [ "$status" = "SUCCESS" ] && break
+  case "$status" in FAILED|REJECTED|CANCELLED) break;; esac
+  sleep 0.5
+done
+if [ "$status" != "SUCCESS" ]; then
+  echo "smoke: the task ended as '$status'"; tail -50 "$tmp/dev.log"; exit 1
+fi
+curl -fs -o "$tmp/result.png" -H "Authorization: Bearer $key" "$base${poll}results/0/"
+$py -c "from PIL import Image; im = Image.open('$tmp/result.png'); assert im.format == 'PNG', im.format"
 $py manage.py ledger_check
-echo "smoke: ok ($credits)"
+echo "smoke: ok (a sandbox-image task reached SUCCESS through the embedded stack)"
