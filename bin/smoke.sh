@@ -19,7 +19,7 @@ port=$((20000 + RANDOM % 20000))
 sandbox_port=$((port + 1))
 export DEBUG=1 DATABASE_URL="sqlite:///$tmp/smoke.sqlite3" MEDIA_ROOT="$tmp/media"
 export RIVYA_PORT=$port SANDBOX_URL="http://127.0.0.1:$sandbox_port"
-export SITE_URL="http://127.0.0.1:$port" CELERY_BROKER_URL="filesystem://"
+export SITE_URL="http://127.0.0.1:$port" CELERY_BROKER_URL="filesystem://" BROKER_DIR="$tmp/broker"
 export SANDBOX_WEBHOOK_SECRET="whsec_$(head -c 24 /dev/urandom | base64)"
 unset REDIS_URL
 py=.venv/bin/python
