@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PG_URL ?= postgres://postgres@127.0.0.1:5432/rivya
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: run test bench lint install smoke
+.PHONY: run test bench lint install smoke schema
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "needs $(PY)"; exit 1; }
@@ -40,3 +40,8 @@ lint: $(STAMP)
 # The embedded path of `make run` (SQLite + filesystem broker), without starting the servers.
 smoke: $(STAMP)
 	bash bin/smoke.sh
+
+# Regenerate the OpenAPI snapshot (docs/openapi.yaml) after an intended API change.
+schema: $(STAMP)
+	DATABASE_URL=$(PG_URL) SECRET_KEY=schema $(BIN)/python manage.py spectacular --validate \
+		--fail-on-warn --file docs/openapi.yaml

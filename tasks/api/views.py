@@ -51,10 +51,18 @@ def _too_large(request: Request) -> None:
         raise DomainError("A file is over the upload limit.", code="file_too_large", status=413)
 
 
+TASK_FIELDS = frozenset({"model", "prompt", "params", "upload_ids"})
+
+
 def _task_input(request: Request) -> dict[str, Any]:
     data = request.data
     if hasattr(data, "getlist"):  # multipart or form
         _too_large(request)
+        # As for JSON: a misnamed field (``file`` for ``files``) must not silently submit, and
+        # bill, a generation without it.
+        unknown = sorted(set(data) - {*TASK_FIELDS, "files", "csrfmiddlewaretoken"})
+        if unknown:
+            raise ValidationFailed({k: ["Unknown field."] for k in unknown})
         params: Any = data.get("params") or None
         if isinstance(params, str):
             try:
@@ -70,7 +78,7 @@ def _task_input(request: Request) -> dict[str, Any]:
         }
     if not isinstance(data, dict):
         raise ValidationFailed({"non_field_errors": ["Send a JSON object."]})
-    unknown = sorted(set(data) - {"model", "prompt", "params", "upload_ids"})
+    unknown = sorted(set(data) - TASK_FIELDS)
     if unknown:
         raise ValidationFailed({k: ["Unknown field."] for k in unknown})
     return {
@@ -179,8 +187,9 @@ class UploadCreateView(APIView):
         """Upload a reference file (type checked by content)."""
 
         def create() -> Response:
-            _too_large(request)
+            # Parse first: the upload handler marks an oversized file while parsing.
             file = request.FILES.get("file")
+            _too_large(request)
             if file is None:
                 raise ValidationFailed({"file": ["Send the file as multipart field 'file'."]})
             upload = services.upload_create(user=request.user, file=file)
