@@ -117,3 +117,9 @@ class ResultsExpired(DomainError):
     code = "results_expired"
     message = "The results of this task have expired and were deleted."
     status = 410
+
+
+class TaskFinished(DomainError):
+    code = "task_finished"
+    message = "This task has already finished."
+    status = 409

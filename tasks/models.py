@@ -142,6 +142,11 @@ class Task(models.Model):
     poll_count = models.PositiveIntegerField(default=0)
     submit_attempts = models.PositiveIntegerField(default=0)
     last_submit_at = models.DateTimeField(null=True, blank=True)
+    # The capacity slots this task occupies while unfinished (tasks.capacity), given back by
+    # the transition that finishes it.
+    capacity_scopes = models.JSONField(default=list, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    expiry_warned_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "ai_task"
@@ -280,3 +285,27 @@ class Upload(models.Model):
 
     def __str__(self) -> str:
         return f"{self.id} ({self.mime}, {self.bytes} B)"
+
+
+class CapacityCounter(models.Model):
+    """Unfinished tasks per capacity scope, kept in step with task transitions.
+
+    Scopes: ``global:<shard>`` (the global limit split over shards, so that concurrent submits
+    do not all queue on one row), ``user:<id>`` and ``user:<id>:<category>``. A submit takes one
+    slot of each scope with a conditional UPDATE (``running < limit``) in its transaction; the
+    transition that finishes the task gives them back in its own. ``ledger_check`` verifies the
+    counters against the unfinished tasks.
+    """
+
+    scope = models.CharField(max_length=100, primary_key=True)
+    running = models.IntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                name="capacity_running_not_negative", condition=Q(running__gte=0)
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope}: {self.running}"

@@ -8,6 +8,7 @@ Lock order everywhere: task row → hold row → account row.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -29,10 +31,12 @@ from billing import services as billing
 from notifications.models import Notification
 from notifications.services import notification_create
 from rivya.errors import (
-    CapacityExceeded,
     InsufficientCredits,
+    NotFound,
+    TaskFinished,
     ValidationFailed,
 )
+from tasks.capacity import capacity_acquire, capacity_release
 from tasks.media import MediaError, MediaInfo, inspect_media
 from tasks.models import AIModel, CallbackDelivery, Task, TaskEvent, Upload
 from tasks.providers.base import (
@@ -143,23 +147,6 @@ class SubmitOutcome:
     accepted: bool  # False: recorded as FAILED for insufficient credits (API answers 402)
 
 
-def _check_capacity(user: Any) -> None:
-    unfinished = Task.objects.filter(status__in=Task.UNFINISHED)
-    if unfinished.filter(user=user).count() >= settings.TASK_MAX_RUNNING_PER_USER:
-        raise CapacityExceeded(
-            f"You already have {settings.TASK_MAX_RUNNING_PER_USER} generations running. "
-            "Wait for one to finish, then try again.",
-            retry_after=10,
-            code="too_many_running_tasks",
-        )
-    if unfinished.count() >= settings.TASK_MAX_RUNNING:
-        raise CapacityExceeded(
-            "Rivya is at capacity right now. Try again in a minute.",
-            retry_after=30,
-            code="system_busy",
-        )
-
-
 def task_submit(
     *,
     user: Any,
@@ -224,7 +211,6 @@ def task_submit(
         checks.append(FileCheck(file.name or "file", _inspect(file), file.size))
     check_files(model.file_rules, checks)
     price = price_for(model, params, checks)
-    _check_capacity(user)
 
     with transaction.atomic():
         uploads.extend(upload_create(user=user, file=file) for file in files)
@@ -260,6 +246,9 @@ def task_submit(
             _refuse_for_credits(task, exc)
             task.refresh_from_db()
             return SubmitOutcome(task=task, accepted=False)
+        # Exact under concurrency: conditional UPDATEs on capacity counters; a refusal raises
+        # and rolls back the task and its hold, so a refused submit leaves nothing behind.
+        capacity_acquire(task=task)
         Task.objects.filter(pk=task.pk).update(reserved_micro=price)
         _event(task.pk, "credits_held", amount_micro=price)
         transaction.on_commit(lambda: _enqueue_submit(task.pk))
@@ -329,10 +318,19 @@ def task_send_upstream(*, task_id: Any) -> bool:
     Task.objects.filter(pk=task_id, status=S.WAITING).update(
         submit_attempts=F("submit_attempts") + 1, last_submit_at=timezone.now()
     )
-    files = tuple(
-        InputFile(name=u.original_name or "file", mime=u.mime, data=_read(u.file.name))
-        for u in Upload.objects.filter(pk__in=task.upload_ids)
-    )
+    try:
+        files = _input_files(task)
+    except _UnusableInput as exc:
+        # Found by our own processing: the input cannot be used. The user can fix it.
+        task_fail(
+            task_id=task_id,
+            code=exc.code,
+            kind="user",
+            status=S.REJECTED,
+            sources=[S.WAITING],
+            message=exc.message,
+        )
+        return False
     provider = get_provider(task.provider)
     result = provider.submit(
         SubmitRequest(
@@ -356,8 +354,15 @@ def task_send_upstream(*, task_id: Any) -> bool:
         )
         if moved:
             _event(task_id, "submitted", "Accepted upstream.", upstream_id=result.upstream_id)
-        else:
-            # Cancelled (or failed) while we were submitting: the job must not run on.
+        elif (
+            Task.objects.filter(pk=task_id).values_list("upstream_id", flat=True).first()
+            != result.upstream_id
+        ):
+            # Cancelled (or failed) while we were submitting: the job must not run on. But not
+            # the job the task already tracks: a concurrent attempt under the same idempotency
+            # key (a resubmit overlapping a slow submit, a redelivered message, a second beat)
+            # gets that same job back and loses the UPDATE to the attempt that stored it;
+            # cancelling it would fail the task.
             _event(
                 task_id,
                 "late_upstream_acceptance",
@@ -370,9 +375,37 @@ def task_send_upstream(*, task_id: Any) -> bool:
     return moved
 
 
-def _read(name: str) -> bytes:
-    with default_storage.open(name, "rb") as fh:
-        return fh.read()
+class _UnusableInput(Exception):  # noqa: N818 - a refusal, carried to the caller
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _input_files(task: Task) -> tuple[InputFile, ...]:
+    """The task's reference files, re-checked as they are sent (a file that went missing or
+    changed since upload is refused, not sent)."""
+    uploads = {str(u.pk): u for u in Upload.objects.filter(pk__in=task.upload_ids)}
+    files = []
+    for upload_id in task.upload_ids:
+        upload = uploads.get(upload_id)
+        try:
+            if upload is None:
+                raise FileNotFoundError(upload_id)
+            with default_storage.open(upload.file.name, "rb") as fh:
+                data = fh.read()
+            info = inspect_media(data, max_pixels=settings.MAX_IMAGE_PIXELS)
+        except (OSError, MediaError):
+            raise _UnusableInput(
+                "unreadable_file",
+                "A reference file could not be read any more. Upload it again and resubmit.",
+            ) from None
+        if info.mime != upload.mime:
+            raise _UnusableInput(
+                "file_mismatch",
+                "A reference file is not what was uploaded. Upload it again and resubmit.",
+            )
+        files.append(InputFile(name=upload.original_name or "file", mime=upload.mime, data=data))
+    return tuple(files)
 
 
 def _cancel_upstream_quietly(provider: str, upstream_id: str) -> None:
@@ -400,6 +433,18 @@ def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
 
 
 # --- outcomes -------------------------------------------------------------------------------
+
+
+def _settle(task: Task, charge: int, reason: str) -> None:
+    """What the winner of a terminal transition does, in its transaction: capture ``charge``
+    of the hold (releasing the rest) or release it all, and give back the capacity slots."""
+    hold = billing_selectors.hold_for_subject(subject_type=SUBJECT, subject_id=str(task.pk))
+    if hold is not None:
+        if charge:
+            billing.hold_capture(hold=hold, amount=charge, reason=reason)
+        else:
+            billing.hold_release(hold=hold)
+    capacity_release(task=task)
 
 
 @dataclass(frozen=True)
@@ -449,9 +494,7 @@ def task_succeed(
             next_poll_at=None,
         ):
             return False
-        hold = billing_selectors.hold_for_subject(subject_type=SUBJECT, subject_id=str(task_id))
-        if hold is not None:
-            billing.hold_capture(hold=hold, amount=charge, reason=f"{task.model_slug} generation")
+        _settle(task, charge, f"{task.model_slug} generation")
         _event(
             task_id,
             "succeeded",
@@ -524,16 +567,7 @@ def task_fail(
             next_poll_at=None,
         ):
             return False
-        hold = billing_selectors.hold_for_subject(subject_type=SUBJECT, subject_id=str(task_id))
-        if hold is not None:
-            if charge:
-                billing.hold_capture(
-                    hold=hold,
-                    amount=charge,
-                    reason=f"{task.model_slug}: failure charge ({percent}%)",
-                )
-            else:
-                billing.hold_release(hold=hold)
+        _settle(task, charge, f"{task.model_slug}: failure charge ({percent}%)")
         _event(task_id, status.lower(), message, code=code, error_kind=kind)
         _event(
             task_id,
@@ -866,3 +900,179 @@ def waiting_due_for_resubmit() -> list[str]:
 def retry_delay(attempt: int) -> float:
     """Exponential backoff with full jitter, capped (seconds)."""
     return random.uniform(0, min(60.0, 2.0 * math.pow(2, attempt)))  # noqa: S311
+
+
+# --- cancel, delete -------------------------------------------------------------------------
+
+
+def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
+    """WAITING/GENERATING → CANCELLED; credits released (or, for work the provider accepted and
+    bills, the model's ``cancel_charge_percent``); the upstream cancel is requested after commit.
+
+    Cancelling a CANCELLED task returns it unchanged; any other finished task raises
+    TaskFinished (409). A result that arrives later is recorded on the timeline only.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        task = Task.objects.select_related("user").get(pk=task_id)
+        who = "support" if actor is not None and actor.pk != task.user_id else "you"
+        message = f"Cancelled by {who}." + (f" {reason}" if reason else "")
+        if not _transition(
+            task_id,
+            Task.UNFINISHED,
+            S.CANCELLED,
+            finished_at=now,
+            expires_at=now + _ttl(task),
+            error_code="cancelled",
+            error_message=message,
+            error_kind="user",
+            next_poll_at=None,
+            cancel_requested_at=now,
+        ):
+            task.refresh_from_db()
+            if task.status == S.CANCELLED:
+                return task
+            raise TaskFinished(
+                f"This task already finished ({task.status}).", extra={"status": task.status}
+            )
+        # Re-read under our row lock: a concurrent submission may have stored the upstream id.
+        task.refresh_from_db()
+        percent = task.billing_policy.get("cancel_charge_percent", 0) or 0
+        charge = task.reserved_micro * percent // 100 if task.submitted_at and percent else 0
+        Task.objects.filter(pk=task_id).update(
+            charged_micro=charge, refunded_micro=task.reserved_micro - charge
+        )
+        _settle(task, charge, f"{task.model_slug}: cancellation charge ({percent}%)")
+        _event(task_id, "cancelled", message, actor=getattr(actor, "pk", None))
+        _event(
+            task_id,
+            "credits_captured" if charge else "credits_released",
+            f"Billing policy: {percent}% of the price is charged for cancelling work the "
+            "provider accepted."
+            if charge
+            else "Refunded in full.",
+            amount_micro=charge or task.reserved_micro,
+        )
+        if who == "support":
+            _notify(
+                task,
+                Notification.Kind.GENERATION_CANCELLED,
+                "Your generation was cancelled",
+                f"{task.model_slug}: {message} "
+                + ("Your credits were refunded." if not charge else ""),
+            )
+        if task.upstream_id:
+            transaction.on_commit(lambda: _enqueue_cancel_upstream(task_id))
+    task.refresh_from_db()
+    return task
+
+
+def _enqueue_cancel_upstream(task_id: Any) -> None:
+    from tasks import tasks as celery_tasks
+
+    celery_tasks.cancel_upstream.delay(str(task_id))
+
+
+def task_cancel_upstream(*, task_id: Any) -> None:
+    """Ask the provider to stop a cancelled task's job. Raises ProviderError (retryable or
+    not); the job stopping or having finished already are both fine."""
+    task = Task.objects.filter(pk=task_id).first()
+    if task is None or not task.upstream_id:
+        return
+    get_provider(task.provider).cancel(task.upstream_id)
+    _event(task_id, "upstream_cancel_requested", "The provider was asked to stop the job.")
+
+
+def task_delete(*, user: Any, task_id: Any) -> None:
+    """Remove a task from the user's history at once (a running one is cancelled first).
+
+    Soft delete: the row, its billing and its timeline stay for support; its files follow the
+    expiry rules. Raises NotFound for someone else's (or an already deleted) task.
+    """
+    task = Task.objects.filter(pk=task_id, user=user, deleted_at__isnull=True).first()
+    if task is None:
+        raise NotFound("No such task.")
+    if task.status in Task.UNFINISHED:
+        with contextlib.suppress(TaskFinished):  # it finished meanwhile: delete it as it is
+            task_cancel(task_id=task.pk, actor=user)
+    with transaction.atomic():
+        if Task.objects.filter(pk=task.pk, deleted_at__isnull=True).update(
+            deleted_at=timezone.now()
+        ):
+            _event(task.pk, "deleted", "Deleted by the user (hidden from their history).")
+
+
+# --- expiry ---------------------------------------------------------------------------------
+
+
+def results_expire_due(*, limit: int = 200) -> int:
+    """Purge the result files of finished tasks whose retention is over; returns how many tasks.
+
+    Safe to run twice or concurrently: rows are claimed with SKIP LOCKED and marked in the same
+    transaction that deletes their files (a crash before commit leaves them to the next run;
+    deleting a missing file is a no-op).
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        due = list(
+            Task.objects.select_for_update(skip_locked=True)
+            .filter(results_expired_at__isnull=True, expires_at__lte=now)
+            .order_by("expires_at")
+            .only("id", "results")[:limit]
+        )
+        for task in due:
+            for result in task.results:
+                _delete_stored(result["name"])
+        if due:
+            Task.objects.filter(pk__in=[t.pk for t in due]).update(results_expired_at=now)
+            TaskEvent.objects.bulk_create(
+                [
+                    TaskEvent(
+                        task_id=t.pk,
+                        kind="results_expired",
+                        message=f"Retention over: {len(t.results)} result file(s) deleted.",
+                    )
+                    for t in due
+                ]
+            )
+    return len(due)
+
+
+def _delete_stored(name: str) -> None:
+    default_storage.delete(name)
+    try:  # filesystem storage: drop the now empty attempt and task directories too
+        path = Path(default_storage.path(name)).parent
+        for directory in (path, path.parent):
+            directory.rmdir()
+    except (NotImplementedError, OSError):
+        pass
+
+
+def results_warn_expiring() -> int:
+    """One results-expiring notification per successful task, TASK_EXPIRY_WARNING seconds
+    before its files are purged. Returns how many were sent."""
+    now = timezone.now()
+    soon = now + timedelta(seconds=settings.TASK_EXPIRY_WARNING)
+    sent = 0
+    candidates = Task.objects.select_related("user").filter(
+        status=S.SUCCESS,
+        results_expired_at__isnull=True,
+        expiry_warned_at__isnull=True,
+        deleted_at__isnull=True,
+        expires_at__gt=now,
+        expires_at__lte=soon,
+    )[:500]
+    for task in candidates:
+        with transaction.atomic():
+            if Task.objects.filter(pk=task.pk, expiry_warned_at__isnull=True).update(
+                expiry_warned_at=now
+            ):
+                _notify(
+                    task,
+                    Notification.Kind.RESULTS_EXPIRING,
+                    "Results expiring soon",
+                    f"The results of your {task.model_slug} generation will be deleted at "
+                    f"{task.expires_at:%Y-%m-%d %H:%M} UTC. Download them before then.",
+                )
+                sent += 1
+    return sent

@@ -66,3 +66,30 @@ def reconcile_waiting() -> int:
     for task_id in ids:
         submit.delay(task_id)
     return len(ids)
+
+
+@shared_task(name="tasks.cancel_upstream", bind=True, max_retries=None, acks_late=True)
+def cancel_upstream(self: object, task_id: str) -> None:
+    """Ask the provider to stop a cancelled task's job; retry temporary errors."""
+    try:
+        services.task_cancel_upstream(task_id=task_id)
+    except ProviderError as exc:
+        retries = getattr(getattr(self, "request", None), "retries", 0) or 0
+        if exc.retryable and retries < settings.TASK_SUBMIT_MAX_ATTEMPTS:
+            raise self.retry(exc=exc, countdown=services.retry_delay(retries)) from None  # type: ignore[attr-defined]
+        logger.warning("upstream cancel of task %s gave up: %s", task_id, exc)
+
+
+@shared_task(name="tasks.expire_results")
+def expire_results() -> int:
+    total = 0
+    while True:  # drain what is due, a bounded batch per transaction
+        purged = services.results_expire_due()
+        total += purged
+        if purged < 200:
+            return total
+
+
+@shared_task(name="tasks.warn_expiring")
+def warn_expiring() -> int:
+    return services.results_warn_expiring()

@@ -8,6 +8,7 @@ urlpatterns = [
     path("models/", views.ModelListView.as_view(), name="api-models"),
     path("tasks/", views.TaskListCreateView.as_view(), name="api-tasks"),
     path("tasks/<uuid:pk>/", views.TaskDetailView.as_view(), name="api-task-detail"),
+    path("tasks/<uuid:pk>/cancel/", views.TaskCancelView.as_view(), name="api-task-cancel"),
     path(
         "tasks/<uuid:pk>/results/<int:n>/", views.TaskResultView.as_view(), name="api-task-result"
     ),

@@ -142,6 +142,24 @@ class TaskDetailView(APIView):
             raise NotFound("No such task.")
         return Response(TaskSerializer(task).data)
 
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, pk: str) -> Response:
+        """Remove the task from your history (a running one is cancelled first, refunded)."""
+        services.task_delete(user=request.user, task_id=pk)
+        return Response(status=204)
+
+
+class TaskCancelView(APIView):
+    @extend_schema(request=None, responses={200: TaskSerializer})
+    def post(self, request: Request, pk: str) -> Response:
+        """Cancel a waiting or running task (credits released); repeating it is harmless; a
+        finished task answers 409 ``task_finished`` with its status."""
+        task = selectors.task_get_for_user(user=request.user, task_id=pk)
+        if task is None:
+            raise NotFound("No such task.")
+        task = services.task_cancel(task_id=task.pk, actor=request.user)
+        return Response(TaskSerializer(task).data)
+
 
 class TaskResultView(APIView):
     @extend_schema(responses={(200, "application/octet-stream"): bytes})
@@ -162,7 +180,11 @@ class TaskResultView(APIView):
         except NotImplementedError:  # object storage: a signed, expiring URL
             return HttpResponseRedirect(default_storage.url(name))
         ext = name.rsplit(".", 1)[-1]
-        response = FileResponse(open(path, "rb"), content_type=result["mime"])  # noqa: SIM115
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - FileResponse closes it
+        except FileNotFoundError:  # purged a moment ago, before the task was marked
+            raise ResultsExpired() from None
+        response = FileResponse(handle, content_type=result["mime"])
         # Served as exactly what we verified it to be, never sniffed, never run as a page.
         response["X-Content-Type-Options"] = "nosniff"
         response["Content-Security-Policy"] = "sandbox; default-src 'none'"
