@@ -36,9 +36,12 @@ def queued(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
     """What the services hand to Celery after commit, instead of sending it."""
     from tasks import services
 
-    calls: dict[str, list[Any]] = {"submit": [], "callback": []}
+    calls: dict[str, list[Any]] = {"submit": [], "callback": [], "cancel": []}
     monkeypatch.setattr(services, "_enqueue_submit", lambda i: calls["submit"].append(str(i)))
     monkeypatch.setattr(services, "_enqueue_callback", lambda i: calls["callback"].append(i))
+    monkeypatch.setattr(
+        services, "_enqueue_cancel_upstream", lambda i: calls["cancel"].append(str(i))
+    )
     return calls
 
 
