@@ -27,6 +27,7 @@ SANDBOX_KNOBS: dict[str, Any] = {
     },
     "sandbox_status": {"enum": ["ok", "error"], "default": "ok"},
     "sandbox_submit": {"enum": ["ok", "error", "invalid"], "default": "ok"},
+    "sandbox_cancel": {"enum": ["honour", "ignore"], "default": "honour"},
     "sandbox_submit_delay_ms": {"type": "integer", "minimum": 0, "maximum": 30_000, "default": 0},
 }
 

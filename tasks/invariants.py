@@ -88,12 +88,19 @@ def check_task_capacity(cursor: Any) -> list[str]:
     from collections import Counter
 
     expected: Counter[str] = Counter()
-    for (scopes,) in _rows(cursor, "SELECT capacity_scopes FROM ai_task "
-                                   "WHERE status IN ('WAITING', 'GENERATING')"):
+    for (scopes,) in _rows(
+        cursor, "SELECT capacity_scopes FROM ai_task WHERE status IN ('WAITING', 'GENERATING')"
+    ):
         expected.update(json.loads(scopes) if isinstance(scopes, str) else (scopes or []))
     actual = dict(_rows(cursor, "SELECT scope, running FROM tasks_capacitycounter"))
-    out = [f"capacity {scope}: counter {actual.get(scope, 0)}, unfinished tasks {count}"
-           for scope, count in sorted(expected.items()) if actual.get(scope, 0) != count]
-    out += [f"capacity {scope}: counter {running} but no unfinished task holds it"
-            for scope, running in sorted(actual.items()) if running and scope not in expected]
+    out = [
+        f"capacity {scope}: counter {actual.get(scope, 0)}, unfinished tasks {count}"
+        for scope, count in sorted(expected.items())
+        if actual.get(scope, 0) != count
+    ]
+    out += [
+        f"capacity {scope}: counter {running} but no unfinished task holds it"
+        for scope, running in sorted(actual.items())
+        if running and scope not in expected
+    ]
     return out

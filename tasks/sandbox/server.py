@@ -43,6 +43,7 @@ CALLBACK_RETRY_DELAY_S = 0.5  # doubled on each retry
 OUTCOMES = ("success", "fail", "reject", "partial")
 CALLBACK_MODES = ("once", "early", "duplicate", "none", "out_of_order")
 STATUS_MODES = ("ok", "error")
+CANCEL_MODES = ("honour", "ignore")
 SUBMIT_MODES = ("ok", "error", "invalid")
 
 FINAL = {"success": "succeeded", "partial": "succeeded", "fail": "failed", "reject": "rejected"}
@@ -94,6 +95,7 @@ class Job:
     width: int
     height: int
     duration_s: float
+    cancel_mode: str = "honour"
     cancelled_at: float | None = None
     deliveries: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -298,6 +300,10 @@ class Sandbox:
                 return 404, _error("not_found", f"No job {job_id}.")
             if job.status_at(now) not in ("queued", "running"):
                 return 409, self.view(job, now)
+            if job.cancel_mode == "ignore":
+                # Like an upstream that acknowledges the cancel but finishes (and bills) anyway:
+                # the job runs on and calls back with its result.
+                return 200, self.view(job, now)
             # From here on status_at() says "cancelled" and _finished() sends nothing.
             job.cancelled_at = now
             answer = self.view(job, now)
@@ -498,6 +504,7 @@ def _parse_job(body: Any) -> dict[str, Any]:
         "outcome": outcome,
         "callback": _choice(params, "sandbox_callback", CALLBACK_MODES),
         "status_mode": _choice(params, "sandbox_status", STATUS_MODES),
+        "cancel_mode": _choice(params, "sandbox_cancel", CANCEL_MODES),
         "requested_outputs": requested,
         "produced_outputs": produced,
         "width": media.clamp_size(_number(params, "width", 1, 1_000_000)),

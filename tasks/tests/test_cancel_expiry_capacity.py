@@ -432,3 +432,21 @@ def test_finishing_returns_capacity(funded: Any, settings: Any) -> None:
 
     assert submit(user).status == S.WAITING
     assert capacity_counts()[f"user:{user.pk}"] == 1
+
+
+@pytest.mark.django_db
+def test_sandbox_honours_cancel_unless_asked_to_ignore_it(funded: Any) -> None:
+    user = funded(10)
+    honoured = submit(user, sandbox_latency_ms=300, width=64, height=64)
+    ignored = submit(user, sandbox_latency_ms=300, sandbox_cancel="ignore", width=64, height=64)
+    for task in (honoured, ignored):
+        services.task_send_upstream(task_id=task.pk)
+        services.task_cancel(task_id=task.pk)
+        services.task_cancel_upstream(task_id=task.pk)
+        task.refresh_from_db()
+    time.sleep(0.6)
+
+    assert job_status(honoured) == "cancelled"
+    assert job_status(ignored) == "succeeded"  # the upstream finished anyway
+    ignored.refresh_from_db()
+    assert (ignored.status, ignored.charged_micro) == (S.CANCELLED, 0)
