@@ -13,9 +13,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -37,8 +39,12 @@ class Stack:
     beat: subprocess.Popen[bytes] | None = None
     logdir: Path = ROOT / "var"
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
-        log = open(self.logdir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
+    def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
+        """Start one more worker (``env``: variables that differ from the stack's) and wait
+        until it consumes."""
+        index = len(self.workers)
+        path = self.logdir / f"worker-{index}.log"
+        log = open(path, "wb")  # noqa: SIM115
         proc = subprocess.Popen(  # noqa: S603 - our own command line
             [
                 sys.executable,
@@ -57,26 +63,61 @@ class Stack:
                 "--without-mingle",
                 "--without-heartbeat",
                 "-n",
-                f"e2e{len(self.workers)}@%h",
+                f"e2e{index}@%h",
             ],
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        log.close()  # the child has its own handle
         self.workers.append(proc)
-        wait_for(
-            lambda: b"ready." in (self.logdir / f"worker-{len(self.workers) - 1}.log").read_bytes(),
-            timeout=30,
-            what="the Celery worker to start",
-        )
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"the Celery worker exited early; see {path}")
+            return b"ready." in path.read_bytes()
+
+        wait_for(ready, timeout=30, what="the Celery worker to start")
         return proc
+
+    def live_workers(self) -> list[subprocess.Popen[bytes]]:
+        return [proc for proc in self.workers if proc.poll() is None]
 
     def kill_worker(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGKILL, as a crashed machine would: no shutdown, no acknowledgement."""
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+    def stop_worker(self, proc: subprocess.Popen[bytes]) -> None:
+        """Warm shutdown (SIGTERM): running tasks finish, reserved messages go back."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def ensure_worker(self) -> None:
+        """Leave at least one running worker for the tests that follow."""
+        if not self.live_workers():
+            self.start_worker()
+
+    @contextmanager
+    def worker_env(self, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+        """Run the block with the only worker started with ``env``; the ordinary worker is
+        back afterwards. (Settings such as CALLBACKS_ENABLED are read where the work happens,
+        in the worker, so overriding them in the test process would change nothing.)"""
+        for proc in self.live_workers():
+            self.stop_worker(proc)
+        special = self.start_worker(**env)
+        try:
+            yield special
+        finally:
+            self.stop_worker(special)
+            self.ensure_worker()
 
     def stop(self) -> None:
         for proc in [*self.workers, *([self.beat] if self.beat else [])]:
@@ -113,16 +154,17 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     secret = new_secret()
-    sandbox_url, sandbox = start_sandbox(secret)
     media_root = str(tmp_path_factory.mktemp("media"))
     broker = os.environ["CELERY_BROKER_URL"]
     redis.Redis.from_url(broker).flushdb()
     with django_db_blocker.unblock():
-        db_name = connection.settings_dict["NAME"]
-    db = connection.settings_dict
+        db = dict(connection.settings_dict)  # NAME is the test database's by now
+    auth = db["USER"] + (f":{quote(str(db['PASSWORD']), safe='')}" if db.get("PASSWORD") else "")
+    port = f":{db['PORT']}" if db.get("PORT") else ""
+    sandbox_url, sandbox = start_sandbox(secret)
     env = dict(
         os.environ,
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db_name}",
+        DATABASE_URL=f"postgres://{auth}@{db['HOST']}{port}/{db['NAME']}",
         SANDBOX_URL=sandbox_url,
         SANDBOX_WEBHOOK_SECRET=secret,
         MEDIA_ROOT=media_root,
@@ -135,31 +177,37 @@ def stack(
         PYTHONUNBUFFERED="1",
     )
     stack = Stack(sandbox_url=sandbox_url, secret=secret, media_root=media_root, env=env)
-    stack.start_worker()
-    beat_log = open(stack.logdir / "beat.log", "wb")  # noqa: SIM115
-    schedule = tmp_path_factory.mktemp("beat") / "schedule"
-    stack.beat = subprocess.Popen(  # noqa: S603
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "rivya",
-            "beat",
-            "--loglevel",
-            "INFO",
-            "-S",
-            "celery.beat:PersistentScheduler",
-            "-s",
-            str(schedule),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=beat_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     try:
+        stack.start_worker()
+        beat_path = stack.logdir / "beat.log"
+        schedule = tmp_path_factory.mktemp("beat") / "schedule"
+        with open(beat_path, "wb") as beat_log:  # the child keeps its own handle
+            stack.beat = subprocess.Popen(  # noqa: S603 - our own command line
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "rivya",
+                    "beat",
+                    "--loglevel",
+                    "INFO",
+                    "-S",
+                    "celery.beat:PersistentScheduler",
+                    "-s",
+                    str(schedule),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=beat_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(
+            lambda: b"Sending due task" in beat_path.read_bytes(),
+            timeout=30,
+            what="Celery beat to send its first periodic task",
+        )
         yield stack
     finally:
         stack.stop()
@@ -177,6 +225,7 @@ def e2e(stack: Stack, settings: Any, transactional_db: Any) -> Iterator[Stack]:
 
     seed_catalog()
     yield stack
+    stack.ensure_worker()  # a test that killed the worker must not starve the next ones
     from billing.invariants import run_checks
 
     breaches = run_checks()

@@ -138,6 +138,9 @@ def test_concurrent_submissions_create_one_upstream_job(funded: Any, sandbox: An
 
     assert results.count(True) == 1, results
     assert stats(sandbox)["by_key"][str(task.pk)] == 1
+    task.refresh_from_db()
+    job = httpx.get(f"{settings.SANDBOX_URL}/v1/jobs/{task.upstream_id}", trust_env=False)
+    assert job.json()["status"] != "cancelled"  # the losers did not cancel the task's own job
     assert TaskEvent.objects.filter(task=task, kind="submitted").count() == 1
 
 
