@@ -213,7 +213,7 @@ def test_notifications_without_subject_are_not_deduplicated(make_user: Any) -> N
 def test_refused_submit_shows_up_as_an_unread_notification(
     make_user: Any, api_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(task_services, "_enqueue_submit", lambda task_id: None)
+    monkeypatch.setattr(task_services.enqueue, "submit", lambda task_id: None)
     seed_catalog()
     user = make_user()  # no credits
     client = api_for(user)

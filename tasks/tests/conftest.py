@@ -34,14 +34,12 @@ def catalog(db: Any) -> None:
 @pytest.fixture
 def queued(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
     """What the services hand to Celery after commit, instead of sending it."""
-    from tasks import services
+    from tasks.services import enqueue
 
     calls: dict[str, list[Any]] = {"submit": [], "callback": [], "cancel": []}
-    monkeypatch.setattr(services, "_enqueue_submit", lambda i: calls["submit"].append(str(i)))
-    monkeypatch.setattr(services, "_enqueue_callback", lambda i: calls["callback"].append(i))
-    monkeypatch.setattr(
-        services, "_enqueue_cancel_upstream", lambda i: calls["cancel"].append(str(i))
-    )
+    monkeypatch.setattr(enqueue, "submit", lambda i: calls["submit"].append(str(i)))
+    monkeypatch.setattr(enqueue, "callback", lambda i: calls["callback"].append(i))
+    monkeypatch.setattr(enqueue, "cancel_upstream", lambda i: calls["cancel"].append(str(i)))
     return calls
 
 

@@ -240,7 +240,7 @@ def test_submission_is_queued_only_after_commit(
         thread.join()
         queued["submit"].append(str(task_id))
 
-    monkeypatch.setattr(services, "_enqueue_submit", enqueue)
+    monkeypatch.setattr(services.enqueue, "submit", enqueue)
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
 
     response = api_for(funded(5)).post(

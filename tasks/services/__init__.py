@@ -1,0 +1,60 @@
+"""Writes for generation tasks (DESIGN.md §4), one module per part of the lifecycle.
+
+Every status change is one conditional UPDATE naming the states it leaves
+(``common._transition``); the code branches on the row count, and the winner writes the ledger
+operation, the timeline event and the notification in the same database transaction
+(PITFALLS 1-13). Lock order everywhere: task row → hold row → account row → capacity rows.
+Side effects (Celery, providers) happen after commit (``enqueue``).
+"""
+
+from __future__ import annotations
+
+from tasks.providers.registry import get_provider
+from tasks.services.callbacks import (
+    CALLBACK_MAX_ATTEMPTS,
+    callback_process,
+    callback_receive,
+    callbacks_pending,
+)
+from tasks.services.cancel import task_cancel, task_cancel_upstream, task_delete
+from tasks.services.common import SUBJECT, task_link
+from tasks.services.expiry import results_expire_due, results_warn_expiring
+from tasks.services.outcomes import StoredOutput, task_fail, task_succeed
+from tasks.services.refresh import poll_claim_due, task_refresh
+from tasks.services.submit import SubmitOutcome, task_submit
+from tasks.services.uploads import upload_create
+from tasks.services.upstream import (
+    callback_url,
+    retry_delay,
+    task_send_upstream,
+    task_submit_failed,
+    waiting_due_for_resubmit,
+)
+
+__all__ = [
+    "CALLBACK_MAX_ATTEMPTS",
+    "SUBJECT",
+    "StoredOutput",
+    "SubmitOutcome",
+    "callback_process",
+    "callback_receive",
+    "callback_url",
+    "callbacks_pending",
+    "get_provider",
+    "poll_claim_due",
+    "results_expire_due",
+    "results_warn_expiring",
+    "retry_delay",
+    "task_cancel",
+    "task_cancel_upstream",
+    "task_delete",
+    "task_fail",
+    "task_link",
+    "task_refresh",
+    "task_send_upstream",
+    "task_submit",
+    "task_submit_failed",
+    "task_succeed",
+    "upload_create",
+    "waiting_due_for_resubmit",
+]

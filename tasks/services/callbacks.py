@@ -1,0 +1,92 @@
+"""The provider callbacks inbox: store each delivery once, then apply it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from tasks.models import CallbackDelivery, Task
+from tasks.providers.base import (
+    CallbackEvent,
+    JobState,
+)
+from tasks.providers.registry import get_provider
+from tasks.services import enqueue
+from tasks.services.common import S, _event
+from tasks.services.refresh import task_refresh
+
+
+def callback_receive(*, provider: str, event: CallbackEvent) -> tuple[CallbackDelivery, bool]:
+    """Store a verified delivery once (the unique (provider, event id) decides, not a prior
+    SELECT) and queue its processing after commit. Returns (delivery, created)."""
+    event_id = event.event_id[:200]
+    try:
+        with transaction.atomic():
+            delivery = CallbackDelivery.objects.create(
+                provider=provider,
+                event_id=event_id,
+                upstream_id=event.upstream_id[:200],
+                payload=dict(event.payload),
+            )
+            transaction.on_commit(lambda: enqueue.callback(delivery.pk))
+    except IntegrityError:
+        return CallbackDelivery.objects.get(provider=provider, event_id=event_id), False
+    return delivery, True
+
+
+CALLBACK_MAX_ATTEMPTS = 10
+
+
+def callback_process(*, delivery_id: int) -> str:
+    """Apply a stored delivery to its task. Returns "processed", "deferred" (our upstream id is
+    not stored yet: the callback raced our own submission; check again later) or "ignored"."""
+    delivery = CallbackDelivery.objects.filter(pk=delivery_id).first()
+    if delivery is None or delivery.status != CallbackDelivery.Status.PENDING:
+        return "processed"
+    CallbackDelivery.objects.filter(pk=delivery_id).update(attempts=F("attempts") + 1)
+    task = Task.objects.filter(provider=delivery.provider, upstream_id=delivery.upstream_id).first()
+    if task is None:
+        if delivery.attempts + 1 >= CALLBACK_MAX_ATTEMPTS:
+            CallbackDelivery.objects.filter(pk=delivery_id, status="pending").update(
+                status=CallbackDelivery.Status.IGNORED, processed_at=timezone.now()
+            )
+            return "ignored"
+        return "deferred"
+    won = CallbackDelivery.objects.filter(pk=delivery_id, status="pending").update(
+        status=CallbackDelivery.Status.PROCESSED, processed_at=timezone.now(), task=task
+    )
+    if not won:
+        return "processed"
+    provider = get_provider(task.provider)
+    status = provider.status_from_callback(delivery.payload)
+    _event(
+        task.pk,
+        "callback",
+        f"Callback {delivery.event_id}",
+        state=status.state.value if status else None,
+        delivery=delivery.pk,
+    )
+    if task.status in Task.TERMINAL:
+        if task.status == S.CANCELLED and status and status.state == JobState.SUCCEEDED:
+            _event(
+                task.pk,
+                "late_result",
+                "A result arrived after cancellation; recorded, nothing else changed.",
+            )
+        return "processed"
+    # Early callbacks (result not ready) change nothing: refresh sees the job still running,
+    # and the poller checks again on schedule.
+    task_refresh(task_id=task.pk, reason="callback", status=status)
+    return "processed"
+
+
+def callbacks_pending(*, older_than_seconds: int = 20) -> list[int]:
+    cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
+    return list(
+        CallbackDelivery.objects.filter(status="pending", received_at__lt=cutoff).values_list(
+            "pk", flat=True
+        )[:500]
+    )

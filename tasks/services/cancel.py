@@ -1,0 +1,110 @@
+"""Cancel and delete."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from notifications.models import Notification
+from rivya.errors import (
+    NotFound,
+    TaskFinished,
+)
+from tasks.models import Task
+from tasks.providers.registry import get_provider
+from tasks.services import enqueue
+from tasks.services.common import S, _event, _notify, _settle, _transition, _ttl
+
+
+def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
+    """WAITING/GENERATING → CANCELLED; credits released (or, for work the provider accepted and
+    bills, the model's ``cancel_charge_percent``); the upstream cancel is requested after commit.
+
+    Cancelling a CANCELLED task returns it unchanged; any other finished task raises
+    TaskFinished (409). A result that arrives later is recorded on the timeline only.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        task = Task.objects.select_related("user").get(pk=task_id)
+        who = "support" if actor is not None and actor.pk != task.user_id else "you"
+        message = f"Cancelled by {who}." + (f" {reason}" if reason else "")
+        if not _transition(
+            task_id,
+            Task.UNFINISHED,
+            S.CANCELLED,
+            finished_at=now,
+            expires_at=now + _ttl(task),
+            error_code="cancelled",
+            error_message=message,
+            error_kind="user",
+            next_poll_at=None,
+            cancel_requested_at=now,
+        ):
+            task.refresh_from_db()
+            if task.status == S.CANCELLED:
+                return task
+            raise TaskFinished(
+                f"This task already finished ({task.status}).", extra={"status": task.status}
+            )
+        # Re-read under our row lock: a concurrent submission may have stored the upstream id.
+        task.refresh_from_db()
+        percent = task.billing_policy.get("cancel_charge_percent", 0) or 0
+        charge = task.reserved_micro * percent // 100 if task.submitted_at and percent else 0
+        Task.objects.filter(pk=task_id).update(
+            charged_micro=charge, refunded_micro=task.reserved_micro - charge
+        )
+        _settle(task, charge, f"{task.model_slug}: cancellation charge ({percent}%)")
+        _event(task_id, "cancelled", message, actor=getattr(actor, "pk", None))
+        _event(
+            task_id,
+            "credits_captured" if charge else "credits_released",
+            f"Billing policy: {percent}% of the price is charged for cancelling work the "
+            "provider accepted."
+            if charge
+            else "Refunded in full.",
+            amount_micro=charge or task.reserved_micro,
+        )
+        if who == "support":
+            _notify(
+                task,
+                Notification.Kind.GENERATION_CANCELLED,
+                "Your generation was cancelled",
+                f"{task.model_slug}: {message} "
+                + ("Your credits were refunded." if not charge else ""),
+            )
+        if task.upstream_id:
+            transaction.on_commit(lambda: enqueue.cancel_upstream(task_id))
+    task.refresh_from_db()
+    return task
+
+
+def task_cancel_upstream(*, task_id: Any) -> None:
+    """Ask the provider to stop a cancelled task's job. Raises ProviderError (retryable or
+    not); the job stopping or having finished already are both fine."""
+    task = Task.objects.filter(pk=task_id).first()
+    if task is None or not task.upstream_id:
+        return
+    get_provider(task.provider).cancel(task.upstream_id)
+    _event(task_id, "upstream_cancel_requested", "The provider was asked to stop the job.")
+
+
+def task_delete(*, user: Any, task_id: Any) -> None:
+    """Remove a task from the user's history at once (a running one is cancelled first).
+
+    Soft delete: the row, its billing and its timeline stay for support; its files follow the
+    expiry rules. Raises NotFound for someone else's (or an already deleted) task.
+    """
+    task = Task.objects.filter(pk=task_id, user=user, deleted_at__isnull=True).first()
+    if task is None:
+        raise NotFound("No such task.")
+    if task.status in Task.UNFINISHED:
+        with contextlib.suppress(TaskFinished):  # it finished meanwhile: delete it as it is
+            task_cancel(task_id=task.pk, actor=user)
+    with transaction.atomic():
+        if Task.objects.filter(pk=task.pk, deleted_at__isnull=True).update(
+            deleted_at=timezone.now()
+        ):
+            _event(task.pk, "deleted", "Deleted by the user (hidden from their history).")

@@ -1,0 +1,61 @@
+"""Helpers shared by the task services: transitions, timeline events, notifications, settlement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from billing import selectors as billing_selectors
+from billing import services as billing
+from notifications.services import notification_create
+from tasks.capacity import capacity_release
+from tasks.models import Task, TaskEvent
+
+SUBJECT = "tasks.task"  # how billing and notifications refer to a task
+S = Task.Status
+
+
+def _event(task_id: Any, kind: str, message: str = "", **data: Any) -> None:
+    TaskEvent.objects.create(task_id=task_id, kind=kind, message=message[:2000], data=data)
+
+
+def _transition(task_id: Any, sources: Sequence[str], target: str, **fields: Any) -> bool:
+    """One conditional UPDATE: True if this call moved the task, False if another got there
+    first (or the task is in a state the transition does not leave)."""
+    return (
+        Task.objects.filter(pk=task_id, status__in=list(sources)).update(status=target, **fields)
+        == 1
+    )
+
+
+def task_link(task_id: Any) -> str:
+    return f"/history/?task={task_id}"
+
+
+def _notify(task: Task, kind: str, title: str, body: str) -> None:
+    notification_create(
+        user=task.user,
+        kind=kind,
+        title=title,
+        body=body,
+        subject_type=SUBJECT,
+        subject_id=str(task.pk),
+        link=task_link(task.pk),
+    )
+
+
+def _ttl(task: Task) -> timedelta:
+    return timedelta(seconds=task.result_ttl_seconds)
+
+
+def _settle(task: Task, charge: int, reason: str) -> None:
+    """What the winner of a terminal transition does, in its transaction: capture ``charge``
+    of the hold (releasing the rest) or release it all, and give back the capacity slots."""
+    hold = billing_selectors.hold_for_subject(subject_type=SUBJECT, subject_id=str(task.pk))
+    if hold is not None:
+        if charge:
+            billing.hold_capture(hold=hold, amount=charge, reason=reason)
+        else:
+            billing.hold_release(hold=hold)
+    capacity_release(task=task)

@@ -1,0 +1,155 @@
+"""Terminal outcomes: SUCCESS, FAILED, REJECTED, each settled in its own transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from notifications.models import Notification
+from tasks.models import Task
+from tasks.services.common import S, _event, _notify, _settle, _transition, _ttl
+
+
+@dataclass(frozen=True)
+class StoredOutput:
+    name: str
+    mime: str
+    bytes: int
+    width: int | None
+    height: int | None
+    duration_ms: int | None
+
+
+def _result_dict(o: StoredOutput) -> dict[str, Any]:
+    return {
+        "name": o.name,
+        "mime": o.mime,
+        "bytes": o.bytes,
+        "width": o.width,
+        "height": o.height,
+        "duration_ms": o.duration_ms,
+    }
+
+
+def task_succeed(
+    *, task_id: Any, outputs: Sequence[StoredOutput], requested: int | None = None
+) -> bool:
+    """GENERATING → SUCCESS with the stored outputs; capture the price (or, for K of N outputs,
+    floor(price × K / N) when the model's policy allows partial success). Returns True if this
+    call finished the task; False (and nothing written) if another outcome won."""
+    now = timezone.now()
+    with transaction.atomic():
+        task = Task.objects.select_related("user").get(pk=task_id)
+        got, wanted = len(outputs), max(requested or len(outputs), len(outputs), 1)
+        charge = task.price_micro
+        if got < wanted and task.billing_policy.get("partial_success", True):
+            charge = task.price_micro * got // wanted
+        if not _transition(
+            task_id,
+            [S.GENERATING],
+            S.SUCCESS,
+            results=[_result_dict(o) for o in outputs],
+            finished_at=now,
+            started_at=task.started_at or now,
+            expires_at=now + _ttl(task),
+            charged_micro=charge,
+            refunded_micro=task.reserved_micro - charge,
+            next_poll_at=None,
+        ):
+            return False
+        _settle(task, charge, f"{task.model_slug} generation")
+        _event(
+            task_id,
+            "succeeded",
+            f"{got} of {wanted} output(s) stored.",
+            outputs=got,
+            requested=wanted,
+        )
+        _event(
+            task_id,
+            "credits_captured",
+            "Partial success: charged for the outputs delivered." if got < wanted else "",
+            amount_micro=charge,
+            released_micro=task.reserved_micro - charge,
+        )
+        _notify(
+            task,
+            Notification.Kind.GENERATION_SUCCESS,
+            "Your generation is ready",
+            f"{task.model_slug}: {got} result(s) ready"
+            + (
+                f" ({wanted - got} could not be produced; you were charged only for "
+                "what was delivered)"
+                if got < wanted
+                else ""
+            )
+            + ".",
+        )
+    return True
+
+
+FAILURE_TITLES = {
+    S.FAILED: (Notification.Kind.GENERATION_FAILED, "Your generation failed"),
+    S.REJECTED: (Notification.Kind.GENERATION_REJECTED, "Your request was rejected"),
+}
+
+
+def task_fail(
+    *,
+    task_id: Any,
+    code: str,
+    message: str,
+    kind: str,
+    status: str = S.FAILED,
+    sources: Sequence[str] = Task.UNFINISHED,
+) -> bool:
+    """→ FAILED or REJECTED with the error; release the hold, or capture the share the model's
+    policy charges for failures after upstream acceptance (REJECTED never charges). Returns
+    True if this call finished the task."""
+    now = timezone.now()
+    with transaction.atomic():
+        task = Task.objects.select_related("user").get(pk=task_id)
+        percent = task.billing_policy.get("failure_charge_percent", 0) or 0
+        accepted = task.submitted_at is not None
+        charge = (
+            task.reserved_micro * percent // 100
+            if status == S.FAILED and accepted and percent
+            else 0
+        )
+        if not _transition(
+            task_id,
+            sources,
+            status,
+            error_code=code[:64],
+            error_message=message,
+            error_kind=kind,
+            finished_at=now,
+            expires_at=now + _ttl(task),
+            charged_micro=charge,
+            refunded_micro=task.reserved_micro - charge,
+            next_poll_at=None,
+        ):
+            return False
+        _settle(task, charge, f"{task.model_slug}: failure charge ({percent}%)")
+        _event(task_id, status.lower(), message, code=code, error_kind=kind)
+        _event(
+            task_id,
+            "credits_captured" if charge else "credits_released",
+            f"Billing policy: {percent}% of the price is charged for failures after the "
+            "provider accepted the job."
+            if charge
+            else "Refunded in full.",
+            amount_micro=charge or task.reserved_micro,
+        )
+        notif_kind, title = FAILURE_TITLES.get(status, FAILURE_TITLES[S.FAILED])
+        refund = (
+            "Your credits were refunded."
+            if not charge
+            else (f"Per this model's billing policy {percent}% was charged.")
+        )
+        _notify(task, notif_kind, title, f"{task.model_slug}: {message} {refund}")
+    return True

@@ -1,0 +1,175 @@
+"""Submitting a generation: validate, record, hold credits, take capacity (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from billing import services as billing
+from notifications.models import Notification
+from rivya.errors import (
+    InsufficientCredits,
+    ValidationFailed,
+)
+from tasks.capacity import capacity_acquire
+from tasks.media import MediaInfo
+from tasks.models import AIModel, Task, Upload
+from tasks.services import enqueue
+from tasks.services.common import SUBJECT, S, _event, _notify, _transition, _ttl
+from tasks.services.uploads import _inspect, upload_create
+from tasks.validation import FileCheck, check_files, check_prompt, normalize_params, price_for
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    task: Task
+    accepted: bool  # False: recorded as FAILED for insufficient credits (API answers 402)
+
+
+def task_submit(
+    *,
+    user: Any,
+    model_slug: Any,
+    prompt: Any = "",
+    params: Any = None,
+    upload_ids: Sequence[Any] = (),
+    files: Sequence[Any] = (),
+) -> SubmitOutcome:
+    """Validate a generation request, record it and hold its credits (DESIGN.md §4 steps 1-4).
+
+    Before: nothing. After, if accepted: a WAITING task with its hold, and (after commit) the
+    upstream submission queued. If the balance is too low: a FAILED task
+    (``insufficient_credits``, no hold) and a notification, both committed; ``accepted`` False.
+    Raises ValidationFailed (400) or CapacityExceeded (429); then nothing was written.
+    """
+    if not isinstance(model_slug, str) or not model_slug:
+        raise ValidationFailed({"model": ["Give the slug of a model from /api/v1/models/."]})
+    model = AIModel.objects.filter(slug=model_slug, enabled=True).first()
+    if model is None:
+        raise ValidationFailed({"model": [f"No model {model_slug!r}."]}, code="unknown_model")
+    if not model.direct_generation or model.runtime != AIModel.Runtime.ASYNC:
+        raise ValidationFailed(
+            {"model": [f"{model.name} cannot be used as an asynchronous generation."]},
+            code="model_not_available",
+        )
+    prompt = check_prompt(model, prompt)
+    params = normalize_params(model.params_schema, params)
+
+    if not isinstance(upload_ids, list | tuple) or not all(isinstance(u, str) for u in upload_ids):
+        raise ValidationFailed({"upload_ids": ["Must be a list of upload ids."]})
+    uploads: list[Upload] = []
+    for raw_id in upload_ids:
+        try:
+            upload_uuid = uuid.UUID(raw_id)
+        except ValueError:
+            raise ValidationFailed({"upload_ids": [f"{raw_id!r} is not an upload id."]}) from None
+        upload = Upload.objects.filter(pk=upload_uuid, user=user).first()
+        if upload is None:  # someone else's upload is "not found", like a missing one
+            raise ValidationFailed({"upload_ids": [f"No upload {raw_id}."]}, code="not_found")
+        uploads.append(upload)
+    checks = [
+        FileCheck(
+            u.original_name or str(u.pk),
+            MediaInfo(
+                mime=u.mime,
+                kind=u.mime.split("/")[0],
+                width=u.width,
+                height=u.height,
+                duration_ms=u.duration_ms,
+            ),
+            u.bytes,
+        )
+        for u in uploads
+    ]
+    for file in files:
+        if file.size > settings.MAX_UPLOAD_BYTES:
+            raise ValidationFailed(
+                {"files": [f"{file.name}: over the {settings.MAX_UPLOAD_BYTES}-byte limit."]},
+                code="file_too_large",
+            )
+        checks.append(FileCheck(file.name or "file", _inspect(file), file.size))
+    check_files(model.file_rules, checks)
+    price = price_for(model, params, checks)
+
+    with transaction.atomic():
+        uploads.extend(upload_create(user=user, file=file) for file in files)
+        task = Task.objects.create(
+            user=user,
+            model=model,
+            model_slug=model.slug,
+            category=model.category,
+            provider=model.provider,
+            upstream_model=model.upstream_model,
+            prompt=prompt,
+            params=params,
+            upload_ids=[str(u.pk) for u in uploads],
+            price_micro=price,
+            billing_type=model.billing_type,
+            billing_policy=_policy(model),
+            timeout_seconds=model.timeout_seconds,
+            poll_interval_seconds=model.poll_interval_seconds,
+            result_ttl_seconds=model.result_ttl_seconds or settings.TASK_RESULT_TTL,
+        )
+        _event(
+            task.pk,
+            "created",
+            f"Submitted {model.slug} at {price} micro-credits.",
+            price_micro=price,
+            billing_policy=task.billing_policy,
+        )
+        try:
+            billing.hold_create(
+                user=user, amount=price, subject_type=SUBJECT, subject_id=str(task.pk)
+            )
+        except InsufficientCredits as exc:
+            _refuse_for_credits(task, exc)
+            task.refresh_from_db()
+            return SubmitOutcome(task=task, accepted=False)
+        # Exact under concurrency: conditional UPDATEs on capacity counters; a refusal raises
+        # and rolls back the task and its hold, so a refused submit leaves nothing behind.
+        capacity_acquire(task=task)
+        Task.objects.filter(pk=task.pk).update(reserved_micro=price)
+        _event(task.pk, "credits_held", amount_micro=price)
+        transaction.on_commit(lambda: enqueue.submit(task.pk))
+    task.refresh_from_db()
+    return SubmitOutcome(task=task, accepted=True)
+
+
+def _policy(model: AIModel) -> dict[str, Any]:
+    policy = {"failure_charge_percent": 0, "cancel_charge_percent": 0, "partial_success": True}
+    policy.update(model.billing_policy or {})
+    return policy
+
+
+def _refuse_for_credits(task: Task, exc: InsufficientCredits) -> None:
+    now = timezone.now()
+    _transition(
+        task.pk,
+        [S.WAITING],
+        S.FAILED,
+        error_code="insufficient_credits",
+        error_message=exc.message,
+        error_kind="user",
+        finished_at=now,
+        expires_at=now + _ttl(task),
+    )
+    _event(
+        task.pk,
+        "failed",
+        "Not enough credits; nothing was sent upstream.",
+        code="insufficient_credits",
+        **exc.extra,
+    )
+    _notify(
+        task,
+        Notification.Kind.INSUFFICIENT_CREDITS,
+        "Not enough credits",
+        f"Your {task.model_slug} generation needs {exc.extra.get('required')} credits; "
+        f"{exc.extra.get('available')} are available. Add credits and try again.",
+    )

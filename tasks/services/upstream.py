@@ -1,0 +1,179 @@
+"""Sending WAITING tasks upstream, and the reconciler that resubmits stuck ones."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.files.storage import default_storage
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from tasks.media import MediaError, inspect_media
+from tasks.models import Task, Upload
+from tasks.providers.base import (
+    InputFile,
+    ProviderError,
+    SubmitRequest,
+)
+from tasks.providers.registry import get_provider
+from tasks.services.common import S, _event, _transition
+from tasks.services.outcomes import task_fail
+
+logger = logging.getLogger(__name__)
+
+
+def callback_url(provider: str) -> str | None:
+    if not settings.CALLBACKS_ENABLED:
+        return None
+    return f"{settings.CALLBACK_BASE_URL}/api/v1/callbacks/{provider}/"
+
+
+def task_send_upstream(*, task_id: Any) -> bool:
+    """Create the upstream job of a WAITING task (the task id is the provider's idempotency
+    key, so a retry or a crash-and-resubmit never creates a second job) and move the task to
+    GENERATING. Returns True when this call moved it.
+
+    Raises ProviderError (``retryable`` says whether to try again).
+    """
+    task = Task.objects.filter(pk=task_id).select_related("model").first()
+    if task is None or task.status != S.WAITING:
+        return False
+    Task.objects.filter(pk=task_id, status=S.WAITING).update(
+        submit_attempts=F("submit_attempts") + 1, last_submit_at=timezone.now()
+    )
+    try:
+        files = _input_files(task)
+    except _UnusableInput as exc:
+        # Found by our own processing: the input cannot be used. The user can fix it.
+        task_fail(
+            task_id=task_id,
+            code=exc.code,
+            kind="user",
+            status=S.REJECTED,
+            sources=[S.WAITING],
+            message=exc.message,
+        )
+        return False
+    provider = get_provider(task.provider)
+    result = provider.submit(
+        SubmitRequest(
+            idempotency_key=str(task.pk),
+            upstream_model=task.upstream_model,
+            prompt=task.prompt,
+            params=task.params,
+            files=files,
+            callback_url=callback_url(task.provider),
+        )
+    )
+    now = timezone.now()
+    with transaction.atomic():
+        moved = _transition(
+            task_id,
+            [S.WAITING],
+            S.GENERATING,
+            upstream_id=result.upstream_id,
+            submitted_at=now,
+            next_poll_at=now + timedelta(seconds=task.poll_interval_seconds),
+        )
+        if moved:
+            _event(task_id, "submitted", "Accepted upstream.", upstream_id=result.upstream_id)
+        elif (
+            Task.objects.filter(pk=task_id).values_list("upstream_id", flat=True).first()
+            != result.upstream_id
+        ):
+            # Cancelled (or failed) while we were submitting: the job must not run on. But not
+            # the job the task already tracks: a concurrent attempt under the same idempotency
+            # key (a resubmit overlapping a slow submit, a redelivered message, a second beat)
+            # gets that same job back and loses the UPDATE to the attempt that stored it;
+            # cancelling it would fail the task.
+            _event(
+                task_id,
+                "late_upstream_acceptance",
+                "The upstream accepted the job after the task had finished; cancelling it.",
+                upstream_id=result.upstream_id,
+            )
+            transaction.on_commit(
+                lambda: _cancel_upstream_quietly(task.provider, result.upstream_id)
+            )
+    return moved
+
+
+class _UnusableInput(Exception):  # noqa: N818 - a refusal, carried to the caller
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _input_files(task: Task) -> tuple[InputFile, ...]:
+    """The task's reference files, re-checked as they are sent (a file that went missing or
+    changed since upload is refused, not sent)."""
+    uploads = {str(u.pk): u for u in Upload.objects.filter(pk__in=task.upload_ids)}
+    files = []
+    for upload_id in task.upload_ids:
+        upload = uploads.get(upload_id)
+        try:
+            if upload is None:
+                raise FileNotFoundError(upload_id)
+            with default_storage.open(upload.file.name, "rb") as fh:
+                data = fh.read()
+            info = inspect_media(data, max_pixels=settings.MAX_IMAGE_PIXELS)
+        except (OSError, MediaError):
+            raise _UnusableInput(
+                "unreadable_file",
+                "A reference file could not be read any more. Upload it again and resubmit.",
+            ) from None
+        if info.mime != upload.mime:
+            raise _UnusableInput(
+                "file_mismatch",
+                "A reference file is not what was uploaded. Upload it again and resubmit.",
+            )
+        files.append(InputFile(name=upload.original_name or "file", mime=upload.mime, data=data))
+    return tuple(files)
+
+
+def _cancel_upstream_quietly(provider: str, upstream_id: str) -> None:
+    try:
+        get_provider(provider).cancel(upstream_id)
+    except ProviderError as exc:
+        logger.warning("upstream cancel of %s failed: %s", upstream_id, exc)
+
+
+def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
+    """The upstream refused the job for good (or kept failing): FAILED, credits released."""
+    kind = "provider" if not error.retryable else "infra"
+    message = (
+        "The provider refused this request: " + error.message
+        if not error.retryable
+        else "The provider could not be reached; your credits were refunded. Try again later."
+    )
+    return task_fail(
+        task_id=task_id,
+        code=error.code or "upstream_error",
+        message=message,
+        kind=kind,
+        sources=[S.WAITING],
+    )
+
+
+def waiting_due_for_resubmit() -> list[str]:
+    """WAITING tasks whose submission never completed (worker crash, lost message): handed to
+    the submitter again with the same idempotency key. Tasks that kept failing to submit are
+    failed (credits released) by the submitter."""
+    cutoff = timezone.now() - timedelta(seconds=settings.TASK_RESUBMIT_AFTER)
+    return [
+        str(pk)
+        for pk in Task.objects.filter(status=S.WAITING, created_at__lt=cutoff)
+        .exclude(last_submit_at__gte=cutoff)
+        .values_list("pk", flat=True)[:500]
+    ]
+
+
+def retry_delay(attempt: int) -> float:
+    """Exponential backoff with full jitter, capped (seconds)."""
+    return random.uniform(0, min(60.0, 2.0 * math.pow(2, attempt)))  # noqa: S311
