@@ -12,5 +12,9 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
     name = "apiKey"
 
     def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
-        return {"type": "http", "scheme": "bearer", "bearerFormat": "rv_<prefix>_<secret>",
-                "description": "A per-user API key: Authorization: Bearer <key>."}
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "rv_<prefix>_<secret>",
+            "description": "A per-user API key: Authorization: Bearer <key>.",
+        }

@@ -189,8 +189,10 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("CALLBACK_RETRY_EVERY", default=30.0),
     },
     # Often enough that a short TASK_RESULT_TTL is honoured within a minute.
-    "expire-results": {"task": "tasks.expire_results",
-                       "schedule": env.float("TASK_EXPIRE_EVERY", default=20.0)},
+    "expire-results": {
+        "task": "tasks.expire_results",
+        "schedule": env.float("TASK_EXPIRE_EVERY", default=20.0),
+    },
     "warn-expiring-results": {"task": "tasks.warn_expiring", "schedule": 300.0},
     "purge-idempotency-keys": {"task": "billing.purge_idempotency_keys", "schedule": 3600.0},
 }
@@ -248,7 +250,8 @@ TASK_MAX_RUNNING_PER_USER = env.int("TASK_MAX_RUNNING_PER_USER", default=20)
 TASK_MAX_RUNNING = env.int("TASK_MAX_RUNNING", default=500)
 # Optional per-user limits per category, e.g. "video=3,image=10" (within the per-user limit).
 TASK_MAX_RUNNING_PER_CATEGORY = {
-    k: int(v) for k, v in env.dict("TASK_MAX_RUNNING_PER_CATEGORY", default={}).items()}
+    k: int(v) for k, v in env.dict("TASK_MAX_RUNNING_PER_CATEGORY", default={}).items()
+}
 TASK_SUBMIT_MAX_ATTEMPTS = env.int("TASK_SUBMIT_MAX_ATTEMPTS", default=6)
 # A WAITING task not submitted for this long is handed to the submitter again.
 TASK_RESUBMIT_AFTER = env.int("TASK_RESUBMIT_AFTER", default=30)
