@@ -123,3 +123,27 @@ class TaskFinished(DomainError):
     code = "task_finished"
     message = "This task has already finished."
     status = 409
+
+
+def contains_nul(value: object) -> bool:
+    """Whether a JSON-like value holds a NUL character anywhere (keys included): PostgreSQL
+    refuses NUL in text and JSON, so such input must be refused up front, never reach SQL."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(contains_nul(k) or contains_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(contains_nul(v) for v in value)
+    return False
+
+
+def without_nul(value: object) -> object:
+    """The same JSON-like value with NUL characters removed (for data we must keep, such as a
+    provider's callback body)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nul(v) for v in value]
+    return value

@@ -193,7 +193,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "tasks.expire_results",
         "schedule": env.float("TASK_EXPIRE_EVERY", default=20.0),
     },
-    "warn-expiring-results": {"task": "tasks.warn_expiring", "schedule": 300.0},
+    "warn-expiring-results": {"task": "tasks.warn_expiring", "schedule": 60.0},
     "purge-idempotency-keys": {"task": "billing.purge_idempotency_keys", "schedule": 3600.0},
 }
 

@@ -99,10 +99,11 @@ def _take_global_slot(total: int) -> int | None:
 def capacity_release(*, task: Task) -> None:
     """Give back the slots of a task that just finished (call in the transition's
     transaction, only from the call that won the transition)."""
-    if task.capacity_scopes:
-        CapacityCounter.objects.filter(scope__in=task.capacity_scopes).update(
-            running=F("running") - 1
-        )
+    # One row at a time, in the order they were taken (user scopes, then the global shard), so
+    # that a release and a concurrent acquire of the same user never wait on each other in a
+    # cycle. Callers release before touching the hold and the account, as the submit does.
+    for scope in task.capacity_scopes or []:
+        CapacityCounter.objects.filter(scope=scope).update(running=F("running") - 1)
 
 
 def capacity_counts() -> dict[str, int]:

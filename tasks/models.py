@@ -193,7 +193,9 @@ class Task(models.Model):
             models.Index(fields=["provider", "upstream_id"], name="task_upstream"),
             # Expiry: finished tasks whose files are still stored, by expiry time.
             models.Index(
-                fields=["expires_at"], condition=Q(results_expired_at=None), name="task_expiry_due"
+                fields=["expires_at"],
+                condition=Q(results_expired_at=None, status="SUCCESS"),
+                name="task_expiry_due",
             ),
         ]
 

@@ -69,10 +69,10 @@ def reconcile_waiting() -> int:
 
 
 @shared_task(name="tasks.cancel_upstream", bind=True, max_retries=None, acks_late=True)
-def cancel_upstream(self: object, task_id: str) -> None:
+def cancel_upstream(self: object, task_id: str, upstream_id: str | None = None) -> None:
     """Ask the provider to stop a cancelled task's job; retry temporary errors."""
     try:
-        services.task_cancel_upstream(task_id=task_id)
+        services.task_cancel_upstream(task_id=task_id, upstream_id=upstream_id)
     except ProviderError as exc:
         retries = getattr(getattr(self, "request", None), "retries", 0) or 0
         if exc.retryable and retries < settings.TASK_SUBMIT_MAX_ATTEMPTS:

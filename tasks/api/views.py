@@ -9,6 +9,7 @@ from typing import Any
 from django.core.cache import cache
 from django.core.exceptions import RequestDataTooBig
 from django.core.files.storage import default_storage
+from django.core.files.uploadedfile import UploadedFile
 from django.http import FileResponse, HttpRequest, HttpResponseRedirect, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
@@ -19,7 +20,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from rivya.errors import DomainError, NotFound, ResultsExpired, ValidationFailed
+from rivya.errors import DomainError, NotFound, ResultsExpired, ValidationFailed, contains_nul
 from rivya.exceptions import error_body
 from rivya.idempotency import run_idempotent
 from rivya.pagination import CursorPagination
@@ -30,7 +31,7 @@ from tasks.api.serializers import (
     TaskSerializer,
     UploadSerializer,
 )
-from tasks.models import Task
+from tasks.models import Category, Task
 from tasks.providers.base import InvalidSignature, ProviderError
 from tasks.providers.registry import get_provider, known_provider
 
@@ -63,6 +64,10 @@ def _task_input(request: Request) -> dict[str, Any]:
         unknown = sorted(set(data) - {*TASK_FIELDS, "files", "csrfmiddlewaretoken"})
         if unknown:
             raise ValidationFailed({k: ["Unknown field."] for k in unknown})
+        # DRF merges the file parts into ``data``; a text value among them means the client sent
+        # file names or contents as form fields, and the files would be silently lost.
+        if any(not isinstance(v, UploadedFile) for v in data.getlist("files")):
+            raise ValidationFailed({"files": ["Send reference files as file parts."]})
         params: Any = data.get("params") or None
         if isinstance(params, str):
             try:
@@ -104,11 +109,18 @@ class TaskListCreateView(APIView):
     def get(self, request: Request) -> Response:
         """The caller's generations, newest first (cursor-paginated)."""
         q = request.query_params
+        status, category, model = q.get("status"), q.get("category"), q.get("model")
+        errors: dict[str, list[str]] = {}
+        if status and status.upper() not in Task.Status.values:
+            errors["status"] = [f"One of {', '.join(Task.Status.values)}."]
+        if category and category not in Category.values:
+            errors["category"] = [f"One of {', '.join(Category.values)}."]
+        if model and contains_nul(model):
+            errors["model"] = ["Must not contain NUL characters."]
+        if errors:
+            raise ValidationFailed(errors)
         qs = selectors.history_for_user(
-            user=request.user,
-            status=q.get("status"),
-            category=q.get("category"),
-            model=q.get("model"),
+            user=request.user, status=status, category=category, model=model
         )
         paginator = CursorPagination()
         page = paginator.paginate_queryset(qs, request, view=self)
@@ -169,9 +181,11 @@ class TaskResultView(APIView):
         task = selectors.task_get_for_user(user=request.user, task_id=pk)
         if task is None:
             raise NotFound("No such task.")
+        if task.status != Task.Status.SUCCESS:
+            raise NotFound("No such result.")
         if task.results_expired_at is not None:
             raise ResultsExpired()
-        if task.status != Task.Status.SUCCESS or not 0 <= n < len(task.results):
+        if not 0 <= n < len(task.results):
             raise NotFound("No such result.")
         result = task.results[n]
         name = result["name"]
@@ -258,5 +272,10 @@ def callback_view(request: HttpRequest, provider: str) -> JsonResponse:
     except ProviderError as exc:  # signed, but not an event we understand
         logger.warning("unreadable %s callback: %s", provider, exc)
         return JsonResponse(error_body(exc.code, exc.message, "provider"), status=400)
+    if not event.event_id or len(event.event_id) > 200 or contains_nul(event.event_id):
+        # Truncating would merge distinct deliveries under one id: refuse instead.
+        return JsonResponse(
+            error_body("invalid_callback", "Unusable webhook id.", "provider"), status=400
+        )
     delivery, created = services.callback_receive(provider=provider, event=event)
     return JsonResponse({"received": True, "duplicate": not created, "id": delivery.pk})

@@ -73,7 +73,11 @@ class CallbackEvent:
 
 
 class ProviderError(Exception):
-    """An upstream call failed. ``retryable``: the same call may succeed later."""
+    """An upstream call failed. ``retryable``: the same call may succeed later.
+
+    Codes with a meaning the lifecycle relies on: ``job_not_found`` (fetch_status: the provider
+    does not have this job, so it will neither deliver nor bill).
+    """
 
     def __init__(
         self,

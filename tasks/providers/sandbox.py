@@ -77,6 +77,12 @@ class SandboxProvider:
 
     def fetch_status(self, upstream_id: str) -> JobStatus:
         response = http.request("GET", self._job_url(upstream_id))
+        if response.status_code == 404 and _error_code(response) == "not_found":
+            # The sandbox (like vendors that expire jobs) no longer has this job: say so
+            # distinctly, so the caller can stop waiting for it.
+            raise ProviderError(
+                f"no job {upstream_id} upstream", retryable=False, code="job_not_found", status=404
+            )
         _raise_for_status(response)
         return _job_status(_json(response))
 
@@ -169,6 +175,13 @@ def _too_large(output: Output, max_bytes: int) -> ProviderError:
         retryable=False,
         code="output_too_large",
     )
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    try:
+        return (response.json().get("error") or {}).get("code")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _raise_for_status(response: httpx.Response) -> None:

@@ -8,6 +8,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from rivya.errors import without_nul
 from tasks.models import CallbackDelivery, Task
 from tasks.providers.base import (
     CallbackEvent,
@@ -29,9 +30,11 @@ def callback_receive(*, provider: str, event: CallbackEvent) -> tuple[CallbackDe
                 provider=provider,
                 event_id=event_id,
                 upstream_id=event.upstream_id[:200],
-                payload=dict(event.payload),
+                payload=without_nul(dict(event.payload)),
             )
-            transaction.on_commit(lambda: enqueue.callback(delivery.pk))
+            # robust: if the broker is down the delivery stays pending for the sweeper; the
+            # provider still gets its 2xx (the delivery is stored).
+            transaction.on_commit(lambda: enqueue.callback(delivery.pk), robust=True)
     except IntegrityError:
         return CallbackDelivery.objects.get(provider=provider, event_id=event_id), False
     return delivery, True
@@ -55,11 +58,6 @@ def callback_process(*, delivery_id: int) -> str:
             )
             return "ignored"
         return "deferred"
-    won = CallbackDelivery.objects.filter(pk=delivery_id, status="pending").update(
-        status=CallbackDelivery.Status.PROCESSED, processed_at=timezone.now(), task=task
-    )
-    if not won:
-        return "processed"
     provider = get_provider(task.provider)
     status = provider.status_from_callback(delivery.payload)
     _event(
@@ -76,10 +74,16 @@ def callback_process(*, delivery_id: int) -> str:
                 "late_result",
                 "A result arrived after cancellation; recorded, nothing else changed.",
             )
-        return "processed"
-    # Early callbacks (result not ready) change nothing: refresh sees the job still running,
-    # and the poller checks again on schedule.
-    task_refresh(task_id=task.pk, reason="callback", status=status)
+    else:
+        # Early callbacks (result not ready) change nothing: refresh sees the job still
+        # running, and the poller checks again on schedule.
+        task_refresh(task_id=task.pk, reason="callback", status=status)
+    # Marked only once applied: a crash before this line leaves the delivery pending for the
+    # sweeper (tasks.retry_pending_callbacks); applying it twice is harmless, because every
+    # transition is conditional.
+    CallbackDelivery.objects.filter(pk=delivery_id, status="pending").update(
+        status=CallbackDelivery.Status.PROCESSED, processed_at=timezone.now(), task=task
+    )
     return "processed"
 
 

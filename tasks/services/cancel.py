@@ -16,7 +16,7 @@ from rivya.errors import (
 from tasks.models import Task
 from tasks.providers.registry import get_provider
 from tasks.services import enqueue
-from tasks.services.common import S, _event, _notify, _settle, _transition, _ttl
+from tasks.services.common import S, _event, _notify, _settle, _transition, _ttl, policy_percent
 
 
 def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
@@ -51,7 +51,7 @@ def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
             )
         # Re-read under our row lock: a concurrent submission may have stored the upstream id.
         task.refresh_from_db()
-        percent = task.billing_policy.get("cancel_charge_percent", 0) or 0
+        percent = policy_percent(task, "cancel_charge_percent")
         charge = task.reserved_micro * percent // 100 if task.submitted_at and percent else 0
         Task.objects.filter(pk=task_id).update(
             charged_micro=charge, refunded_micro=task.reserved_micro - charge
@@ -76,19 +76,28 @@ def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
                 + ("Your credits were refunded." if not charge else ""),
             )
         if task.upstream_id:
-            transaction.on_commit(lambda: enqueue.cancel_upstream(task_id))
+            transaction.on_commit(
+                lambda: enqueue.cancel_upstream(task_id, task.upstream_id), robust=True
+            )
     task.refresh_from_db()
     return task
 
 
-def task_cancel_upstream(*, task_id: Any) -> None:
-    """Ask the provider to stop a cancelled task's job. Raises ProviderError (retryable or
-    not); the job stopping or having finished already are both fine."""
+def task_cancel_upstream(*, task_id: Any, upstream_id: str | None = None) -> None:
+    """Ask the provider to stop a job of a finished task: its own job, or ``upstream_id`` (a job
+    accepted after the task was already cancelled). Raises ProviderError (retryable or not);
+    the job stopping or having finished already are both fine."""
     task = Task.objects.filter(pk=task_id).first()
-    if task is None or not task.upstream_id:
+    upstream_id = upstream_id or (task.upstream_id if task else None)
+    if task is None or not upstream_id or task.status not in Task.TERMINAL:
         return
-    get_provider(task.provider).cancel(task.upstream_id)
-    _event(task_id, "upstream_cancel_requested", "The provider was asked to stop the job.")
+    get_provider(task.provider).cancel(upstream_id)
+    _event(
+        task_id,
+        "upstream_cancel_requested",
+        "The provider was asked to stop the job.",
+        upstream_id=upstream_id,
+    )
 
 
 def task_delete(*, user: Any, task_id: Any) -> None:

@@ -50,12 +50,23 @@ def _ttl(task: Task) -> timedelta:
 
 
 def _settle(task: Task, charge: int, reason: str) -> None:
-    """What the winner of a terminal transition does, in its transaction: capture ``charge``
-    of the hold (releasing the rest) or release it all, and give back the capacity slots."""
+    """What the winner of a terminal transition does, in its transaction: give back the
+    capacity slots, then capture ``charge`` of the hold (releasing the rest) or release it all.
+
+    Lock order, as in the submit: task row → capacity rows → hold row → account row.
+    """
+    capacity_release(task=task)
     hold = billing_selectors.hold_for_subject(subject_type=SUBJECT, subject_id=str(task.pk))
     if hold is not None:
         if charge:
             billing.hold_capture(hold=hold, amount=charge, reason=reason)
         else:
             billing.hold_release(hold=hold)
-    capacity_release(task=task)
+
+
+def policy_percent(task: Task, name: str) -> int:
+    """A percentage of the task's billing policy, read defensively (0-100; 0 if malformed)."""
+    try:
+        return min(100, max(0, int(task.billing_policy.get(name, 0) or 0)))
+    except (AttributeError, TypeError, ValueError):
+        return 0

@@ -17,7 +17,7 @@ def callback(delivery_id: int) -> None:
     celery_tasks.process_callback.delay(delivery_id)
 
 
-def cancel_upstream(task_id: Any) -> None:
+def cancel_upstream(task_id: Any, upstream_id: str | None = None) -> None:
     from tasks import tasks as celery_tasks
 
-    celery_tasks.cancel_upstream.delay(str(task_id))
+    celery_tasks.cancel_upstream.delay(str(task_id), upstream_id)

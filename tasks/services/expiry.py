@@ -26,7 +26,7 @@ def results_expire_due(*, limit: int = 200) -> int:
     with transaction.atomic():
         due = list(
             Task.objects.select_for_update(skip_locked=True)
-            .filter(results_expired_at__isnull=True, expires_at__lte=now)
+            .filter(status=S.SUCCESS, results_expired_at__isnull=True, expires_at__lte=now)
             .order_by("expires_at")
             .only("id", "results")[:limit]
         )

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from notifications.models import Notification
 from tasks.models import Task
-from tasks.services.common import S, _event, _notify, _settle, _transition, _ttl
+from tasks.services.common import S, _event, _notify, _settle, _transition, _ttl, policy_percent
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def task_fail(
     now = timezone.now()
     with transaction.atomic():
         task = Task.objects.select_related("user").get(pk=task_id)
-        percent = task.billing_policy.get("failure_charge_percent", 0) or 0
+        percent = policy_percent(task, "failure_charge_percent")
         accepted = task.submitted_at is not None
         charge = (
             task.reserved_micro * percent // 100

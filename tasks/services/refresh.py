@@ -68,8 +68,27 @@ def task_refresh(*, task_id: Any, reason: str = "poll", status: JobStatus | None
         try:
             status = provider.fetch_status(task.upstream_id)
         except ProviderError as exc:
+            if exc.code == "job_not_found":
+                # The provider says the job does not exist (expired on its side, or lost):
+                # it will neither deliver nor bill, so the task fails and is refunded rather
+                # than holding the user's credits forever.
+                task_fail(
+                    task_id=task_id,
+                    code="upstream_job_lost",
+                    kind="provider",
+                    sources=[S.GENERATING],
+                    message="The provider no longer knows this job. Try again.",
+                )
+                return
             _event(task_id, "poll_failed", exc.message, code=exc.code, reason=reason)
             return
+    _event(
+        task_id,
+        "polled",
+        f"Upstream status: {status.state.value}.",
+        reason=reason,
+        state=status.state.value,
+    )
     if status.state.finished:
         _finish_from_status(task, status, reason)
         return

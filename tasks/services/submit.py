@@ -16,8 +16,9 @@ from notifications.models import Notification
 from rivya.errors import (
     InsufficientCredits,
     ValidationFailed,
+    contains_nul,
 )
-from tasks.capacity import capacity_acquire
+from tasks.capacity import capacity_acquire, capacity_release
 from tasks.media import MediaInfo
 from tasks.models import AIModel, Task, Upload
 from tasks.services import enqueue
@@ -50,6 +51,14 @@ def task_submit(
     """
     if not isinstance(model_slug, str) or not model_slug:
         raise ValidationFailed({"model": ["Give the slug of a model from /api/v1/models/."]})
+    for name, value in (
+        ("model", model_slug),
+        ("prompt", prompt),
+        ("params", params),
+        ("upload_ids", upload_ids),
+    ):
+        if contains_nul(value):
+            raise ValidationFailed({name: ["Must not contain NUL characters."]})
     model = AIModel.objects.filter(slug=model_slug, enabled=True).first()
     if model is None:
         raise ValidationFailed({"model": [f"No model {model_slug!r}."]}, code="unknown_model")
@@ -123,6 +132,10 @@ def task_submit(
             price_micro=price,
             billing_policy=task.billing_policy,
         )
+        # Capacity is part of validation (429, nothing stored), so it comes before credits.
+        # Exact under concurrency: conditional UPDATEs on capacity counters; a refusal raises
+        # and rolls back the task, so a refused submit leaves nothing behind.
+        capacity_acquire(task=task)
         try:
             billing.hold_create(
                 user=user, amount=price, subject_type=SUBJECT, subject_id=str(task.pk)
@@ -131,20 +144,31 @@ def task_submit(
             _refuse_for_credits(task, exc)
             task.refresh_from_db()
             return SubmitOutcome(task=task, accepted=False)
-        # Exact under concurrency: conditional UPDATEs on capacity counters; a refusal raises
-        # and rolls back the task and its hold, so a refused submit leaves nothing behind.
-        capacity_acquire(task=task)
         Task.objects.filter(pk=task.pk).update(reserved_micro=price)
         _event(task.pk, "credits_held", amount_micro=price)
-        transaction.on_commit(lambda: enqueue.submit(task.pk))
+        # robust: a broker outage must not turn a committed submit into a 500 (the client
+        # might retry and pay twice); the reconciler submits what was not queued.
+        transaction.on_commit(lambda: enqueue.submit(task.pk), robust=True)
     task.refresh_from_db()
     return SubmitOutcome(task=task, accepted=True)
 
 
 def _policy(model: AIModel) -> dict[str, Any]:
-    policy = {"failure_charge_percent": 0, "cancel_charge_percent": 0, "partial_success": True}
-    policy.update(model.billing_policy or {})
-    return policy
+    """The model's billing policy, normalized: percentages are integers within 0-100 (a
+    malformed catalog entry must never make a task impossible to settle)."""
+    raw = model.billing_policy if isinstance(model.billing_policy, dict) else {}
+
+    def percent(name: str) -> int:
+        try:
+            return min(100, max(0, int(raw.get(name, 0) or 0)))
+        except (TypeError, ValueError):
+            return 0
+
+    return {
+        "failure_charge_percent": percent("failure_charge_percent"),
+        "cancel_charge_percent": percent("cancel_charge_percent"),
+        "partial_success": bool(raw.get("partial_success", True)),
+    }
 
 
 def _refuse_for_credits(task: Task, exc: InsufficientCredits) -> None:
@@ -159,6 +183,7 @@ def _refuse_for_credits(task: Task, exc: InsufficientCredits) -> None:
         finished_at=now,
         expires_at=now + _ttl(task),
     )
+    capacity_release(task=task)
     _event(
         task.pk,
         "failed",

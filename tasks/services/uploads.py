@@ -43,7 +43,7 @@ def upload_create(*, user: Any, file: Any) -> Upload:
     file.seek(0)
     upload = Upload(
         user=user,
-        original_name=(getattr(file, "name", "") or "")[:255],
+        original_name=(getattr(file, "name", "") or "").replace("\x00", "")[:255],
         mime=info.mime,
         bytes=size,
         sha256=digest.hexdigest(),

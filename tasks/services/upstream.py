@@ -22,6 +22,7 @@ from tasks.providers.base import (
     SubmitRequest,
 )
 from tasks.providers.registry import get_provider
+from tasks.services import enqueue
 from tasks.services.common import S, _event, _transition
 from tasks.services.outcomes import task_fail
 
@@ -98,8 +99,9 @@ def task_send_upstream(*, task_id: Any) -> bool:
                 "The upstream accepted the job after the task had finished; cancelling it.",
                 upstream_id=result.upstream_id,
             )
+            # Through the retried Celery task: a transient failure must not leave it running.
             transaction.on_commit(
-                lambda: _cancel_upstream_quietly(task.provider, result.upstream_id)
+                lambda: enqueue.cancel_upstream(task_id, result.upstream_id), robust=True
             )
     return moved
 
@@ -135,13 +137,6 @@ def _input_files(task: Task) -> tuple[InputFile, ...]:
             )
         files.append(InputFile(name=upload.original_name or "file", mime=upload.mime, data=data))
     return tuple(files)
-
-
-def _cancel_upstream_quietly(provider: str, upstream_id: str) -> None:
-    try:
-        get_provider(provider).cancel(upstream_id)
-    except ProviderError as exc:
-        logger.warning("upstream cancel of %s failed: %s", upstream_id, exc)
 
 
 def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:

@@ -36,10 +36,15 @@ def queued(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
     """What the services hand to Celery after commit, instead of sending it."""
     from tasks.services import enqueue
 
-    calls: dict[str, list[Any]] = {"submit": [], "callback": [], "cancel": []}
+    calls: dict[str, list[Any]] = {"submit": [], "callback": [], "cancel": [], "cancel_jobs": []}
     monkeypatch.setattr(enqueue, "submit", lambda i: calls["submit"].append(str(i)))
     monkeypatch.setattr(enqueue, "callback", lambda i: calls["callback"].append(i))
-    monkeypatch.setattr(enqueue, "cancel_upstream", lambda i: calls["cancel"].append(str(i)))
+
+    def cancel(task_id: Any, upstream_id: str | None = None) -> None:
+        calls["cancel"].append(str(task_id))
+        calls["cancel_jobs"].append(upstream_id)
+
+    monkeypatch.setattr(enqueue, "cancel_upstream", cancel)
     return calls
 
 

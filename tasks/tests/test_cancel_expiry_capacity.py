@@ -141,6 +141,18 @@ def test_result_after_cancellation_is_recorded_and_changes_nothing(funded: Any) 
     assert billing_selectors.balance_for_user(user=user).available == 10 * C
 
 
+def _success_event(task: Task) -> Any:
+    from tasks.providers.base import CallbackEvent
+
+    job = httpx.get(f"{settings.SANDBOX_URL}/v1/jobs/{task.upstream_id}", trust_env=False).json()
+    return CallbackEvent(
+        event_id=f"evt_{task.pk}",
+        upstream_id=task.upstream_id,
+        state=None,
+        payload={"type": "job.updated", "data": job},
+    )
+
+
 @pytest.mark.django_db(transaction=True)
 def test_cancel_racing_success_ends_in_one_terminal_state_200_times(funded: Any) -> None:
     user = funded(1000)
@@ -152,10 +164,16 @@ def test_cancel_racing_success_ends_in_one_terminal_state_200_times(funded: Any)
         # The refresh downloads the outputs before its transaction; a cancel delayed by a
         # varying few milliseconds lands before, during and after that window.
         delay = (trial % 20) * 0.01
+        if trial % 2:  # the success arrives by poll
+            finish = lambda t=task: services.task_refresh(task_id=t.pk)  # noqa: E731
+        else:  # the success arrives by a signed callback
+            task.refresh_from_db()
+            delivery, _ = services.callback_receive(provider="sandbox", event=_success_event(task))
+            finish = lambda d=delivery.pk: services.callback_process(delivery_id=d)  # noqa: E731
         results = run_concurrently(
             [
                 lambda t=task, d=delay: (time.sleep(d), services.task_cancel(task_id=t.pk))[1],
-                lambda t=task: services.task_refresh(task_id=t.pk),
+                finish,
             ]
         )
 
@@ -314,6 +332,7 @@ def test_expiry_purges_files_marks_the_task_and_touches_nothing_else(funded: Any
 def test_concurrent_expiry_runs_purge_each_task_once(funded: Any) -> None:
     user = funded(100)
     tasks = [run_to_end(submit(user)) for _ in range(10)]
+    kept = run_to_end(submit(user))
     for t in tasks:
         _expire_now(t)
 
@@ -321,6 +340,9 @@ def test_concurrent_expiry_runs_purge_each_task_once(funded: Any) -> None:
 
     assert sum(counts) == 10
     assert all(_files(t) == [] for t in tasks)
+    kept.refresh_from_db()
+    assert len(_files(kept)) == 1  # not due: untouched
+    assert kept.results_expired_at is None
     assert TaskEvent.objects.filter(kind="results_expired").count() == 10
 
 

@@ -1,0 +1,259 @@
+"""What an independent review found: each test pins a fix (capacity before credits, NUL bytes,
+jobs lost upstream, malformed policies, late acceptance, Celery retries, changed files, ...)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from django.conf import settings
+from django.core.files.storage import default_storage
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection
+from django.utils import timezone
+
+from billing import selectors as billing_selectors
+from tasks import services
+from tasks.models import AIModel, Task, TaskEvent
+from tasks.tests.test_cancel_expiry_capacity import _wav
+from tasks.tests.test_services import run_to_end, submit
+
+C = 1_000_000
+S = Task.Status
+pytestmark = pytest.mark.usefixtures("sandbox", "catalog", "queued", "ledger_ok")
+
+
+@pytest.mark.django_db
+def test_capacity_is_refused_with_429_before_credits_are_looked_at(
+    funded: Any, api_for: Any, settings: Any
+) -> None:
+    settings.TASK_MAX_RUNNING_PER_USER = 1
+    user = funded(1)
+    submit(user, sandbox_latency_ms=60_000)  # takes the only slot and the only credit
+
+    response = api_for(user).post(
+        "/api/v1/tasks/", {"model": "sandbox-image", "prompt": "x"}, format="json"
+    )
+
+    assert response.status_code == 429
+    assert response["Retry-After"]
+    assert Task.objects.filter(user=user).count() == 1  # nothing stored for the refusal
+
+
+@pytest.mark.django_db
+def test_insufficient_credits_gives_its_capacity_slot_back(funded: Any, settings: Any) -> None:
+    settings.TASK_MAX_RUNNING_PER_USER = 1
+    user = funded(0)
+
+    for _ in range(3):
+        outcome = services.task_submit(user=user, model_slug="sandbox-image", prompt="x")
+        assert outcome.task.error_code == "insufficient_credits"  # never 429: no slot leaked
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "sandbox-image\u0000", "prompt": "x"},
+        {"model": "sandbox-image", "prompt": "a\u0000b"},
+        {
+            "model": "sandbox-image",
+            "prompt": "x",
+            "params": {"width": 64, "sandbox_outcome": "\u0000"},
+        },
+        {"model": "sandbox-image", "prompt": "x", "upload_ids": ["\u0000"]},
+    ],
+)
+def test_nul_characters_are_refused_with_400(funded: Any, api_for: Any, body: Any) -> None:
+    response = api_for(funded(10)).post("/api/v1/tasks/", body, format="json")
+
+    assert response.status_code == 400
+    assert response.json()["error"]["kind"] == "user"
+    assert Task.objects.count() == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("query", ["model=%00", "status=%00", "status=DONE", "category=music"])
+def test_bad_history_filters_are_400(funded: Any, api_for: Any, query: str) -> None:
+    response = api_for(funded(10)).get(f"/api/v1/tasks/?{query}")
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "validation_error"
+
+
+@pytest.mark.django_db
+def test_multipart_files_sent_as_text_are_refused(funded: Any, api_for: Any) -> None:
+    response = api_for(funded(10)).post(
+        "/api/v1/tasks/",
+        {"model": "sandbox-image", "prompt": "x", "files": "not a file"},
+        format="multipart",
+    )
+
+    assert response.status_code == 400
+    assert "files" in response.json()["error"]["fields"]
+    assert Task.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_a_job_the_provider_lost_fails_and_refunds_instead_of_waiting_forever(funded: Any) -> None:
+    user = funded(10)
+    task = submit(user, sandbox_latency_ms=60_000)
+    services.task_send_upstream(task_id=task.pk)
+    httpx.post(f"{settings.SANDBOX_URL}/v1/_reset", trust_env=False)  # the upstream forgets
+
+    services.task_refresh(task_id=task.pk)
+
+    task.refresh_from_db()
+    assert (task.status, task.error_code, task.charged_micro) == (S.FAILED, "upstream_job_lost", 0)
+    assert billing_selectors.balance_for_user(user=user).available == 10 * C
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("policy", "charged"),
+    [
+        ({"failure_charge_percent": "50"}, C // 2),
+        ({"failure_charge_percent": "lots"}, 0),
+        ({"failure_charge_percent": 900}, C),
+        ("not a dict", 0),
+    ],
+)
+def test_malformed_billing_policies_still_settle(funded: Any, policy: Any, charged: int) -> None:
+    AIModel.objects.filter(slug="sandbox-image").update(billing_policy=policy)
+
+    task = run_to_end(submit(funded(10), sandbox_outcome="fail"))
+
+    assert (task.status, task.charged_micro, task.refunded_micro) == (
+        S.FAILED,
+        charged,
+        C - charged,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_job_accepted_after_cancellation_is_cancelled_through_the_retried_task(
+    funded: Any, queued: dict[str, list[Any]]
+) -> None:
+    user = funded(10)
+    task = submit(user, sandbox_submit_delay_ms=1500, sandbox_latency_ms=60_000)
+    outcome: list[bool] = []
+
+    def send() -> None:
+        try:
+            outcome.append(services.task_send_upstream(task_id=task.pk))
+        finally:
+            connection.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(0.5)  # the job exists upstream; the answer is still on its way
+
+    services.task_cancel(task_id=task.pk)
+    sender.join()
+
+    assert outcome == [False]
+    late = TaskEvent.objects.get(task=task, kind="late_upstream_acceptance")
+    job_id = late.data["upstream_id"]
+    assert queued["cancel_jobs"] == [job_id]
+    services.task_cancel_upstream(task_id=task.pk, upstream_id=job_id)
+    assert (
+        httpx.get(f"{settings.SANDBOX_URL}/v1/jobs/{job_id}", trust_env=False).json()["status"]
+        == "cancelled"
+    )
+    assert billing_selectors.balance_for_user(user=user).available == 10 * C
+
+
+@pytest.mark.django_db
+def test_celery_submit_retries_temporary_errors_then_fails_and_refunds(
+    funded: Any, settings: Any
+) -> None:
+    from tasks import tasks as celery_tasks
+
+    settings.TASK_SUBMIT_MAX_ATTEMPTS = 3
+    user = funded(10)
+    task = submit(user, sandbox_submit="error")
+
+    celery_tasks.submit.apply(args=[str(task.pk)])  # runs here; its retries run here too
+
+    task.refresh_from_db()
+    assert task.submit_attempts == 3
+    assert (task.status, task.error_kind, task.charged_micro) == (S.FAILED, "infra", 0)
+    assert billing_selectors.balance_for_user(user=user).available == 10 * C
+
+
+@pytest.mark.django_db
+def test_celery_submit_fails_permanent_errors_at_once(funded: Any) -> None:
+    from tasks import tasks as celery_tasks
+
+    task = submit(funded(10), sandbox_submit="invalid")
+
+    celery_tasks.submit.apply(args=[str(task.pk)])
+
+    task.refresh_from_db()
+    assert (task.status, task.error_kind, task.submit_attempts) == (S.FAILED, "provider", 1)
+
+
+@pytest.mark.django_db
+def test_reference_file_changed_since_upload_rejects(funded: Any) -> None:
+    user = funded(10)
+    upload = services.upload_create(user=user, file=SimpleUploadedFile("a.wav", _wav(2)))
+    outcome = services.task_submit(
+        user=user, model_slug="sandbox-audio-isolation", upload_ids=[str(upload.pk)]
+    )
+    from PIL import Image
+
+    path = default_storage.path(upload.file.name)
+    Image.new("RGB", (8, 8)).save(path, format="PNG")  # not the audio that was uploaded
+
+    services.task_send_upstream(task_id=outcome.task.pk)
+
+    task = Task.objects.get(pk=outcome.task.pk)
+    assert (task.status, task.error_code, task.error_kind) == (S.REJECTED, "file_mismatch", "user")
+
+
+@pytest.mark.django_db
+def test_every_poll_is_on_the_timeline(funded: Any) -> None:
+    task = submit(funded(10), sandbox_latency_ms=60_000)
+    services.task_send_upstream(task_id=task.pk)
+
+    services.task_refresh(task_id=task.pk)
+    services.task_refresh(task_id=task.pk)
+
+    polls = TaskEvent.objects.filter(task=task, kind="polled")
+    assert [e.data["state"] for e in polls] == ["running", "running"]
+
+
+@pytest.mark.django_db
+def test_failed_tasks_are_not_marked_expired(funded: Any) -> None:
+    task = run_to_end(submit(funded(10), sandbox_outcome="fail"))
+    Task.objects.filter(pk=task.pk).update(expires_at=timezone.now())
+
+    assert services.results_expire_due() == 0
+    task.refresh_from_db()
+    assert task.results_expired_at is None
+
+
+@pytest.mark.django_db
+def test_overlong_webhook_ids_are_refused_not_truncated(funded: Any, api_for: Any) -> None:
+    import json
+
+    from standardwebhooks import Webhook
+
+    body = json.dumps({"type": "job.updated", "data": {"id": "job_x", "status": "running"}})
+    msg_id = "m" * 300
+    now = timezone.now()
+    signature = Webhook(settings.SANDBOX_WEBHOOK_SECRET).sign(msg_id, now, body)
+
+    response = api_for(funded(1)).post(
+        "/api/v1/callbacks/sandbox/",
+        body,
+        content_type="application/json",
+        HTTP_WEBHOOK_ID=msg_id,
+        HTTP_WEBHOOK_TIMESTAMP=str(int(now.timestamp())),
+        HTTP_WEBHOOK_SIGNATURE=signature,
+    )
+
+    assert response.status_code == 400
