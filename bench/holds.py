@@ -1,6 +1,7 @@
 """Holds per second through ``billing.services``, on one hot account and on many accounts.
 
-Imported by ``bench/run.py`` after ``django.setup()``. Every client is a thread with its own
+Run by ``bench/suite.py`` (a suite process of ``bench/run.py``) after ``django.setup()``,
+against the scratch database ``rivya_bench_holds``. Every client is a thread with its own
 database connection (closed at the end, PITFALLS 23), released together by a barrier; each loops
 until the deadline, at most ``MAX_OPS_PER_CLIENT`` times.
 """
@@ -15,6 +16,8 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.db import connection
 
+from bench.common import Row, SuiteConfig, SuiteResult
+from bench.scratch import Pgbench
 from billing import services
 from billing.models import Account, Hold
 
@@ -186,3 +189,45 @@ def system_accounts() -> None:
     """Create the issuance and revenue accounts before the clients race to."""
     for kind in (Account.Kind.ISSUANCE, Account.Kind.REVENUE):
         services.system_account_id(kind)
+
+
+def run(config: SuiteConfig) -> SuiteResult:
+    """The holds suite: pgbench before, every scenario, pgbench after, then the ledger check."""
+    from billing.invariants import run_checks
+
+    pgbench = Pgbench(
+        url=config.url, database=config.pgbench_database, executable=config.pgbench_executable
+    )
+    # pgbench runs before and after the holds and the ratios use the mean, so that a machine
+    # whose speed drifts during the run (a shared VM) skews them less; both figures are shown.
+    before = pgbench.tpcb_tps(clients=config.clients, seconds=config.seconds)
+    print(f"  pgbench before: {before:.1f} tps", flush=True)
+    system_accounts()
+    results = []
+    for name in config.scenarios:
+        scenario = SCENARIOS[name]
+        result = run_scenario(scenario, clients=config.clients, seconds=config.seconds)
+        print(
+            f"  {name}: {result.ops} ops in {result.seconds:.2f} s ({scenario.description}), "
+            f"client {result.client_cores:.2f} cores",
+            flush=True,
+        )
+        results.append(result)
+    after = pgbench.tpcb_tps(clients=config.clients, seconds=config.seconds)
+    tps = (before + after) / 2
+    print(f"  pgbench after: {after:.1f} tps; mean {tps:.1f} tps", flush=True)
+    breaches = run_checks()
+    problems = [f"ledger_check: {b.check}: {b.detail}" for b in breaches]
+    print(f"  ledger_check: {'ok' if not breaches else 'BREACH'}", flush=True)
+    rows = [
+        Row(
+            suite="holds",
+            measurement=f"{r.scenario.name}, {r.clients} clients",
+            value=f"{r.ops_per_second:.0f} ops/s",
+            reference=f"pgbench {tps:.0f} tps",
+            ratio=r.ops_per_second / tps if tps else None,
+            notes=f"client {r.client_cores:.2f} cores",
+        )
+        for r in results
+    ]
+    return SuiteResult(rows=rows, ok=not problems, problems=problems)

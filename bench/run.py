@@ -1,12 +1,19 @@
-"""Rivya benchmarks: ``make bench`` (``make bench BENCH_ARGS="--quick"`` for a 2 s smoke).
+"""Rivya benchmarks: ``make bench`` (``make bench BENCH_ARGS="--quick"`` for a smoke run).
 
-Holds per second through ``billing.services`` on one hot account and on many accounts, next to
-pgbench's TPC-B-like transactions per second at the same client count, measured in the same run
-on the same server, printed as ratios. See ``bench/README.md``.
+Every figure is printed next to a limit of the same machine measured in the same run, as a
+ratio (DESIGN.md §10). Suites (``--suite``, default all):
 
-The database named in ``DATABASE_URL`` only locates the server: the holds run in a scratch
-database ``rivya_bench`` (migrated here) and pgbench in ``rivya_pgbench``; both are dropped and
-recreated at the start and dropped at the end (``--keep`` leaves them for inspection).
+- ``holds``: holds/s through ``billing.services`` vs pgbench TPC-B-like tps, same client count;
+- ``submit``: ``POST /api/v1/tasks/`` through gunicorn vs pgbench TPC-B-like tps, same clients;
+- ``latency``: submit → SUCCESS p50/p99 with a zero-latency sandbox, a Celery worker and beat,
+  vs the round trip of a trivial authenticated GET on the same server;
+- ``scale``: poll-cycle and history-page cost, and queries per request, at 10k vs 1M stored
+  tasks (ratio 1M ÷ 10k; should be ~1).
+
+Each suite runs in a process of its own (``bench/suite.py``) on a scratch database of its own
+(``rivya_bench_<suite>``; pgbench uses ``rivya_bench_pgbench``), dropped and recreated at the
+start and dropped at the end (``--keep`` leaves them). ``DATABASE_URL`` only locates the server.
+See ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -14,33 +21,69 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import scratch  # noqa: E402 - needs ROOT on sys.path
-
-if TYPE_CHECKING:
-    from bench.holds import Result
+from bench.common import DB_PREFIX, Row, SuiteConfig, SuiteResult, machine_seconds  # noqa: E402
+from bench.procs import reap_recorded  # noqa: E402
 
 DEFAULT_URL = "postgres://postgres@127.0.0.1:5432/rivya"
-HOLDS_DB = "rivya_bench"
-PGBENCH_DB = "rivya_pgbench"
+PGBENCH_DB = f"{DB_PREFIX}pgbench"
+ALL_SUITES = ("holds", "submit", "latency", "scale")
 DEFAULT_SCENARIOS = "hot,many,hot+capture,many+capture"
+STOP_GRACE_S = 60
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--suite",
+        default=",".join(ALL_SUITES),
+        help=f"comma-separated suites to run (default {','.join(ALL_SUITES)})",
+    )
     parser.add_argument("--clients", type=int, default=8, help="client threads (1-50, default 8)")
     parser.add_argument("--seconds", type=int, default=10, help="per measurement (default 10)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 s per measurement")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 2 s per measurement, 20 lifecycle tasks, 10k vs 100k tasks",
+    )
     parser.add_argument("--scale", type=int, help="pgbench scale factor (default: --clients)")
     parser.add_argument(
-        "--scenarios", default=DEFAULT_SCENARIOS, help=f"comma-separated ({DEFAULT_SCENARIOS})"
+        "--scenarios", default=DEFAULT_SCENARIOS, help=f"holds: ({DEFAULT_SCENARIOS})"
+    )
+    parser.add_argument(
+        "--submit-keepalive",
+        action="store_true",
+        help="submit: keep one connection per client (default: one per request)",
+    )
+    parser.add_argument(
+        "--latency-tasks", type=int, help="latency: tasks submitted one by one (default 100)"
+    )
+    parser.add_argument(
+        "--latency-pool",
+        choices=("prefork", "threads"),
+        default="prefork",
+        help="latency: the Celery worker's pool: prefork, concurrency 2 (default, as make run) "
+        "or threads, concurrency 8 (as the end-to-end tests)",
+    )
+    parser.add_argument(
+        "--scale-rows",
+        help="scale: stored tasks, small and large (default 10000,1000000; --quick 10000,100000)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, help="scale: interleaved rounds, 4 timings each (default 30)"
     )
     parser.add_argument("--pgbench", default="pgbench", help="the pgbench executable")
     parser.add_argument("--keep", action="store_true", help="keep the scratch databases")
@@ -54,130 +97,212 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.scale = args.scale or args.clients
     if args.scale < 1:
         parser.error("--scale must be positive")
+    args.suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    if not args.suites or set(args.suites) - set(ALL_SUITES):
+        parser.error(f"--suite: choose among {','.join(ALL_SUITES)}")
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = set(args.scenarios) - set(DEFAULT_SCENARIOS.split(","))
-    if unknown or not args.scenarios:
+    if not args.scenarios or set(args.scenarios) - set(DEFAULT_SCENARIOS.split(",")):
         parser.error(f"--scenarios: choose among {DEFAULT_SCENARIOS}")
+    args.latency_tasks = args.latency_tasks or (20 if args.quick else 100)
+    if not 1 <= args.latency_tasks <= 10_000:
+        parser.error("--latency-tasks must be between 1 and 10000")
+    rows = args.scale_rows or ("10000,100000" if args.quick else "10000,1000000")
+    try:
+        args.scale_rows = [int(n) for n in rows.split(",")]
+    except ValueError:
+        parser.error("--scale-rows: two integers, e.g. 10000,1000000")
+    if len(args.scale_rows) != 2 or not 1_000 <= args.scale_rows[0] < args.scale_rows[1]:
+        parser.error("--scale-rows: small,large with 1000 <= small < large")
+    if args.scale_rows[1] > 20_000_000:
+        parser.error("--scale-rows: at most 20,000,000 tasks")
+    args.repeat = args.repeat or (10 if args.quick else 30)
+    if not 1 <= args.repeat <= 1_000:
+        parser.error("--repeat must be between 1 and 1000")
     return args
 
 
-def setup_django(url: str) -> None:
-    """Point Django at the scratch database, then set it up and migrate it."""
-    os.environ["DATABASE_URL"] = scratch.url_with_db(url, HOLDS_DB)
-    os.environ["DEBUG"] = "0"  # DEBUG keeps every query in memory: not in a benchmark
-    os.environ.setdefault("SECRET_KEY", "bench-secret-key")
-    os.environ["DJANGO_SETTINGS_MODULE"] = "rivya.settings"
-
-    import django
-    from django.conf import settings
-    from django.core.management import call_command
-
-    django.setup()
-    name = settings.DATABASES["default"]["NAME"]
-    if name != HOLDS_DB:  # never benchmark into a real database
-        raise SystemExit(f"Django points at {name!r}, not the scratch database {HOLDS_DB!r}")
-    call_command("migrate", verbosity=0, interactive=False)
+def suite_timeout(args: argparse.Namespace, suite: str) -> float:
+    """A bound on each suite process (it is stopped, and the run fails, past it)."""
+    if suite == "holds":
+        return 300 + args.seconds * (len(args.scenarios) + 2) * 2
+    if suite == "submit":
+        return 300 + args.seconds * 3 * 2
+    if suite == "latency":
+        return 300 + args.latency_tasks * 30
+    return 600 + args.scale_rows[1] / 10_000 * 5  # a million tasks: about 2 min of loading
 
 
-def server_version() -> str:
-    from django.db import connection
+def run_suite(args: argparse.Namespace, url: str, suite: str, run_dir: Path) -> SuiteResult | None:
+    """Run one suite process; its rows, or None if it could not run (its output says why)."""
+    config = SuiteConfig(
+        suite=suite,
+        url=url,
+        database=f"{DB_PREFIX}{suite}",
+        pgbench_database=PGBENCH_DB,
+        pgbench_executable=args.pgbench,
+        clients=args.clients,
+        seconds=args.seconds,
+        quick=args.quick,
+        run_dir=str(run_dir / suite),
+        scenarios=args.scenarios,
+        submit_keepalive=args.submit_keepalive,
+        latency_tasks=args.latency_tasks,
+        latency_pool=args.latency_pool,
+        scale_rows=args.scale_rows,
+        repeat=args.repeat,
+        large_database=f"{DB_PREFIX}{suite}_large" if suite == "scale" else "",
+    )
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / f"{suite}.json"
+    out_path = run_dir / f"{suite}-result.json"
+    config.dump(config_path)
+    print(f"[{suite}]", flush=True)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "suite.py"), str(config_path), str(out_path)],
+        cwd=ROOT,
+    )
+    try:
+        proc.wait(timeout=suite_timeout(args, suite))
+    except subprocess.TimeoutExpired:
+        print(f"[{suite}] did not finish in time; stopping it", flush=True)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # the suite stops its servers on SIGTERM
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        reap_recorded(Path(config.run_dir))
+    print(f"[{suite}] {time.monotonic() - started:.0f} s, exit {proc.returncode}", flush=True)
+    if proc.returncode not in (0, 1) or not out_path.exists():
+        return None
+    result = SuiteResult.load(out_path)
+    result.ok = result.ok and proc.returncode == 0
+    return result
 
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW server_version")
-        return str(cursor.fetchone()[0])
 
-
-def print_table(results: list[Result], tps: float) -> None:
-    header = ("scenario", "clients", "ops", "ops/s", "pgbench tps", "ratio", "client CPU")
-    rows = [
+def print_table(rows: list[Row]) -> None:
+    header = ("suite", "measurement", "value", "reference (same run)", "ratio", "notes")
+    cells = [
         (
-            r.scenario.name,
-            str(r.clients),
-            str(r.ops),
-            f"{r.ops_per_second:.0f}",
-            f"{tps:.0f}",
-            f"{r.ops_per_second / tps:.3f}",
-            f"{r.client_cores:.2f} cores",
+            r.suite,
+            r.measurement,
+            r.value,
+            r.reference,
+            "" if r.ratio is None else f"{r.ratio:.3f}",
+            r.notes,
         )
-        for r in results
+        for r in rows
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
 
-    def line(cells: tuple[str, ...]) -> str:
-        first = cells[0].ljust(widths[0])
-        return "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
+    def line(row: tuple[str, ...]) -> str:
+        left = (0, 1, 5)  # text columns; the figures are right-aligned
+        return "  ".join(
+            cell.ljust(w) if i in left else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
 
     print(line(header))
-    for row in rows:
+    for row in cells:
         print(line(row))
-    print(
-        "ops = holds created (created and captured, for +capture); "
-        "pgbench tps = mean of the runs before and after; ratio = ops/s / pgbench tps"
-    )
 
 
-def ledger_ok() -> bool:
-    from billing.invariants import run_checks
+def server_version(url: str) -> str:
+    import psycopg2
 
-    breaches = run_checks()
-    for breach in breaches:
-        print(f"ledger_check: BREACH {breach.check}: {breach.detail}")
-    if breaches:
-        return False
-    print("ledger_check: ok")
-    return True
+    conn = psycopg2.connect(scratch.url_with_db(url, scratch.MAINTENANCE_DB))
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SHOW server_version")
+            row = cursor.fetchone()
+            return str(row[0]) if row else "?"
+    finally:
+        conn.close()
 
 
-def bench(args: argparse.Namespace, url: str) -> int:
-    setup_django(url)
+def background_load(seconds: float = 3.0) -> float:
+    """Cores the machine keeps busy while the bench does nothing (other processes)."""
+    before = machine_seconds()
+    time.sleep(seconds)
+    after = machine_seconds()
+    idle = sum(after[k] - before[k] for k in ("idle", "iowait"))
+    total = sum(after[k] - before[k] for k in after)
+    return (total - idle) / total * (os.cpu_count() or 1) if total else 0.0
 
-    from bench import holds
 
-    print(
-        f"Rivya bench {datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC: {os.cpu_count()} CPUs, "
-        f"PostgreSQL {server_version()}, Python {platform.python_version()}, "
-        f"{args.clients} clients, {args.seconds} s per measurement"
-    )
-    pgbench = scratch.Pgbench(url=url, database=PGBENCH_DB, executable=args.pgbench)
-    pgbench.initialize(scale=args.scale)
-    # pgbench runs before and after the holds and the ratios use the mean, so that a machine
-    # whose speed drifts during the run (a shared VM) skews them less; both figures are shown.
-    before = pgbench.tpcb_tps(clients=args.clients, seconds=args.seconds)
-    print(f"pgbench before: TPC-B-like, scale {args.scale}: {before:.1f} tps")
+def _note_background(when: str) -> None:
+    busy = background_load()
+    warning = "  WARNING: the machine is not quiet; figures will be low" if busy > 0.3 else ""
+    print(f"background load {when}: {busy:.2f} cores busy{warning}", flush=True)
 
-    holds.system_accounts()
-    results = []
-    for name in args.scenarios:
-        scenario = holds.SCENARIOS[name]
-        result = holds.run_scenario(scenario, clients=args.clients, seconds=args.seconds)
-        print(f"{name}: {result.ops} ops in {result.seconds:.2f} s ({scenario.description})")
-        results.append(result)
 
-    after = pgbench.tpcb_tps(clients=args.clients, seconds=args.seconds)
-    tps = (before + after) / 2
-    print(f"pgbench after: {after:.1f} tps; mean {tps:.1f} tps")
-    print()
-    print_table(results, tps)
-    print()
-    return 0 if ledger_ok() else 1
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     url = os.environ.get("DATABASE_URL") or DEFAULT_URL
     scratch.check_postgres_url(url)
-    for name in (HOLDS_DB, PGBENCH_DB):
-        scratch.recreate_database(url, name)
+    signal.signal(signal.SIGTERM, _terminate)
+    databases = [f"{DB_PREFIX}{suite}" for suite in args.suites]
+    if "scale" in args.suites:
+        databases.append(f"{DB_PREFIX}scale_large")
+    needs_pgbench = bool({"holds", "submit"} & set(args.suites))
+    if needs_pgbench:
+        databases.append(PGBENCH_DB)
+    run_dir = Path(tempfile.mkdtemp(prefix="rivya-bench-"))
+    print(
+        f"Rivya bench {datetime.now(tz=UTC):%Y-%m-%d %H:%M} UTC: {os.cpu_count()} CPUs, "
+        f"PostgreSQL {server_version(url)}, Python {platform.python_version()}, "
+        f"suites {','.join(args.suites)}, {args.clients} clients, "
+        f"{args.seconds} s per measurement",
+        flush=True,
+    )
+    rows: list[Row] = []
+    failed: list[str] = []
+    _note_background("before the run")
     try:
-        return bench(args, url)
+        for name in databases:
+            scratch.recreate_database(url, name)
+        if needs_pgbench:
+            pgbench = scratch.Pgbench(url=url, database=PGBENCH_DB, executable=args.pgbench)
+            pgbench.initialize(scale=args.scale)
+            print(f"pgbench: initialized at scale {args.scale}", flush=True)
+        for suite in args.suites:
+            result = run_suite(args, url, suite, run_dir)
+            if result is None:
+                failed.append(f"{suite}: did not run to the end (see its output above)")
+                continue
+            rows.extend(result.rows)
+            failed.extend(f"{suite}: {problem}" for problem in result.problems)
+            if not result.ok and not result.problems:
+                failed.append(f"{suite}: failed")
     finally:
-        if "django" in sys.modules:
-            from django.db import connections
-
-            connections.close_all()
+        for suite in args.suites:
+            reap_recorded(run_dir / suite)
         if not args.keep:
-            for name in (HOLDS_DB, PGBENCH_DB):
+            for name in databases:
                 scratch.drop_database(url, name)
+        if failed or args.keep:
+            print(f"logs of the servers: {run_dir}", flush=True)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    _note_background("after the run")
+    print()
+    print_table(rows)
+    print(
+        "ratio = value / reference: holds and submit against pgbench TPC-B-like tps at the "
+        "same client count (mean of the runs before and after); latency against the round "
+        "trip of GET /api/v1/credits/ on the same server; scale and queries: at the large "
+        "count / at the small one (~1 = does not grow with history)."
+    )
+    for problem in failed:
+        print(f"FAILED {problem}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -517,6 +517,10 @@ class Handler(BaseHTTPRequestHandler):
     server: SandboxHTTPServer
     protocol_version = "HTTP/1.1"
     server_version = "RivyaSandbox/1"
+    # http.server writes headers and body in two send() calls; on a kept-alive connection the
+    # body would wait ~40 ms for the client's delayed ACK (Nagle meets delayed ACK). A real
+    # provider has no such stall, so the test provider must not add one (TCP_NODELAY).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- stdlib signature
         if not self.server.quiet:

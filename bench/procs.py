@@ -1,0 +1,273 @@
+"""Background processes of a suite (gunicorn, Celery worker and beat, the sandbox provider).
+
+Each runs in its own session (process group), logs to a file in the run directory and is
+recorded in ``<run dir>/pids``; ``Processes`` stops them all when its ``with`` block ends, on
+success or failure, and ``reap_recorded`` (called by the orchestrator at the very end) kills any
+group a crashed suite process left behind. Everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from bench.common import ROOT
+
+STOP_GRACE_S = 15.0
+PIDS_FILE = "pids"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def http_status(url_host: str, port: int, path: str, timeout: float = 2.0) -> int | None:
+    """Status of ``GET path`` on 127.0.0.1:port, or None if nothing answers."""
+    conn = http.client.HTTPConnection(url_host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_bytes()[-chars:].decode(errors="replace")
+        except OSError:
+            return ""
+
+
+class Processes:
+    """Start background processes; stop every one of them when the ``with`` block ends."""
+
+    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+        self.run_dir = run_dir
+        self.env = env
+        self.procs: list[Proc] = []
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_all()
+
+    def start(self, name: str, argv: list[str], **env: str) -> Proc:
+        log_path = self.run_dir / f"{name}.log"
+        with open(log_path, "wb") as log:  # the child keeps its own handle
+            popen = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env={**self.env, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: stopped (and reaped) as a whole
+            )
+        with open(self.run_dir / PIDS_FILE, "a") as pids:
+            pids.write(f"{popen.pid}\n")
+        proc = Proc(name=name, popen=popen, log=log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        """SIGTERM to the group (gunicorn's arbiter and Celery stop their children), then
+        SIGKILL to whatever is left after the grace period."""
+        if proc.alive():
+            _signal_group(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=STOP_GRACE_S)
+        _signal_group(proc.pid, signal.SIGKILL)  # children that outlived their parent
+        if proc.alive():
+            proc.popen.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+        self.procs.clear()
+
+    # --- the services -------------------------------------------------------------------
+
+    def gunicorn(
+        self, *, port: int | None = None, workers: int = 2, threads: int = 8, **env: str
+    ) -> tuple[str, Proc]:
+        """``gunicorn rivya.wsgi`` (gthread, as ``make run``) on ``port`` (default: a free one);
+        returns its URL once ``/api/v1/models/`` answers 200."""
+        port = port or free_port()
+        proc = self.start(
+            "gunicorn",
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "rivya.wsgi:application",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--worker-class",
+                "gthread",
+                "--workers",
+                str(workers),
+                "--threads",
+                str(threads),
+                "--graceful-timeout",
+                "5",
+            ],
+            **env,
+        )
+        wait_until(
+            lambda: http_status("127.0.0.1", port, "/api/v1/models/") == 200,
+            proc=proc,
+            timeout=60,
+            what="gunicorn to answer /api/v1/models/",
+        )
+        return f"http://127.0.0.1:{port}", proc
+
+    def sandbox(self, secret: str) -> tuple[str, Proc]:
+        """The sandbox provider process (``python -m tasks.sandbox``)."""
+        port = free_port()
+        launcher = ["-m", "tasks.sandbox"]
+        proc = self.start(
+            "sandbox",
+            [
+                sys.executable,
+                *launcher,
+                "--quiet",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            SANDBOX_WEBHOOK_SECRET=secret,
+        )
+        wait_until(
+            lambda: http_status("127.0.0.1", port, "/healthz") == 200,
+            proc=proc,
+            timeout=30,
+            what="the sandbox to answer /healthz",
+        )
+        return f"http://127.0.0.1:{port}", proc
+
+    def celery_worker(self, *, pool: str = "prefork", concurrency: int = 2, **env: str) -> Proc:
+        proc = self.start(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "rivya",
+                "worker",
+                "--pool",
+                pool,
+                "--concurrency",
+                str(concurrency),
+                "--loglevel",
+                "INFO",  # "ready." is logged at INFO
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"bench-{os.getpid()}@%h",
+            ],
+            **env,
+        )
+        wait_until(
+            lambda: b"ready." in proc.log.read_bytes(),
+            proc=proc,
+            timeout=60,
+            what="the Celery worker to be ready",
+        )
+        return proc
+
+    def celery_beat(self, **env: str) -> Proc:
+        """Beat with the project's scheduler (django_celery_beat's DatabaseScheduler)."""
+        proc = self.start(
+            "beat",
+            [sys.executable, "-m", "celery", "-A", "rivya", "beat", "--loglevel", "INFO"],
+            **env,
+        )
+        wait_until(
+            lambda: b"beat: Starting" in proc.log.read_bytes(),
+            proc=proc,
+            timeout=60,
+            what="Celery beat to start",
+        )
+        return proc
+
+
+def wait_until(
+    check: Callable[[], bool], *, proc: Proc, timeout: float, what: str, every: float = 0.1
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited early while waiting for {what}:\n{proc.tail()}")
+        if check():
+            return
+        time.sleep(every)
+    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}:\n{proc.tail()}")
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def reap_recorded(run_dir: Path) -> list[int]:
+    """Kill every process group recorded in ``run_dir`` that still exists (a suite process that
+    died without cleaning up). Only groups led by a recorded pid of ours are touched."""
+    path = run_dir / PIDS_FILE
+    if not path.exists():
+        return []
+    killed = []
+    for line in path.read_text().split():
+        pid = int(line)
+        try:
+            if os.getpgid(pid) != pid:  # the pid was reused by something else
+                continue
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (ProcessLookupError, OSError):
+            continue
+        if str(ROOT).encode() in cmdline or sys.executable.encode() in cmdline:
+            _signal_group(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed

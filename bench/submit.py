@@ -1,0 +1,226 @@
+"""Submit throughput through the HTTP API: ``POST /api/v1/tasks/`` served by gunicorn, driven by
+a separate load process (``bench/load.py``), next to pgbench's TPC-B-like tps at the same client
+count, measured just before and just after in the same run.
+
+Runs in a suite process whose Django points at the scratch database ``rivya_bench_submit``. No
+Celery worker runs: a submit validates, records the task, holds its credits and enqueues the
+upstream submission in Redis (db 9, flushed before and after); nothing consumes it. With no
+worker every submitted task stays ``WAITING``, so the bench server runs with
+``TASK_MAX_RUNNING_PER_USER`` and ``TASK_MAX_RUNNING`` set far above what a run can submit: the
+capacity checks still run (two COUNTs per submit), they never refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import (
+    ROOT,
+    Row,
+    SuiteConfig,
+    SuiteResult,
+    bench_env,
+    cpu_cores,
+    cpu_report,
+    cpu_sample,
+    flush_bench_redis,
+    percentile,
+    pids_named,
+    top_others,
+    tree_pids,
+)
+from bench.procs import Processes
+from bench.scratch import Pgbench, url_with_db
+
+CREDITS_PER_USER = 10**6 * 10**6  # a million credits, in micro-credits: nothing is refused
+NO_LIMIT = str(10**9)
+WARMUP_SECONDS = 2
+BODY = {
+    "model": "sandbox-image",
+    "prompt": "a lighthouse at dusk, bench",
+    "params": {"width": 512, "height": 512},
+}
+
+
+@dataclass
+class LoadResult:
+    seconds: float
+    cpu_seconds: float
+    statuses: dict[str, int]
+    latencies: list[float]
+    samples: list[str]
+    errors: list[str]
+    stuck: int
+    cpu_line: str = ""
+    cores: dict[str, float] | None = None
+
+
+def _users_with_keys(count: int) -> list[str]:
+    """``count`` users, each funded and with an API key; returns the raw keys."""
+    from django.contrib.auth import get_user_model
+
+    from billing import services as billing
+    from rivya.services import api_key_create
+
+    keys = []
+    for index in range(count):
+        user = get_user_model().objects.create_user(username=f"bench-submit-{index}")
+        billing.grant(user=user, amount=CREDITS_PER_USER, reason="bench funding")
+        keys.append(api_key_create(user=user, name="bench").raw)
+    return keys
+
+
+def _run_load(
+    config: SuiteConfig, url: str, keys: list[str], seconds: int, gunicorn_pid: int, tag: str
+) -> LoadResult:
+    """Run ``bench/load.py`` and sample CPU of gunicorn, PostgreSQL, Redis and the load process
+    over the window it reports (between its START and END lines)."""
+    run_dir = Path(config.run_dir)
+    load_config = run_dir / f"load-{tag}.json"
+    load_out = run_dir / f"load-{tag}-out.json"
+    load_config.write_text(
+        json.dumps(
+            {
+                "url": url,
+                "path": "/api/v1/tasks/",
+                "keys": keys,
+                "threads": config.clients,
+                "seconds": seconds,
+                "body": BODY,
+                "expect": 202,
+                "keepalive": config.submit_keepalive,
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "load.py"), str(load_config), str(load_out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    groups: dict[str, Callable[[], list[int]]] = {
+        "gunicorn": lambda: tree_pids(gunicorn_pid),
+        "postgres": lambda: pids_named("postgres"),
+        "redis": lambda: pids_named("redis-server"),
+        "load client": lambda: [proc.pid],
+    }
+    # Each gunicorn worker too (GIL: at most about one core each); already counted above.
+    workers = [pid for pid in tree_pids(gunicorn_pid) if pid != gunicorn_pid]
+    for n, pid in enumerate(sorted(workers), start=1):
+        groups[f"(gunicorn worker {n}"] = lambda pid=pid: [pid]
+    before = after = None
+    started = ended = 0.0
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # bounded: the load process prints two lines and exits
+            if line.strip() == "START":
+                before, started = cpu_sample(groups), time.perf_counter()
+            elif line.strip() == "END":
+                after, ended = cpu_sample(groups), time.perf_counter()
+        proc.wait(timeout=seconds + 180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    if proc.returncode != 0 or not load_out.exists():
+        raise RuntimeError(f"the load process failed (exit {proc.returncode})")
+    result = LoadResult(**json.loads(load_out.read_text()))
+    if before is not None and after is not None and ended > started:
+        result.cpu_line = cpu_report(before, after, ended - started)
+        result.cpu_line += f" (busiest others: {top_others(before, after, ended - started)})"
+        result.cores = cpu_cores(before, after, ended - started)
+    return result
+
+
+def _check(result: LoadResult, what: str) -> list[str]:
+    problems = []
+    if result.errors:
+        problems.append(f"{what}: client errors: {result.errors[:3]}")
+    if result.stuck:
+        problems.append(f"{what}: {result.stuck} client thread(s) did not finish")
+    others = {s: n for s, n in result.statuses.items() if s != "202"}
+    if others:
+        problems.append(f"{what}: answers other than 202: {others}; e.g. {result.samples[:2]}")
+    return problems
+
+
+def run(config: SuiteConfig) -> SuiteResult:
+    from billing.invariants import run_checks
+    from tasks.catalog import seed_catalog
+    from tasks.models import Task
+
+    seed_catalog()
+    keys = _users_with_keys(config.clients)
+    pgbench = Pgbench(
+        url=config.url, database=config.pgbench_database, executable=config.pgbench_executable
+    )
+    env = {
+        **bench_env(url_with_db(config.url, config.database)),
+        "TASK_MAX_RUNNING_PER_USER": NO_LIMIT,
+        "TASK_MAX_RUNNING": NO_LIMIT,
+        "SANDBOX_URL": "http://127.0.0.1:9",  # nowhere: nothing may call the provider here
+        "MEDIA_ROOT": str(Path(config.run_dir) / "media"),
+    }
+    flush_bench_redis()
+    problems: list[str] = []
+    try:
+        with Processes(Path(config.run_dir), env) as procs:
+            url, gunicorn = procs.gunicorn()
+            # Warm up: every gunicorn thread opens its database connection, code paths load.
+            warmup = _run_load(config, url, keys, WARMUP_SECONDS, gunicorn.pid, "warmup")
+            problems += _check(warmup, "warm-up")
+            before = pgbench.tpcb_tps(clients=config.clients, seconds=config.seconds)
+            print(f"  pgbench before: {before:.1f} tps", flush=True)
+            result = _run_load(config, url, keys, config.seconds, gunicorn.pid, "measure")
+            problems += _check(result, "submit")
+            after = pgbench.tpcb_tps(clients=config.clients, seconds=config.seconds)
+            print(f"  pgbench after: {after:.1f} tps", flush=True)
+    finally:
+        flush_bench_redis()
+
+    accepted = result.statuses.get("202", 0)
+    rate = accepted / result.seconds if result.seconds > 0 else 0.0
+    tps = (before + after) / 2
+    p50, p99 = percentile(result.latencies, 50), percentile(result.latencies, 99)
+    client_cores = result.cpu_seconds / result.seconds if result.seconds > 0 else 0.0
+    print(
+        f"  submit: {accepted} accepted in {result.seconds:.2f} s = {rate:.1f}/s; "
+        f"response p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
+        f"load client {client_cores:.2f} cores",
+        flush=True,
+    )
+    if result.cpu_line:
+        print(f"  {result.cpu_line}", flush=True)
+
+    stored = Task.objects.filter(status=Task.Status.WAITING).count()
+    expected = accepted + warmup.statuses.get("202", 0)
+    if stored != expected:
+        problems.append(f"counted {expected} accepted submits, the database has {stored} tasks")
+    breaches = run_checks()
+    problems += [f"ledger_check: {b.check}: {b.detail}" for b in breaches]
+    print(f"  tasks stored: {stored}; ledger_check: {'ok' if not breaches else 'BREACH'}")
+
+    cores = result.cores or {}
+    notes = (
+        f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; cores: gunicorn "
+        f"{cores.get('gunicorn', 0):.2f}, postgres {cores.get('postgres', 0):.2f}, "
+        f"load {cores.get('load client', 0):.2f}, other {cores.get('other processes', 0):.2f}"
+    )
+    rows = [
+        Row(
+            suite="submit",
+            measurement=f"POST /api/v1/tasks/, {config.clients} clients"
+            + (", keep-alive" if config.submit_keepalive else ""),
+            value=f"{rate:.0f} submits/s",
+            reference=f"pgbench {tps:.0f} tps",
+            ratio=rate / tps if tps else None,
+            notes=notes,
+        )
+    ]
+    return SuiteResult(rows=rows, ok=not problems, problems=problems)
