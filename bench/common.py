@@ -37,6 +37,7 @@ class SuiteConfig:
     scenarios: list[str] = field(default_factory=list)  # holds
     submit_keepalive: bool = False  # submit: one connection per client instead of per request
     latency_tasks: int = 100  # latency
+    finalize_tasks: int = 1000  # callbacks
     latency_pool: str = "prefork"  # latency: the Celery worker's pool (prefork ×2 or threads ×8)
     scale_rows: list[int] = field(default_factory=lambda: [10_000, 1_000_000])  # scale
     large_database: str = ""  # scale: the database of the large count

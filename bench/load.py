@@ -8,6 +8,11 @@ alive, and so that the connections spread over gunicorn's workers), or with ``ke
 connection per thread for the whole run. Threads are released
 together by a barrier; ``START`` and ``END`` lines on stdout mark the measured window for a
 parent sampling CPU. Writes counts by status, latencies and its own CPU time to ``OUT.json``.
+
+With ``requests`` (a list of ``[headers, body]``) instead of ``keys`` and ``body``, each request
+is sent once: thread i sends ``requests[i::threads]`` in order and stops when they are sent (or
+at the deadline). The callback benchmark uses it for pre-signed provider callbacks, which a
+replay would not test.
 """
 
 from __future__ import annotations
@@ -39,8 +44,7 @@ class ThreadResult:
 def _client(
     base: str,
     path: str,
-    key: str,
-    body: bytes,
+    work: list[tuple[dict[str, str], bytes]] | tuple[dict[str, str], bytes],
     barrier: threading.Barrier,
     shared: dict[str, float],
     result: ThreadResult,
@@ -49,17 +53,20 @@ def _client(
 ) -> None:
     parts = urlsplit(base)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    if not keepalive:
-        headers["Connection"] = "close"
+    # One (headers, body) sent in a loop, or a list of them each sent once.
+    once = isinstance(work, list)
     conn: http.client.HTTPConnection | None = None
     try:
         barrier.wait(timeout=BARRIER_TIMEOUT_S)
         deadline = shared["started"] + shared["seconds"]
-        for _ in range(MAX_REQUESTS_PER_THREAD):
+        for index in range(len(work) if once else MAX_REQUESTS_PER_THREAD):
             start = time.perf_counter()
             if start >= deadline:
                 break
+            headers, body = work[index] if once else work  # type: ignore[misc]
+            headers = {"Content-Type": "application/json", **headers}
+            if not keepalive:
+                headers["Connection"] = "close"
             if conn is None:
                 conn = http.client.HTTPConnection(host, port, timeout=REQUEST_TIMEOUT_S)
             response: http.client.HTTPResponse | None = None
@@ -87,9 +94,17 @@ def _client(
 
 def main(argv: list[str]) -> int:
     config: dict[str, Any] = json.loads(Path(argv[0]).read_text())
-    keys: list[str] = config["keys"]
     threads_n: int = config["threads"]
-    body = json.dumps(config["body"]).encode()
+    work: list[Any]
+    if "requests" in config:
+        requests = [(dict(h), b.encode()) for h, b in config["requests"]]
+        work = [requests[i::threads_n] for i in range(threads_n)]
+    else:
+        keys: list[str] = config["keys"]
+        body = json.dumps(config["body"]).encode()
+        work = [
+            ({"Authorization": f"Bearer {keys[i % len(keys)]}"}, body) for i in range(threads_n)
+        ]
     shared = {"started": 0.0, "seconds": float(config["seconds"]), "cpu": 0.0}
 
     def release() -> None:
@@ -105,8 +120,7 @@ def main(argv: list[str]) -> int:
             args=(
                 config["url"],
                 config["path"],
-                keys[i % len(keys)],
-                body,
+                work[i],
                 barrier,
                 shared,
                 results[i],

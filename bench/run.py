@@ -5,6 +5,8 @@ ratio (DESIGN.md §10). Suites (``--suite``, default all):
 
 - ``holds``: holds/s through ``billing.services`` vs pgbench TPC-B-like tps, same client count;
 - ``submit``: ``POST /api/v1/tasks/`` through gunicorn vs pgbench TPC-B-like tps, same clients;
+- ``callbacks``: signed callbacks taken in through gunicorn, and their finalization (SUCCESS,
+  capture) by a Celery worker, each vs pgbench TPC-B-like tps at the same client count;
 - ``latency``: submit → SUCCESS p50/p99 with a zero-latency sandbox, a Celery worker and beat,
   vs the round trip of a trivial authenticated GET on the same server;
 - ``scale``: poll-cycle and history-page cost, and queries per request, at 10k vs 1M stored
@@ -40,7 +42,7 @@ from bench.procs import reap_recorded  # noqa: E402
 
 DEFAULT_URL = "postgres://postgres@127.0.0.1:5432/rivya"
 PGBENCH_DB = f"{DB_PREFIX}pgbench"
-ALL_SUITES = ("holds", "submit", "latency", "scale")
+ALL_SUITES = ("holds", "submit", "callbacks", "latency", "scale")
 DEFAULT_SCENARIOS = "hot,many,hot+capture,many+capture"
 STOP_GRACE_S = 60
 
@@ -70,6 +72,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--latency-tasks", type=int, help="latency: tasks submitted one by one (default 100)"
+    )
+    parser.add_argument(
+        "--finalize-tasks",
+        type=int,
+        help="callbacks: deliveries taken in and tasks finalized (default 1000; --quick 100)",
     )
     parser.add_argument(
         "--latency-pool",
@@ -104,6 +111,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not args.scenarios or set(args.scenarios) - set(DEFAULT_SCENARIOS.split(",")):
         parser.error(f"--scenarios: choose among {DEFAULT_SCENARIOS}")
     args.latency_tasks = args.latency_tasks or (20 if args.quick else 100)
+    args.finalize_tasks = args.finalize_tasks or (100 if args.quick else 1000)
+    if not 1 <= args.finalize_tasks <= 100_000:
+        parser.error("--finalize-tasks must be between 1 and 100000")
     if not 1 <= args.latency_tasks <= 10_000:
         parser.error("--latency-tasks must be between 1 and 10000")
     rows = args.scale_rows or ("10000,100000" if args.quick else "10000,1000000")
@@ -127,6 +137,8 @@ def suite_timeout(args: argparse.Namespace, suite: str) -> float:
         return 300 + args.seconds * (len(args.scenarios) + 2) * 2
     if suite == "submit":
         return 300 + args.seconds * 3 * 2
+    if suite == "callbacks":
+        return 300 + args.seconds * 4 * 2 + args.finalize_tasks
     if suite == "latency":
         return 300 + args.latency_tasks * 30
     return 600 + args.scale_rows[1] / 10_000 * 5  # a million tasks: about 2 min of loading
@@ -147,6 +159,7 @@ def run_suite(args: argparse.Namespace, url: str, suite: str, run_dir: Path) -> 
         scenarios=args.scenarios,
         submit_keepalive=args.submit_keepalive,
         latency_tasks=args.latency_tasks,
+        finalize_tasks=args.finalize_tasks,
         latency_pool=args.latency_pool,
         scale_rows=args.scale_rows,
         repeat=args.repeat,
@@ -251,7 +264,7 @@ def main(argv: list[str]) -> int:
     databases = [f"{DB_PREFIX}{suite}" for suite in args.suites]
     if "scale" in args.suites:
         databases.append(f"{DB_PREFIX}scale_large")
-    needs_pgbench = bool({"holds", "submit"} & set(args.suites))
+    needs_pgbench = bool({"holds", "submit", "callbacks"} & set(args.suites))
     if needs_pgbench:
         databases.append(PGBENCH_DB)
     run_dir = Path(tempfile.mkdtemp(prefix="rivya-bench-"))
@@ -295,8 +308,8 @@ def main(argv: list[str]) -> int:
     print()
     print_table(rows)
     print(
-        "ratio = value / reference: holds and submit against pgbench TPC-B-like tps at the "
-        "same client count (mean of the runs before and after); latency against the round "
+        "ratio = value / reference: holds, submit and callbacks against pgbench TPC-B-like tps "
+        "at the same client count (mean of the runs before and after); latency against the round "
         "trip of GET /api/v1/credits/ on the same server; scale and queries: at the large "
         "count / at the small one (~1 = does not grow with history)."
     )

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.common import (
     ROOT,
@@ -76,10 +77,17 @@ def _users_with_keys(count: int) -> list[str]:
     return keys
 
 
-def _run_load(
-    config: SuiteConfig, url: str, keys: list[str], seconds: int, gunicorn_pid: int, tag: str
+def run_load(
+    config: SuiteConfig,
+    url: str,
+    spec: dict[str, Any],
+    seconds: float,
+    gunicorn_pid: int,
+    tag: str,
+    extra: dict[str, Callable[[], list[int]]] | None = None,
 ) -> LoadResult:
-    """Run ``bench/load.py`` and sample CPU of gunicorn, PostgreSQL, Redis and the load process
+    """Run ``bench/load.py`` (``spec``: its ``path``, ``expect`` and ``keys`` + ``body`` or
+    ``requests``) and sample CPU of gunicorn, PostgreSQL, Redis, the load process and ``extra``
     over the window it reports (between its START and END lines)."""
     run_dir = Path(config.run_dir)
     load_config = run_dir / f"load-{tag}.json"
@@ -88,13 +96,10 @@ def _run_load(
         json.dumps(
             {
                 "url": url,
-                "path": "/api/v1/tasks/",
-                "keys": keys,
                 "threads": config.clients,
                 "seconds": seconds,
-                "body": BODY,
-                "expect": 202,
                 "keepalive": config.submit_keepalive,
+                **spec,
             }
         )
     )
@@ -109,6 +114,7 @@ def _run_load(
         "postgres": lambda: pids_named("postgres"),
         "redis": lambda: pids_named("redis-server"),
         "load client": lambda: [proc.pid],
+        **(extra or {}),
     }
     # Each gunicorn worker too (GIL: at most about one core each); already counted above.
     workers = [pid for pid in tree_pids(gunicorn_pid) if pid != gunicorn_pid]
@@ -138,15 +144,15 @@ def _run_load(
     return result
 
 
-def _check(result: LoadResult, what: str) -> list[str]:
+def check_load(result: LoadResult, what: str, expect: str = "202") -> list[str]:
     problems = []
     if result.errors:
         problems.append(f"{what}: client errors: {result.errors[:3]}")
     if result.stuck:
         problems.append(f"{what}: {result.stuck} client thread(s) did not finish")
-    others = {s: n for s, n in result.statuses.items() if s != "202"}
+    others = {s: n for s, n in result.statuses.items() if s != expect}
     if others:
-        problems.append(f"{what}: answers other than 202: {others}; e.g. {result.samples[:2]}")
+        problems.append(f"{what}: answers other than {expect}: {others}; e.g. {result.samples[:2]}")
     return problems
 
 
@@ -173,12 +179,13 @@ def run(config: SuiteConfig) -> SuiteResult:
         with Processes(Path(config.run_dir), env) as procs:
             url, gunicorn = procs.gunicorn()
             # Warm up: every gunicorn thread opens its database connection, code paths load.
-            warmup = _run_load(config, url, keys, WARMUP_SECONDS, gunicorn.pid, "warmup")
-            problems += _check(warmup, "warm-up")
+            spec = {"path": "/api/v1/tasks/", "keys": keys, "body": BODY, "expect": 202}
+            warmup = run_load(config, url, spec, WARMUP_SECONDS, gunicorn.pid, "warmup")
+            problems += check_load(warmup, "warm-up")
             before = pgbench.tpcb_tps(clients=config.clients, seconds=config.seconds)
             print(f"  pgbench before: {before:.1f} tps", flush=True)
-            result = _run_load(config, url, keys, config.seconds, gunicorn.pid, "measure")
-            problems += _check(result, "submit")
+            result = run_load(config, url, spec, config.seconds, gunicorn.pid, "measure")
+            problems += check_load(result, "submit")
             after = pgbench.tpcb_tps(clients=config.clients, seconds=config.seconds)
             print(f"  pgbench after: {after:.1f} tps", flush=True)
     finally:

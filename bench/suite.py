@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import SuiteConfig, SuiteResult, setup_django  # noqa: E402
 from bench.scratch import url_with_db  # noqa: E402
 
-SUITES = ("holds", "submit", "latency", "scale")
+SUITES = ("holds", "submit", "callbacks", "latency", "scale")
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -41,6 +41,10 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
         from bench import submit
 
         return submit.run(config)
+    if config.suite == "callbacks":
+        from bench import finalize
+
+        return finalize.run(config)
     if config.suite == "latency":
         from bench import latency
 
