@@ -19,11 +19,7 @@ def submit(self: object, task_id: str) -> None:
     try:
         services.task_send_upstream(task_id=task_id)
     except ProviderError as exc:
-        from tasks.models import Task
-
-        attempts = (
-            Task.objects.filter(pk=task_id).values_list("submit_attempts", flat=True).first() or 0
-        )
+        attempts = services.task_submit_attempts(task_id=task_id)
         if exc.retryable and attempts < settings.TASK_SUBMIT_MAX_ATTEMPTS:
             logger.info("submit of %s failed (%s); retrying", task_id, exc.code)
             raise self.retry(exc=exc, countdown=services.retry_delay(attempts)) from None  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ from tasks.services.upstream import (
     callback_url,
     retry_delay,
     task_send_upstream,
+    task_submit_attempts,
     task_submit_failed,
     waiting_due_for_resubmit,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "task_refresh",
     "task_send_upstream",
     "task_submit",
+    "task_submit_attempts",
     "task_submit_failed",
     "task_succeed",
     "upload_create",

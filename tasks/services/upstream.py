@@ -139,6 +139,11 @@ def _input_files(task: Task) -> tuple[InputFile, ...]:
     return tuple(files)
 
 
+def task_submit_attempts(*, task_id: Any) -> int:
+    """How many times the task's upstream submission has been tried (0 for an unknown task)."""
+    return Task.objects.filter(pk=task_id).values_list("submit_attempts", flat=True).first() or 0
+
+
 def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
     """The upstream refused the job for good (or kept failing): FAILED, credits released."""
     kind = "provider" if not error.retryable else "infra"
