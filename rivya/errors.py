@@ -7,6 +7,7 @@ with. Services raise them; ``rivya.exceptions.api_exception_handler`` renders th
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -125,11 +126,18 @@ class TaskFinished(DomainError):
     status = 409
 
 
+# NUL, which PostgreSQL refuses in text and JSON, and unpaired UTF-16 surrogates (a JSON
+# "\ud800" escape), which cannot be encoded as UTF-8 at all.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def contains_nul(value: object) -> bool:
-    """Whether a JSON-like value holds a NUL character anywhere (keys included): PostgreSQL
-    refuses NUL in text and JSON, so such input must be refused up front, never reach SQL."""
+    """Whether a JSON-like value holds text the database cannot store anywhere (keys
+    included): a NUL character or an unpaired surrogate. Such input must be refused up front,
+    never reach SQL (where it would be a 500)."""
     if isinstance(value, str):
-        return "\x00" in value
+        return _UNSTORABLE.search(value) is not None
     if isinstance(value, dict):
         return any(contains_nul(k) or contains_nul(v) for k, v in value.items())
     if isinstance(value, list | tuple):
@@ -137,11 +145,22 @@ def contains_nul(value: object) -> bool:
     return False
 
 
-def without_nul(value: object) -> object:
-    """The same JSON-like value with NUL characters removed (for data we must keep, such as a
-    provider's callback body)."""
+def contains_surrogate(value: object) -> bool:
+    """Whether a JSON-like value holds an unpaired surrogate anywhere (keys included)."""
     if isinstance(value, str):
-        return value.replace("\x00", "")
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(contains_surrogate(k) or contains_surrogate(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(contains_surrogate(v) for v in value)
+    return False
+
+
+def without_nul(value: object) -> object:
+    """The same JSON-like value made storable, for data we must keep as it came (such as a
+    provider's callback body): NUL characters removed, unpaired surrogates replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value.replace("\x00", ""))
     if isinstance(value, dict):
         return {without_nul(k): without_nul(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

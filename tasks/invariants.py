@@ -59,6 +59,37 @@ def check_task_billing(cursor: Any) -> list[str]:
     )
 
 
+@register("4.task_success_charge", "a SUCCESS charged its price, or its partial-success share")
+def check_task_success_charge(cursor: Any) -> list[str]:
+    # Only the few SUCCESS tasks not charged exactly their price need a closer look: a
+    # partial success (fewer outputs than requested, policy allowing it) charges
+    # floor(price × delivered / requested); anything else (e.g. a hold released instead of
+    # captured) is a breach.
+    import json
+
+    rows = _rows(
+        cursor,
+        """
+        SELECT id, price_micro, charged_micro, outputs_requested, results, billing_policy
+        FROM ai_task WHERE status = 'SUCCESS' AND charged_micro <> price_micro""",
+    )
+    out = []
+    for task_id, price, charged, requested, results, policy in rows:
+        if not requested:
+            continue  # finished before the basis was recorded (migration 0004): 4.task_billing
+        results = json.loads(results) if isinstance(results, str) else (results or [])
+        policy = json.loads(policy) if isinstance(policy, str) else (policy or {})
+        delivered = len(results)
+        partial = bool(policy.get("partial_success", True)) and delivered < requested
+        expected = price * delivered // requested if partial else price
+        if charged != expected:
+            out.append(
+                f"task {task_id} (SUCCESS, {delivered} of {requested} outputs) charged "
+                f"{charged}; its price {price} and policy call for {expected}"
+            )
+    return out
+
+
 @register("4.task_policy", "failed and cancelled tasks charged only what their policy allows")
 def check_task_policy(cursor: Any) -> list[str]:
     # The percentages live in a JSON column; read only the few tasks that charged anything.

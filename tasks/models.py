@@ -126,6 +126,9 @@ class Task(models.Model):
     reserved_micro = models.BigIntegerField(default=0)
     charged_micro = models.BigIntegerField(default=0)
     refunded_micro = models.BigIntegerField(default=0)
+    # Outputs the provider was asked for, written with SUCCESS: the basis of a partial-success
+    # charge (floor(price × len(results) / outputs_requested)), so ledger_check can verify it.
+    outputs_requested = models.PositiveIntegerField(default=0)
     upstream_id = models.CharField(max_length=200, blank=True)
     results = models.JSONField(default=list, blank=True)
     error_code = models.CharField(max_length=64, blank=True)

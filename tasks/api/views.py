@@ -15,7 +15,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, permissions
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -24,6 +24,7 @@ from rivya.errors import DomainError, NotFound, ResultsExpired, ValidationFailed
 from rivya.exceptions import error_body
 from rivya.idempotency import run_idempotent
 from rivya.pagination import CursorPagination
+from rivya.parsers import JSONParser
 from tasks import selectors, services
 from tasks.api.serializers import (
     ModelSerializer,
@@ -116,7 +117,7 @@ class TaskListCreateView(APIView):
         if category and category not in Category.values:
             errors["category"] = [f"One of {', '.join(Category.values)}."]
         if model and contains_nul(model):
-            errors["model"] = ["Must not contain NUL characters."]
+            errors["model"] = ["Must not contain NUL characters or unpaired surrogates."]
         if errors:
             raise ValidationFailed(errors)
         qs = selectors.history_for_user(
@@ -272,7 +273,12 @@ def callback_view(request: HttpRequest, provider: str) -> JsonResponse:
     except ProviderError as exc:  # signed, but not an event we understand
         logger.warning("unreadable %s callback: %s", provider, exc)
         return JsonResponse(error_body(exc.code, exc.message, "provider"), status=400)
-    if not event.event_id or len(event.event_id) > 200 or contains_nul(event.event_id):
+    if (
+        not event.event_id
+        or len(event.event_id) > 200
+        or contains_nul(event.event_id)
+        or contains_nul(event.upstream_id)
+    ):
         # Truncating would merge distinct deliveries under one id: refuse instead.
         return JsonResponse(
             error_body("invalid_callback", "Unusable webhook id.", "provider"), status=400

@@ -58,6 +58,7 @@ def task_succeed(
             expires_at=now + _ttl(task),
             charged_micro=charge,
             refunded_micro=task.reserved_micro - charge,
+            outputs_requested=wanted,
             next_poll_at=None,
         ):
             return False

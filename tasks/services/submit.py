@@ -58,7 +58,9 @@ def task_submit(
         ("upload_ids", upload_ids),
     ):
         if contains_nul(value):
-            raise ValidationFailed({name: ["Must not contain NUL characters."]})
+            raise ValidationFailed(
+                {name: ["Must not contain NUL characters or unpaired surrogates."]}
+            )
     model = AIModel.objects.filter(slug=model_slug, enabled=True).first()
     if model is None:
         raise ValidationFailed({"model": [f"No model {model_slug!r}."]}, code="unknown_model")

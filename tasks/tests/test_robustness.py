@@ -257,3 +257,73 @@ def test_overlong_webhook_ids_are_refused_not_truncated(funded: Any, api_for: An
     )
 
     assert response.status_code == 400
+
+
+def _signed_callback(api: Any, body: str, msg_id: str = "msg_surrogate") -> Any:
+    from standardwebhooks import Webhook
+
+    now = timezone.now()
+    signature = Webhook(settings.SANDBOX_WEBHOOK_SECRET).sign(msg_id, now, body)
+    return api.post(
+        "/api/v1/callbacks/sandbox/",
+        body,
+        content_type="application/json",
+        HTTP_WEBHOOK_ID=msg_id,
+        HTTP_WEBHOOK_TIMESTAMP=str(int(now.timestamp())),
+        HTTP_WEBHOOK_SIGNATURE=signature,
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "raw",
+    [
+        r'{"model": "\ud800"}',
+        r'{"model": "sandbox-image", "prompt": "a \udfff lighthouse"}',
+        r'{"model": "sandbox-image", "params": {"\ud800": 1}}',
+        r'{"model": "sandbox-image", "upload_ids": ["\ud83d"]}',
+    ],
+)
+def test_unpaired_surrogates_in_json_are_400_not_500(funded: Any, api_for: Any, raw: str) -> None:
+    # Valid UTF-8 on the wire, valid JSON, but text no database or log can encode.
+    user = funded(10)
+
+    response = api_for(user).post("/api/v1/tasks/", raw, content_type="application/json")
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "malformed_request"
+    assert Task.objects.count() == 0
+    assert billing_selectors.balance_for_user(user=user).held == 0
+
+
+@pytest.mark.django_db
+def test_signed_callback_with_an_unpaired_surrogate_in_the_job_id_is_400(
+    funded: Any, api_for: Any
+) -> None:
+    from tasks.models import CallbackDelivery
+
+    body = r'{"type": "job.updated", "data": {"id": "job_\ud800", "status": "succeeded"}}'
+
+    response = _signed_callback(api_for(funded(1)), body)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_callback"
+    assert CallbackDelivery.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_signed_callback_with_an_unpaired_surrogate_elsewhere_is_stored_readably(
+    funded: Any, api_for: Any
+) -> None:
+    from tasks.models import CallbackDelivery
+
+    body = (
+        r'{"type": "job.updated", "data": {"id": "job_x", "status": "running", "note": "\ud800"}}'
+    )
+
+    response = _signed_callback(api_for(funded(1)), body)
+
+    assert response.status_code == 200
+    stored = CallbackDelivery.objects.get()
+    assert stored.payload["data"]["note"] == "\ufffd"
+    assert stored.upstream_id == "job_x"

@@ -1,0 +1,25 @@
+"""Request parsers shared by the API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import parsers
+from rest_framework.exceptions import ParseError
+
+from rivya.errors import contains_surrogate
+
+
+class JSONParser(parsers.JSONParser):
+    """DRF's JSON parser, refusing text no storage can hold.
+
+    A body of valid UTF-8 can still carry an unpaired surrogate through a ``\\ud800`` escape;
+    Python accepts it, then every encode (the database driver, a log line) fails with a 500. It
+    is refused here, for every endpoint, as malformed input (400 ``malformed_request``).
+    """
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        data = super().parse(stream, media_type, parser_context)
+        if contains_surrogate(data):
+            raise ParseError("JSON parse error - unpaired surrogate in a string.")
+        return data
