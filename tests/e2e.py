@@ -119,6 +119,36 @@ class Stack:
             self.stop_worker(special)
             self.ensure_worker()
 
+    @contextmanager
+    def production_beat(self, **env: str) -> Iterator[Path]:
+        """Run the block with beat on django-celery-beat's DatabaseScheduler (what ``make run``
+        and production use, from settings) instead of the harness's own beat, which is paused
+        meanwhile (SIGSTOP; the file-based scheduler survives the per-test table flushes that
+        would wipe the database scheduler's rows). Yields the path of its log."""
+        log_path = self.logdir / "beat-database.log"
+        if self.beat is not None:
+            os.killpg(self.beat.pid, signal.SIGSTOP)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(  # noqa: S603 - our own command line
+                [sys.executable, "-m", "celery", "-A", "rivya", "beat", "--loglevel", "INFO"],
+                cwd=ROOT,
+                env={**self.env, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            yield log_path
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            if self.beat is not None:
+                os.killpg(self.beat.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         for proc in [*self.workers, *([self.beat] if self.beat else [])]:
             if proc.poll() is None:

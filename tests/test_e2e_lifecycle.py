@@ -298,6 +298,35 @@ def test_success_by_polling_alone_when_callbacks_are_disabled(
     assert "callback" not in event_kinds(task["id"])
 
 
+def test_the_production_beat_scheduler_drives_polling(
+    e2e: Stack, customer: Callable[..., Customer], settings: Any
+) -> None:
+    # Given beat on the database scheduler from settings (the harness's own beat paused) and
+    # callbacks off, so that only beat's poller can finish the task.
+    from django.conf import settings as live_settings
+    from django_celery_beat.models import PeriodicTask
+
+    settings.CALLBACKS_ENABLED = False
+    who = customer(10)
+    with (
+        e2e.worker_env(CALLBACKS_ENABLED="false"),
+        e2e.production_beat(TASK_POLL_EVERY="1") as log,
+    ):
+        # When
+        created = submit(who)
+        task = wait_done(who, created["id"], timeout=30)
+        installed = set(PeriodicTask.objects.values_list("task", flat=True))
+
+    # Then it finished by polling, and every scheduled job of settings was installed
+    assert task["status"] == "SUCCESS", task
+    assert_charged_once(task["id"], C)
+    assert Task.objects.get(pk=task["id"]).poll_count >= 1
+    wanted = {entry["task"] for entry in live_settings.CELERY_BEAT_SCHEDULE.values()}
+    assert wanted <= installed, wanted - installed
+    assert "DatabaseScheduler" in log.read_text()
+    assert "tasks.poll_due" in log.read_text()
+
+
 def test_failure_is_refunded(e2e: Stack, customer: Callable[..., Customer]) -> None:
     who = customer(10)
 
