@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import uuid
 from datetime import timedelta
@@ -239,7 +240,15 @@ def _store_and_succeed(task: Task, status: JobStatus, reason: str) -> None:
                 message="The result could not be retrieved from the provider.",
             )
         return
-    if not task_succeed(task_id=task.pk, outputs=stored, requested=status.requested_outputs):
+    try:
+        won = task_succeed(task_id=task.pk, outputs=stored, requested=status.requested_outputs)
+    except BaseException:
+        # The outcome's transaction rolled back: nothing refers to this attempt's files.
+        for name in names:
+            with contextlib.suppress(OSError):
+                default_storage.delete(name)
+        raise
+    if not won:
         for name in names:
             default_storage.delete(name)
         current = Task.objects.filter(pk=task.pk).values_list("status", flat=True).first()

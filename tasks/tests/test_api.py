@@ -501,6 +501,31 @@ def test_same_key_and_body_replays_the_first_response(
     assert queued["submit"] == [first.json()["id"]]
 
 
+@pytest.mark.django_db(transaction=True)
+def test_twenty_concurrent_submits_with_one_key_create_one_task(
+    funded: Any, api_for: Any, queued: dict[str, list[Any]], ledger_ok: None
+) -> None:
+    # A client that retries impatiently, or several tabs: the same key and body at once.
+    from billing.tests.concurrency import run_concurrently
+
+    user = funded(10)
+    clients = [api_for(user) for _ in range(20)]
+
+    answers = run_concurrently([lambda c=c: post_with_key(c, "k-race") for c in clients])
+
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) <= {202, 409}, statuses
+    assert 202 in statuses
+    ids = {a.json()["id"] for a in answers if a.status_code == 202}
+    assert len(ids) == 1  # every 202 is the one task (first answer or its replay)
+    for refused in (a for a in answers if a.status_code == 409):
+        assert refused.json()["error"]["code"] == "idempotency_in_progress"
+    assert Task.objects.count() == 1
+    assert Hold.objects.count() == 1
+    assert held(user) == C
+    assert queued["submit"] == list(ids)
+
+
 def test_same_key_with_another_body_is_422(
     funded: Any, api_for: Any, queued: dict[str, list[Any]]
 ) -> None:
@@ -916,6 +941,48 @@ def test_max_request_bytes_boundary_and_bad_content_length(
     assert_error(over, 413, "request_too_large")
     assert_error(garbled, 400, "bad_content_length")
     assert Task.objects.count() == 1
+
+
+class _UnreadableBody:
+    """A request body that must not be read: reading it is the failure."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self, *args: Any) -> bytes:
+        self.reads += 1
+        raise AssertionError("the body of an oversized request was read")
+
+    readline = read
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        (TASKS, "application/json"),
+        (TASKS, "multipart/form-data; boundary=x"),
+        (UPLOADS, "multipart/form-data; boundary=x"),
+    ],
+)
+def test_oversized_request_is_refused_before_its_body_is_read(
+    funded: Any, api_for: Any, settings: Any, path: str, content_type: str
+) -> None:
+    # Given a client announcing a 10 GB body it would stream slowly
+    settings.MAX_REQUEST_BYTES = 1000
+    body = _UnreadableBody()
+
+    response = api_for(funded(10)).post(
+        path,
+        data=b"",
+        content_type=content_type,
+        CONTENT_LENGTH=str(10 * 1024**3),
+        **{"wsgi.input": body},
+    )
+
+    # Then the answer comes from the header alone
+    assert_error(response, 413, "request_too_large")
+    assert body.reads == 0
+    assert Task.objects.count() == 0
 
 
 def test_upload_body_over_max_request_bytes_is_413(

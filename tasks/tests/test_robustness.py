@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -327,3 +328,90 @@ def test_signed_callback_with_an_unpaired_surrogate_elsewhere_is_stored_readably
     stored = CallbackDelivery.objects.get()
     assert stored.payload["data"]["note"] == "\ufffd"
     assert stored.upstream_id == "job_x"
+
+
+def _result_files(task: Task) -> list[str]:
+    root = Path(settings.MEDIA_ROOT) / "results" / str(task.pk)
+    return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_success_that_fails_midway_leaves_nothing_half_done(
+    funded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a finished upstream job, and a failure inside the outcome's transaction (after the
+    # conditional UPDATE and the capture, at the notification)
+    from billing.models import Hold, LedgerTransaction
+    from notifications.models import Notification
+
+    user = funded(10)
+    task = submit(user)
+    services.task_send_upstream(task_id=task.pk)
+    transactions = LedgerTransaction.objects.count()
+
+    def unavailable(**kwargs: Any) -> None:
+        raise RuntimeError("notifications are down")
+
+    import tasks.services.common as common
+
+    working = common.notification_create
+    monkeypatch.setattr(common, "notification_create", unavailable)
+
+    # When the status check tries to finish it
+    with pytest.raises(RuntimeError):
+        services.task_refresh(task_id=task.pk)
+
+    # Then nothing of the outcome remains: no status change, no capture, no event, no files
+    task.refresh_from_db()
+    assert task.status == S.GENERATING
+    assert (task.charged_micro, task.results) == (0, [])
+    assert Hold.objects.get(subject_id=str(task.pk)).status == Hold.Status.OPEN
+    assert LedgerTransaction.objects.count() == transactions
+    assert not TaskEvent.objects.filter(
+        task=task, kind__in=["succeeded", "credits_captured"]
+    ).exists()
+    assert not Notification.objects.filter(subject_id=str(task.pk)).exists()
+    assert _result_files(task) == []
+
+    # And the next check finishes it, once
+    monkeypatch.setattr(common, "notification_create", working)
+    services.task_refresh(task_id=task.pk)
+    task.refresh_from_db()
+    assert task.status == S.SUCCESS
+    assert task.charged_micro == task.price_micro
+    assert Notification.objects.filter(subject_id=str(task.pk)).count() == 1
+    assert len(_result_files(task)) == len(task.results) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cancel_that_fails_midway_changes_nothing(
+    funded: Any, monkeypatch: pytest.MonkeyPatch, queued: dict[str, list[Any]]
+) -> None:
+    from billing import services as billing
+    from billing.models import Hold
+
+    user = funded(10)
+    task = submit(user)
+    services.task_send_upstream(task_id=task.pk)
+
+    def unavailable(**kwargs: Any) -> None:
+        raise RuntimeError("ledger is down")
+
+    working = billing.hold_release
+    monkeypatch.setattr(billing, "hold_release", unavailable)
+
+    with pytest.raises(RuntimeError):
+        services.task_cancel(task_id=task.pk, actor=user)
+
+    task.refresh_from_db()
+    assert task.status == S.GENERATING
+    assert Hold.objects.get(subject_id=str(task.pk)).status == Hold.Status.OPEN
+    assert not TaskEvent.objects.filter(task=task, kind="cancelled").exists()
+    assert queued["cancel"] == []  # nothing asked of the upstream for a cancel that did not happen
+
+    monkeypatch.setattr(billing, "hold_release", working)
+    services.task_cancel(task_id=task.pk, actor=user)
+    task.refresh_from_db()
+    assert task.status == S.CANCELLED
+    assert Hold.objects.get(subject_id=str(task.pk)).status == Hold.Status.RELEASED
+    assert queued["cancel"] == [str(task.pk)]
