@@ -79,3 +79,86 @@ def test_delete_of_a_running_task_cancels_and_refunds_it(funded: Any, api_for: A
     task.refresh_from_db()
     assert task.status == S.CANCELLED
     assert client.get("/api/v1/credits/").json()["available_micro"] == 10_000_000
+
+
+@pytest.mark.parametrize(("outcome", "status"), [("fail", "FAILED"), ("reject", "REJECTED")])
+def test_cancel_of_a_failed_or_rejected_task_is_409_with_its_status(
+    funded: Any, api_for: Any, outcome: str, status: str
+) -> None:
+    user = funded(10)
+    task = run_to_end(submit(user, sandbox_outcome=outcome))
+
+    response = api_for(user).post(f"/api/v1/tasks/{task.pk}/cancel/")
+
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "task_finished"
+    assert response.json()["error"]["status"] == status
+    task.refresh_from_db()
+    assert task.status == status
+
+
+def test_delete_of_a_running_task_asks_the_upstream_to_stop_after_commit(
+    funded: Any,
+    api_for: Any,
+    queued: dict[str, list[Any]],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    from tasks import services
+
+    user = funded(10)
+    task = submit(user, sandbox_latency_ms=60_000)
+    services.task_send_upstream(task_id=task.pk)
+    task.refresh_from_db()
+    assert task.status == S.GENERATING
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api_for(user).delete(f"/api/v1/tasks/{task.pk}/").status_code == 204
+
+    assert queued["cancel"] == [str(task.pk)]
+
+
+def test_expires_at_is_shown_while_the_results_are_still_there(
+    funded: Any, api_for: Any, settings: Any
+) -> None:
+    from datetime import datetime, timedelta
+
+    user = funded(10)
+    task = run_to_end(submit(user))
+
+    body = api_for(user).get(f"/api/v1/tasks/{task.pk}/").json()
+
+    assert body["status"] == "SUCCESS"
+    assert body["expired"] is False
+    assert len(body["results"]) == 1
+    expires = datetime.fromisoformat(body["expires_at"].replace("Z", "+00:00"))
+    assert expires == task.finished_at + timedelta(seconds=settings.TASK_RESULT_TTL)
+    assert api_for(user).get(body["results"][0]["url"]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("outcome", "kinds"),
+    [
+        (
+            "success",
+            ["created", "credits_held", "submitted", "polled", "succeeded", "credits_captured"],
+        ),
+        ("fail", ["created", "credits_held", "submitted", "polled", "failed", "credits_released"]),
+        (
+            "reject",
+            ["created", "credits_held", "submitted", "polled", "rejected", "credits_released"],
+        ),
+    ],
+)
+def test_the_timeline_records_every_step_of_a_task(
+    funded: Any, outcome: str, kinds: list[str]
+) -> None:
+    from tasks.models import TaskEvent
+
+    task = run_to_end(submit(funded(10), sandbox_outcome=outcome))
+
+    events = TaskEvent.objects.filter(task=task).order_by("created_at", "id")
+    assert list(events.values_list("kind", flat=True)) == kinds
+    money = {e.kind: e.data for e in events if e.kind.startswith("credits_")}
+    assert money["credits_held"]["amount_micro"] == task.price_micro
+    settled = "credits_captured" if outcome == "success" else "credits_released"
+    assert money[settled]["amount_micro"] == task.price_micro
