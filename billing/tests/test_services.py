@@ -267,3 +267,40 @@ def test_ledger_history_lists_what_each_entry_was_for(user: Any) -> None:
         ("grant", 10 * C, ""),
     ]
     assert Entry.objects.count() == 4
+
+
+def test_reverse_replayed_with_its_key_returns_the_first_reversal(user: Any, staff: Any) -> None:
+    txn = services.grant(user=user, amount=10 * C, reason="mistake")
+
+    first = services.reverse(txn=txn, actor=staff, reason="undo", idempotency_key="rev-1")
+    again = services.reverse(txn=txn, actor=staff, reason="undo", idempotency_key="rev-1")
+
+    assert again.pk == first.pk
+    assert LedgerTransaction.objects.filter(kind="reversal").count() == 1
+    assert bal(user)[0] == 0
+    assert_ledger_ok()
+
+
+@pytest.mark.parametrize("amount", [0, -1, 1.5, "3", None, True])
+def test_hold_refuses_bad_amounts(user: Any, amount: Any) -> None:
+    services.grant(user=user, amount=10 * C, reason="x")
+
+    with pytest.raises(InvalidAmount):
+        services.hold_create(user=user, amount=amount, subject_type="t", subject_id="bad")
+
+    assert not Hold.objects.exists()
+    assert bal(user) == (10 * C, 0, 10 * C)
+
+
+@pytest.mark.parametrize("amount", [-1, 1.5, "3", True, 4 * C + 1])
+def test_capture_refuses_bad_amounts(user: Any, amount: Any) -> None:
+    services.grant(user=user, amount=10 * C, reason="x")
+    hold = services.hold_create(user=user, amount=4 * C, subject_type="t", subject_id="a")
+
+    with pytest.raises(InvalidAmount):
+        services.hold_capture(hold=hold, amount=amount)
+
+    hold.refresh_from_db()
+    assert hold.status == Hold.Status.OPEN
+    assert bal(user) == (10 * C, 4 * C, 6 * C)
+    assert_ledger_ok()

@@ -415,3 +415,68 @@ def test_a_cancel_that_fails_midway_changes_nothing(
     assert task.status == S.CANCELLED
     assert Hold.objects.get(subject_id=str(task.pk)).status == Hold.Status.RELEASED
     assert queued["cancel"] == [str(task.pk)]
+
+
+@pytest.mark.django_db
+def test_upstream_cancel_is_retried_on_temporary_errors(
+    funded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import tasks as celery_tasks
+    from tasks.providers.base import ProviderError
+    from tasks.providers.sandbox import SandboxProvider
+
+    user = funded(10)
+    task = submit(user, sandbox_latency_ms=60_000)
+    services.task_send_upstream(task_id=task.pk)
+    services.task_cancel(task_id=task.pk, actor=user)
+    task.refresh_from_db()
+    calls: list[str] = []
+    real_cancel = SandboxProvider.cancel
+
+    def flaky(self: SandboxProvider, upstream_id: str) -> None:
+        calls.append(upstream_id)
+        if len(calls) < 3:
+            raise ProviderError("upstream busy", retryable=True, code="upstream_unavailable")
+        real_cancel(self, upstream_id)
+
+    monkeypatch.setattr(SandboxProvider, "cancel", flaky)
+
+    celery_tasks.cancel_upstream.apply(args=[str(task.pk)])  # its retries run here too
+
+    assert calls == [task.upstream_id] * 3
+    assert TaskEvent.objects.filter(task=task, kind="upstream_cancel_requested").count() == 1
+    job = httpx.get(f"{settings.SANDBOX_URL}/v1/jobs/{task.upstream_id}", trust_env=False).json()
+    assert job["status"] == "cancelled"
+
+
+def test_submit_retry_delays_back_off_exponentially_with_full_jitter() -> None:
+    import random
+
+    from tasks.services.upstream import retry_delay
+
+    random.seed(7)
+    for attempt in range(12):
+        cap = min(60.0, 2.0 * 2**attempt)
+        samples = [retry_delay(attempt) for _ in range(300)]
+        assert all(0 <= s <= cap for s in samples)
+        assert max(samples) > 0.8 * cap  # spread over the whole window (jitter), not fixed
+        assert len(set(samples)) > 250
+
+
+def test_poll_interval_backs_off_after_ten_polls_up_to_a_minute() -> None:
+    import random
+
+    from tasks.services.refresh import _next_poll_delay
+
+    random.seed(7)
+
+    def delays(poll_count: int) -> list[float]:
+        task = Task(poll_interval_seconds=2, poll_count=poll_count)
+        return [_next_poll_delay(task) for _ in range(200)]
+
+    for count in range(11):  # the model's interval, ±10 %
+        assert all(1.8 <= d <= 2.2 for d in delays(count))
+    assert all(2.7 <= d <= 3.3 for d in delays(11))  # ×1.5
+    assert all(4.05 <= d <= 4.95 for d in delays(12))  # ×1.5²
+    assert all(54 <= d <= 66 for d in delays(40))  # capped at a minute
+    assert len(set(delays(0))) > 150  # jittered
