@@ -15,7 +15,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from tasks.media import MediaError, inspect_media
-from tasks.models import Task, Upload
+from tasks.models import Task, TaskEvent, Upload
 from tasks.providers.base import (
     InputFile,
     ProviderError,
@@ -44,6 +44,9 @@ def task_send_upstream(*, task_id: Any) -> bool:
     """
     task = Task.objects.filter(pk=task_id).select_related("model").first()
     if task is None or task.status != S.WAITING:
+        return False
+    if task.submit_attempts >= submit_attempts_limit():
+        _mark_stuck(task)
         return False
     Task.objects.filter(pk=task_id, status=S.WAITING).update(
         submit_attempts=F("submit_attempts") + 1, last_submit_at=timezone.now()
@@ -139,6 +142,36 @@ def _input_files(task: Task) -> tuple[InputFile, ...]:
     return tuple(files)
 
 
+def submit_attempts_limit() -> int:
+    """Attempts after which a task still WAITING is no longer sent: twice the retry budget.
+
+    The retry path fails a task (refunded) after TASK_SUBMIT_MAX_ATTEMPTS answered errors, so
+    only attempts that never got an answer (a worker killed mid-submit, every time: a poison
+    task) get this far. Such a task is not refunded automatically (its job may exist upstream
+    and bill, PITFALLS 10) and not sent again (it would crash the next worker too): it stays
+    WAITING, credits held, with a ``submit_stuck`` event and an error log for support, who can
+    cancel it (refund) once they know what the upstream did.
+    """
+    return 2 * settings.TASK_SUBMIT_MAX_ATTEMPTS
+
+
+def _mark_stuck(task: Task) -> None:
+    if TaskEvent.objects.filter(task_id=task.pk, kind="submit_stuck").exists():
+        return
+    logger.error(
+        "task %s stuck in WAITING after %s submit attempts; not sent again",
+        task.pk,
+        task.submit_attempts,
+    )
+    _event(
+        task.pk,
+        "submit_stuck",
+        f"Not sent again after {task.submit_attempts} attempts that got no answer. Support: "
+        "check the provider for a job with this task's id, then cancel (refund) or resubmit.",
+        attempts=task.submit_attempts,
+    )
+
+
 def task_submit_attempts(*, task_id: Any) -> int:
     """How many times the task's upstream submission has been tried (0 for an unknown task)."""
     return Task.objects.filter(pk=task_id).values_list("submit_attempts", flat=True).first() or 0
@@ -168,7 +201,9 @@ def waiting_due_for_resubmit() -> list[str]:
     cutoff = timezone.now() - timedelta(seconds=settings.TASK_RESUBMIT_AFTER)
     return [
         str(pk)
-        for pk in Task.objects.filter(status=S.WAITING, created_at__lt=cutoff)
+        for pk in Task.objects.filter(
+            status=S.WAITING, created_at__lt=cutoff, submit_attempts__lt=submit_attempts_limit()
+        )
         .exclude(last_submit_at__gte=cutoff)
         .values_list("pk", flat=True)[:500]
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -480,3 +481,42 @@ def test_poll_interval_backs_off_after_ten_polls_up_to_a_minute() -> None:
     assert all(4.05 <= d <= 4.95 for d in delays(12))  # ×1.5²
     assert all(54 <= d <= 66 for d in delays(40))  # capped at a minute
     assert len(set(delays(0))) > 150  # jittered
+
+
+@pytest.mark.django_db
+def test_a_task_whose_submissions_never_get_an_answer_stops_being_sent(
+    funded: Any, sandbox: Any, settings: Any
+) -> None:
+    # Given a task whose every submission so far died without an answer (a poison task that
+    # kills the worker): twice the retry budget of attempts, none recorded as an error.
+    from tasks.services.upstream import submit_attempts_limit
+
+    settings.TASK_RESUBMIT_AFTER = 0
+    user = funded(10)
+    task = submit(user)
+    Task.objects.filter(pk=task.pk).update(
+        submit_attempts=submit_attempts_limit(),
+        created_at=timezone.now() - timedelta(minutes=5),
+        last_submit_at=timezone.now() - timedelta(minutes=5),
+    )
+    jobs_before = httpx.get(f"{sandbox.base_url}/v1/stats", trust_env=False).json()
+
+    # When the reconciler and a redelivered message look at it
+    resubmits = services.waiting_due_for_resubmit()
+    sent = [services.task_send_upstream(task_id=task.pk) for _ in range(2)]
+
+    # Then it is not sent again, not refunded (its job may exist upstream), and flagged once
+    jobs_after = httpx.get(f"{sandbox.base_url}/v1/stats", trust_env=False).json()
+    assert str(task.pk) not in resubmits
+    assert sent == [False, False]
+    assert jobs_after["jobs_created"] == jobs_before["jobs_created"]
+    task.refresh_from_db()
+    assert task.status == S.WAITING
+    assert billing_selectors.balance_for_user(user=user).held == task.price_micro
+    stuck = TaskEvent.objects.filter(task=task, kind="submit_stuck")
+    assert stuck.count() == 1
+    assert "cancel" in stuck.get().message
+
+    # And support (or the user) can still cancel it, refunded
+    services.task_cancel(task_id=task.pk, actor=user)
+    assert billing_selectors.balance_for_user(user=user).available == 10 * C
