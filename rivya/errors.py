@@ -132,33 +132,55 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# Deeper JSON than any of our payloads needs is refused: it is an attack on the recursion of
+# whatever walks it (the parser, validators, the database's jsonb input), not data.
+MAX_JSON_DEPTH = 64
+
+
+def _strings(value: object) -> list[str]:
+    """Every string in a JSON-like value, keys included (iterative: any depth)."""
+    found, todo = [], [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list | tuple):
+            todo.extend(item)
+    return found
+
+
+def json_depth(value: object) -> int:
+    """How deeply a JSON-like value nests (a scalar is 0; iterative: any depth)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            todo.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list | tuple):
+            todo.extend((v, depth + 1) for v in item)
+    return deepest
+
+
 def contains_nul(value: object) -> bool:
     """Whether a JSON-like value holds text the database cannot store anywhere (keys
     included): a NUL character or an unpaired surrogate. Such input must be refused up front,
     never reach SQL (where it would be a 500)."""
-    if isinstance(value, str):
-        return _UNSTORABLE.search(value) is not None
-    if isinstance(value, dict):
-        return any(contains_nul(k) or contains_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(contains_nul(v) for v in value)
-    return False
+    return any(_UNSTORABLE.search(s) for s in _strings(value))
 
 
 def contains_surrogate(value: object) -> bool:
     """Whether a JSON-like value holds an unpaired surrogate anywhere (keys included)."""
-    if isinstance(value, str):
-        return _SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(contains_surrogate(k) or contains_surrogate(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(contains_surrogate(v) for v in value)
-    return False
+    return any(_SURROGATE.search(s) for s in _strings(value))
 
 
 def without_nul(value: object) -> object:
     """The same JSON-like value made storable, for data we must keep as it came (such as a
-    provider's callback body): NUL characters removed, unpaired surrogates replaced by U+FFFD."""
+    provider's callback body): NUL characters removed, unpaired surrogates replaced by U+FFFD.
+    Recursive: callers refuse values deeper than ``MAX_JSON_DEPTH`` first."""
     if isinstance(value, str):
         return _SURROGATE.sub("\ufffd", value.replace("\x00", ""))
     if isinstance(value, dict):

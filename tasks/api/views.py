@@ -20,7 +20,15 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from rivya.errors import DomainError, NotFound, ResultsExpired, ValidationFailed, contains_nul
+from rivya.errors import (
+    MAX_JSON_DEPTH,
+    DomainError,
+    NotFound,
+    ResultsExpired,
+    ValidationFailed,
+    contains_nul,
+    json_depth,
+)
 from rivya.exceptions import error_body
 from rivya.idempotency import run_idempotent
 from rivya.pagination import CursorPagination
@@ -73,8 +81,10 @@ def _task_input(request: Request) -> dict[str, Any]:
         if isinstance(params, str):
             try:
                 params = json.loads(params)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ValidationFailed({"params": ["Must be a JSON object."]}) from None
+            if json_depth(params) > MAX_JSON_DEPTH:
+                raise ValidationFailed({"params": [f"Nested deeper than {MAX_JSON_DEPTH} levels."]})
         return {
             "model_slug": data.get("model"),
             "prompt": data.get("prompt", ""),
@@ -273,6 +283,11 @@ def callback_view(request: HttpRequest, provider: str) -> JsonResponse:
     except ProviderError as exc:  # signed, but not an event we understand
         logger.warning("unreadable %s callback: %s", provider, exc)
         return JsonResponse(error_body(exc.code, exc.message, "provider"), status=400)
+    if json_depth(event.payload) > MAX_JSON_DEPTH:
+        return JsonResponse(
+            error_body("invalid_callback", "Callback body nested too deeply.", "provider"),
+            status=400,
+        )
     if (
         not event.event_id
         or len(event.event_id) > 200

@@ -121,9 +121,9 @@ class SandboxProvider:
             payload = json.loads(body)
             data = payload["data"]
             upstream_id = data["id"]
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
             raise ProviderError(
-                f"sandbox callback is not a job event: {exc}",
+                f"sandbox callback is not a job event: {type(exc).__name__}",
                 retryable=False,
                 code="invalid_callback",
             ) from None

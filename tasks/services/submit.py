@@ -14,9 +14,11 @@ from django.utils import timezone
 from billing import services as billing
 from notifications.models import Notification
 from rivya.errors import (
+    MAX_JSON_DEPTH,
     InsufficientCredits,
     ValidationFailed,
     contains_nul,
+    json_depth,
 )
 from tasks.capacity import capacity_acquire, capacity_release
 from tasks.media import MediaInfo
@@ -57,6 +59,8 @@ def task_submit(
         ("params", params),
         ("upload_ids", upload_ids),
     ):
+        if json_depth(value) > MAX_JSON_DEPTH:
+            raise ValidationFailed({name: [f"Nested deeper than {MAX_JSON_DEPTH} levels."]})
         if contains_nul(value):
             raise ValidationFailed(
                 {name: ["Must not contain NUL characters or unpaired surrogates."]}

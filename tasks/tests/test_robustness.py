@@ -520,3 +520,57 @@ def test_a_task_whose_submissions_never_get_an_answer_stops_being_sent(
     # And support (or the user) can still cancel it, refunded
     services.task_cancel(task_id=task.pk, actor=user)
     assert billing_selectors.balance_for_user(user=user).available == 10 * C
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("depth", [65, 400, 2000, 100_000])
+def test_deeply_nested_json_is_400_not_500(funded: Any, api_for: Any, depth: int) -> None:
+    user = funded(10)
+    client = api_for(user)
+    raw = '{"model": "sandbox-image", "prompt": "x", "params": {"a": ' + _nested(depth) + "}}"
+
+    as_json = client.post("/api/v1/tasks/", raw, content_type="application/json")
+    as_form = client.post(
+        "/api/v1/tasks/",
+        {"model": "sandbox-image", "prompt": "x", "params": '{"a": ' + _nested(depth) + "}"},
+        format="multipart",
+    )
+
+    assert as_json.status_code == 400
+    assert as_json.json()["error"]["code"] == "malformed_request"
+    assert as_form.status_code == 400
+    assert "params" in as_form.json()["error"]["fields"]
+    assert Task.objects.count() == 0
+    assert billing_selectors.balance_for_user(user=user).held == 0
+
+
+@pytest.mark.django_db
+def test_json_at_the_depth_limit_is_still_read(funded: Any, api_for: Any) -> None:
+    # Depth 64 exactly (json_depth): the body, the params object, then 63 nested lists.
+    raw = '{"model": "sandbox-image", "prompt": "x", "params": {"a": ' + _nested(63) + "}}"
+
+    response = api_for(funded(10)).post("/api/v1/tasks/", raw, content_type="application/json")
+
+    assert response.status_code == 400  # parsed, then refused by the model's schema
+    assert response.json()["error"]["fields"] == {"params.a": ["Unknown parameter for this model."]}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("depth", [100, 5000])
+def test_deeply_nested_signed_callback_is_400_not_500(
+    funded: Any, api_for: Any, depth: int
+) -> None:
+    from tasks.models import CallbackDelivery
+
+    body = '{"type": "job.updated", "data": {"id": "job_x", "status": "running", "x": '
+    body += _nested(depth) + "}}"
+
+    response = _signed_callback(api_for(funded(1)), body)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_callback"
+    assert CallbackDelivery.objects.count() == 0
