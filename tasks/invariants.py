@@ -76,7 +76,7 @@ def check_task_success_charge(cursor: Any) -> list[str]:
     out = []
     for task_id, price, charged, requested, results, policy in rows:
         if not requested:
-            continue  # finished before the basis was recorded (migration 0004): 4.task_billing
+            continue  # no basis recorded (a worker older than migration 0004, mid-deploy)
         results = json.loads(results) if isinstance(results, str) else (results or [])
         policy = json.loads(policy) if isinstance(policy, str) else (policy or {})
         delivered = len(results)

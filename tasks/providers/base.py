@@ -58,7 +58,9 @@ class JobStatus:
     upstream_id: str
     state: JobState
     outputs: tuple[Output, ...] = ()
-    requested_outputs: int | None = None  # for partial success: K outputs of N requested
+    # What the provider says it was asked for: informational only (billing uses the task's own
+    # num_outputs, tasks.services.refresh.outputs_requested).
+    requested_outputs: int | None = None
     error_code: str = ""
     error_message: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)

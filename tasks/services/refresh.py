@@ -34,6 +34,18 @@ def _next_poll_delay(task: Task) -> float:
     return delay * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not security
 
 
+def outputs_requested(task: Task) -> int:
+    """How many outputs this task asked for: its own ``num_outputs`` (validated against the
+    model's schema at submit), 1 for models without it. Never the provider's report of what it
+    was asked: a partial-success charge must not depend on a number the provider sends (PITFALLS:
+    trust the provider's claims only as hints)."""
+    params = task.params if isinstance(task.params, dict) else {}
+    count = params.get("num_outputs", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1000:
+        return 1
+    return count
+
+
 def poll_claim_due(*, limit: int | None = None) -> list[str]:
     """Claim GENERATING tasks that are due for a status check and push their next check back.
 
@@ -241,7 +253,7 @@ def _store_and_succeed(task: Task, status: JobStatus, reason: str) -> None:
             )
         return
     try:
-        won = task_succeed(task_id=task.pk, outputs=stored, requested=status.requested_outputs)
+        won = task_succeed(task_id=task.pk, outputs=stored, requested=outputs_requested(task))
     except BaseException:
         # The outcome's transaction rolled back: nothing refers to this attempt's files.
         for name in names:

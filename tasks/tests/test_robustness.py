@@ -574,3 +574,30 @@ def test_deeply_nested_signed_callback_is_400_not_500(
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_callback"
     assert CallbackDelivery.objects.count() == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("claimed", [4, 2**40, None])
+def test_partial_success_charge_uses_our_request_not_the_providers_claim(
+    funded: Any, monkeypatch: pytest.MonkeyPatch, claimed: Any
+) -> None:
+    # Given a provider that reports a different (or absurd, or no) number of requested outputs
+    from dataclasses import replace
+
+    from tasks.providers.sandbox import SandboxProvider
+
+    real = SandboxProvider.fetch_status
+
+    def claims(self: SandboxProvider, upstream_id: str) -> Any:
+        return replace(real(self, upstream_id), requested_outputs=claimed)
+
+    monkeypatch.setattr(SandboxProvider, "fetch_status", claims)
+    user = funded(10)
+
+    one = run_to_end(submit(user, num_outputs=1))
+    three = run_to_end(submit(user, num_outputs=3, sandbox_outcome="partial"))
+
+    # Then the charge follows what the task asked for
+    assert (one.status, one.charged_micro, one.outputs_requested) == (S.SUCCESS, C, 1)
+    assert (three.status, len(three.results), three.outputs_requested) == (S.SUCCESS, 2, 3)
+    assert three.charged_micro == 3 * C * 2 // 3
