@@ -19,6 +19,7 @@ def submit(self: object, task_id: str) -> None:
     try:
         services.task_send_upstream(task_id=task_id)
     except ProviderError as exc:
+        services.task_submit_attempt_failed(task_id=task_id, error=exc)
         attempts = services.task_submit_attempts(task_id=task_id)
         if exc.retryable and attempts < settings.TASK_SUBMIT_MAX_ATTEMPTS:
             logger.info("submit of %s failed (%s); retrying", task_id, exc.code)

@@ -79,6 +79,11 @@ class ProviderError(Exception):
 
     Codes with a meaning the lifecycle relies on: ``job_not_found`` (fetch_status: the provider
     does not have this job, so it will neither deliver nor bill).
+
+    ``maybe_received``: the request may have reached the provider and been acted on although
+    we got no answer (a read timeout, a connection dropped after sending). A submit failing
+    that way may have created the job, so it is never refunded on that basis alone. False when
+    the request provably never left (connect errors) or the provider answered.
     """
 
     def __init__(
@@ -88,12 +93,14 @@ class ProviderError(Exception):
         retryable: bool,
         code: str = "provider_error",
         status: int | None = None,
+        maybe_received: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.code = code
         self.status = status
+        self.maybe_received = maybe_received
 
 
 class InvalidSignature(Exception):

@@ -48,17 +48,26 @@ def close_client() -> None:
         _client, _client_pid = None, None
 
 
+# The request never left: nothing can have been created upstream.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
 def _transport_error(method: str, url: str, exc: httpx.HTTPError) -> ProviderError:
+    # Anything after the connection was made (write/read errors and timeouts, a protocol
+    # error in the answer) leaves it open whether the provider acted on the request.
+    maybe_received = not isinstance(exc, NOT_SENT)
     if isinstance(exc, httpx.TransportError):  # connect/read/write errors and timeouts
         return ProviderError(
             f"{method} {url}: {type(exc).__name__}: {exc}",
             retryable=True,
             code="upstream_unreachable",
+            maybe_received=maybe_received,
         )
     return ProviderError(
         f"{method} {url}: {type(exc).__name__}: {exc}",
         retryable=True,
         code="upstream_protocol_error",
+        maybe_received=maybe_received,
     )
 
 

@@ -177,8 +177,42 @@ def task_submit_attempts(*, task_id: Any) -> int:
     return Task.objects.filter(pk=task_id).values_list("submit_attempts", flat=True).first() or 0
 
 
+def task_submit_attempt_failed(*, task_id: Any, error: ProviderError) -> None:
+    """Record a failed submission attempt on the task's timeline (support sees every try)."""
+    _event(
+        task_id,
+        "submit_error",
+        error.message[:500],
+        code=error.code,
+        retryable=error.retryable,
+        maybe_received=error.maybe_received,
+    )
+
+
 def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
-    """The upstream refused the job for good (or kept failing): FAILED, credits released."""
+    """The upstream refused the job for good (or kept failing): FAILED, credits released.
+
+    Except when it kept failing and some attempt may have reached the provider unanswered (a
+    read timeout): that attempt may have created the job, which would then run and bill
+    (PITFALLS 10). Such a task stays WAITING with its credits held; the reconciler asks again
+    with the same idempotency key (the provider answers with the job if it exists, or creates
+    it), and after ``submit_attempts_limit()`` attempts it is flagged for support. A refusal
+    (not retryable) fails it at once: with the same key, an existing job would have been
+    returned instead."""
+    if error.retryable and (
+        error.maybe_received
+        or TaskEvent.objects.filter(
+            task_id=task_id, kind="submit_error", data__maybe_received=True
+        ).exists()
+    ):
+        if not TaskEvent.objects.filter(task_id=task_id, kind="submit_unconfirmed").exists():
+            _event(
+                task_id,
+                "submit_unconfirmed",
+                "The provider may have received this job without answering; it will be asked "
+                "again with the same key. Credits stay held until it is known.",
+            )
+        return False
     kind = "provider" if not error.retryable else "infra"
     message = (
         "The provider refused this request: " + error.message
@@ -197,7 +231,8 @@ def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
 def waiting_due_for_resubmit() -> list[str]:
     """WAITING tasks whose submission never completed (worker crash, lost message): handed to
     the submitter again with the same idempotency key. Tasks that kept failing to submit are
-    failed (credits released) by the submitter."""
+    failed (credits released) by the submitter, unless an attempt may have been received
+    (``task_submit_failed``): those come back here until the attempts limit."""
     cutoff = timezone.now() - timedelta(seconds=settings.TASK_RESUBMIT_AFTER)
     return [
         str(pk)

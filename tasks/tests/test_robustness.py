@@ -601,3 +601,87 @@ def test_partial_success_charge_uses_our_request_not_the_providers_claim(
     assert (one.status, one.charged_micro, one.outputs_requested) == (S.SUCCESS, C, 1)
     assert (three.status, len(three.results), three.outputs_requested) == (S.SUCCESS, 2, 3)
     assert three.charged_micro == 3 * C * 2 // 3
+
+
+@pytest.mark.django_db
+def test_a_submit_whose_answer_timed_out_is_retried_into_the_same_job(
+    funded: Any, sandbox: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a provider that creates the job but answers after our read timeout
+    import httpx as httpx_module
+
+    from tasks import tasks as celery_tasks
+    from tasks.providers import http
+
+    monkeypatch.setattr(http, "TIMEOUT", httpx_module.Timeout(0.3, connect=5.0))
+    http.close_client()
+    user = funded(10)
+    before = httpx.get(f"{sandbox.base_url}/v1/stats", trust_env=False).json()["jobs_created"]
+    task = submit(user, sandbox_submit_delay_ms=1500)
+
+    # When the submission times out and is retried with the same idempotency key
+    celery_tasks.submit.apply(args=[str(task.pk)])
+    http.close_client()
+
+    # Then the retry got the job the timed-out attempt created: one job, nothing refunded
+    task.refresh_from_db()
+    assert task.status == S.GENERATING
+    assert task.submit_attempts >= 2
+    errors = TaskEvent.objects.filter(task=task, kind="submit_error")
+    assert [e.data["maybe_received"] for e in errors][:1] == [True]
+    stats = httpx.get(f"{sandbox.base_url}/v1/stats", trust_env=False).json()
+    assert stats["jobs_created"] == before + 1
+    assert billing_selectors.balance_for_user(user=user).held == C
+
+
+@pytest.mark.django_db
+def test_a_submit_that_never_got_an_answer_is_not_refunded_and_finishes_later(
+    funded: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a provider that, for every attempt, may have received the job but never answered
+    from tasks import tasks as celery_tasks
+    from tasks.providers.base import ProviderError
+    from tasks.providers.sandbox import SandboxProvider
+
+    settings.TASK_SUBMIT_MAX_ATTEMPTS = 2
+    working = SandboxProvider.submit
+
+    def unanswered(self: SandboxProvider, request: Any) -> Any:
+        raise ProviderError(
+            "ReadTimeout", retryable=True, code="upstream_unreachable", maybe_received=True
+        )
+
+    monkeypatch.setattr(SandboxProvider, "submit", unanswered)
+    user = funded(10)
+    task = submit(user)
+
+    celery_tasks.submit.apply(args=[str(task.pk)])
+
+    # Then it is neither failed nor refunded (its job may exist and bill), and says so
+    task.refresh_from_db()
+    assert (task.status, task.submit_attempts) == (S.WAITING, 2)
+    assert billing_selectors.balance_for_user(user=user).held == C
+    assert TaskEvent.objects.filter(task=task, kind="submit_error").count() == 2
+    assert TaskEvent.objects.filter(task=task, kind="submit_unconfirmed").count() == 1
+    # ... and once the provider answers, the reconciler's resubmit (same key) finishes it
+    monkeypatch.setattr(SandboxProvider, "submit", working)
+    task = run_to_end(task)
+    assert (task.status, task.charged_micro) == (S.SUCCESS, C)
+
+
+@pytest.mark.django_db
+def test_a_submit_that_never_reached_the_provider_is_refunded(funded: Any, settings: Any) -> None:
+    from tasks import tasks as celery_tasks
+
+    settings.TASK_SUBMIT_MAX_ATTEMPTS = 2
+    settings.SANDBOX_URL = "http://127.0.0.1:9"  # nothing listens: connection refused
+    user = funded(10)
+    task = submit(user)
+
+    celery_tasks.submit.apply(args=[str(task.pk)])
+
+    task.refresh_from_db()
+    assert (task.status, task.error_kind, task.refunded_micro) == (S.FAILED, "infra", C)
+    errors = TaskEvent.objects.filter(task=task, kind="submit_error")
+    assert [e.data["maybe_received"] for e in errors] == [False, False]
+    assert billing_selectors.balance_for_user(user=user).available == 10 * C
