@@ -107,6 +107,7 @@ def task_fail(
     kind: str,
     status: str = S.FAILED,
     sources: Sequence[str] = Task.UNFINISHED,
+    charge_policy: bool = True,
 ) -> bool:
     """→ FAILED or REJECTED with the error; release the hold, or capture the share the model's
     policy charges for failures after upstream acceptance (REJECTED never charges). Returns
@@ -118,7 +119,7 @@ def task_fail(
         accepted = task.submitted_at is not None
         charge = (
             task.reserved_micro * percent // 100
-            if status == S.FAILED and accepted and percent
+            if status == S.FAILED and accepted and percent and charge_policy
             else 0
         )
         if not _transition(

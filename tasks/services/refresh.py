@@ -15,7 +15,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from tasks.media import MediaError, MediaInfo, inspect_media
-from tasks.models import Task
+from tasks.models import Task, TaskEvent
 from tasks.providers.base import (
     JobState,
     JobStatus,
@@ -66,6 +66,35 @@ def poll_claim_due(*, limit: int | None = None) -> list[str]:
     return [str(t.pk) for t in due]
 
 
+# A job the provider says it does not have is given up only when it keeps saying so: at least
+# this many answers, the first at least this long ago (replication lag just after creation, or
+# a base URL briefly pointing at the wrong account, must not refund running jobs that bill).
+JOB_LOST_ANSWERS = 3
+JOB_LOST_AFTER_S = 60
+
+
+def _job_not_found(task: Task) -> None:
+    _event(task.pk, "upstream_not_found", "The provider says it does not know this job.")
+    answers = TaskEvent.objects.filter(task_id=task.pk, kind="upstream_not_found")
+    first = answers.order_by("created_at").values_list("created_at", flat=True).first()
+    confirmed = (
+        answers.count() >= JOB_LOST_ANSWERS
+        and first is not None
+        and first <= timezone.now() - timedelta(seconds=JOB_LOST_AFTER_S)
+    )
+    if confirmed:
+        # It will neither deliver nor bill: fail it, refunded in full whatever the failure
+        # policy (there is no work to charge for), rather than hold the credits forever.
+        task_fail(
+            task_id=task.pk,
+            code="upstream_job_lost",
+            kind="provider",
+            sources=[S.GENERATING],
+            message="The provider no longer knows this job; your credits were refunded. Try again.",
+            charge_policy=False,
+        )
+
+
 def task_refresh(*, task_id: Any, reason: str = "poll", status: JobStatus | None = None) -> None:
     """Bring a GENERATING task up to date with its upstream job and finish it if the job has.
 
@@ -82,16 +111,7 @@ def task_refresh(*, task_id: Any, reason: str = "poll", status: JobStatus | None
             status = provider.fetch_status(task.upstream_id)
         except ProviderError as exc:
             if exc.code == "job_not_found":
-                # The provider says the job does not exist (expired on its side, or lost):
-                # it will neither deliver nor bill, so the task fails and is refunded rather
-                # than holding the user's credits forever.
-                task_fail(
-                    task_id=task_id,
-                    code="upstream_job_lost",
-                    kind="provider",
-                    sources=[S.GENERATING],
-                    message="The provider no longer knows this job. Try again.",
-                )
+                _job_not_found(task)
                 return
             _event(task_id, "poll_failed", exc.message, code=exc.code, reason=reason)
             return

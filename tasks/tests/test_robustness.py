@@ -100,12 +100,28 @@ def test_multipart_files_sent_as_text_are_refused(funded: Any, api_for: Any) -> 
 
 
 @pytest.mark.django_db
-def test_a_job_the_provider_lost_fails_and_refunds_instead_of_waiting_forever(funded: Any) -> None:
+def test_a_job_the_provider_lost_fails_and_refunds_once_it_keeps_saying_so(funded: Any) -> None:
+    from tasks.services.refresh import JOB_LOST_AFTER_S, JOB_LOST_ANSWERS
+
+    AIModel.objects.filter(slug="sandbox-image").update(
+        billing_policy={"failure_charge_percent": 50}
+    )
     user = funded(10)
     task = submit(user, sandbox_latency_ms=60_000)
     services.task_send_upstream(task_id=task.pk)
     httpx.post(f"{settings.SANDBOX_URL}/v1/_reset", trust_env=False)  # the upstream forgets
 
+    # A few "not found" answers in quick succession (replication lag, a blip) change nothing
+    for _ in range(JOB_LOST_ANSWERS + 1):
+        services.task_refresh(task_id=task.pk)
+    task.refresh_from_db()
+    assert task.status == S.GENERATING
+    assert billing_selectors.balance_for_user(user=user).held == C
+
+    # Once it has said so for long enough, the task fails, refunded in full (nothing to charge)
+    TaskEvent.objects.filter(task=task, kind="upstream_not_found").update(
+        created_at=timezone.now() - timedelta(seconds=JOB_LOST_AFTER_S + 1)
+    )
     services.task_refresh(task_id=task.pk)
 
     task.refresh_from_db()
