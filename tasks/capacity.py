@@ -49,7 +49,8 @@ def _take(scope: str, limit: int) -> bool:
 
 
 def capacity_acquire(*, task: Task) -> None:
-    """Take the task's slots (call inside the submit transaction, after the hold).
+    """Take the task's slots (call inside the submit transaction, before the hold: capacity
+    is part of validation, so 429 comes before 402).
 
     Raises CapacityExceeded (429, with Retry-After); the caller's transaction then rolls back,
     so a refused submit leaves nothing behind.

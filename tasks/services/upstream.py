@@ -234,6 +234,18 @@ def waiting_due_for_resubmit() -> list[str]:
     failed (credits released) by the submitter, unless an attempt may have been received
     (``task_submit_failed``): those come back here until the attempts limit."""
     cutoff = timezone.now() - timedelta(seconds=settings.TASK_RESUBMIT_AFTER)
+    # Over the limit and not flagged yet (their last message was lost, so no submitter saw
+    # them): flag them here, so that support finds every one.
+    for task in (
+        Task.objects.filter(
+            status=S.WAITING,
+            submit_attempts__gte=submit_attempts_limit(),
+            last_submit_at__lt=cutoff,
+        )
+        .exclude(events__kind="submit_stuck")
+        .only("pk", "submit_attempts")[:100]
+    ):
+        _mark_stuck(task)
     return [
         str(pk)
         for pk in Task.objects.filter(

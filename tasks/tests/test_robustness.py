@@ -275,6 +275,10 @@ def test_overlong_webhook_ids_are_refused_not_truncated(funded: Any, api_for: An
     )
 
     assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_callback"
+    from tasks.models import CallbackDelivery
+
+    assert not CallbackDelivery.objects.exists()
 
 
 def _signed_callback(api: Any, body: str, msg_id: str = "msg_surrogate") -> Any:
@@ -519,11 +523,13 @@ def test_a_task_whose_submissions_never_get_an_answer_stops_being_sent(
 
     # When the reconciler and a redelivered message look at it
     resubmits = services.waiting_due_for_resubmit()
+    flagged_by_the_reconciler = TaskEvent.objects.filter(task=task, kind="submit_stuck").exists()
     sent = [services.task_send_upstream(task_id=task.pk) for _ in range(2)]
 
     # Then it is not sent again, not refunded (its job may exist upstream), and flagged once
     jobs_after = httpx.get(f"{sandbox.base_url}/v1/stats", trust_env=False).json()
     assert str(task.pk) not in resubmits
+    assert flagged_by_the_reconciler  # even if no message for it ever comes back
     assert sent == [False, False]
     assert jobs_after["jobs_created"] == jobs_before["jobs_created"]
     task.refresh_from_db()
