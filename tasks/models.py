@@ -233,6 +233,7 @@ class CallbackDelivery(models.Model):
         PENDING = "pending", "Pending"
         PROCESSED = "processed", "Processed"
         IGNORED = "ignored", "Ignored (no such task)"
+        FAILED = "failed", "Failed (gave up after its attempts; the task is polled)"
 
     provider = models.CharField(max_length=32)
     event_id = models.CharField(max_length=200)
@@ -243,6 +244,9 @@ class CallbackDelivery(models.Model):
     payload = models.JSONField(default=dict)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveIntegerField(default=0)
+    # When a processor last took it: a lease, so that the sweeper or a redelivered message do
+    # not process it a second time while the first is still at work (a long download).
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
     received_at = models.DateTimeField(auto_now_add=True)
     processed_at = models.DateTimeField(null=True, blank=True)
 

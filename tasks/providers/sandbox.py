@@ -118,7 +118,8 @@ class SandboxProvider:
             raise InvalidSignature(f"signature does not verify: {exc}") from None
 
         try:
-            payload = json.loads(body)
+            # NaN/Infinity are not JSON (and PostgreSQL's jsonb refuses them): not an event.
+            payload = json.loads(body, parse_constant=_not_json)
             data = payload["data"]
             upstream_id = data["id"]
         except (ValueError, TypeError, KeyError, RecursionError) as exc:
@@ -167,6 +168,10 @@ class SandboxProvider:
                     raise _too_large(output, max_bytes)
                 chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _too_large(output: Output, max_bytes: int) -> ProviderError:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from rivya.errors import without_nul
@@ -18,6 +19,8 @@ from tasks.providers.registry import get_provider
 from tasks.services import enqueue
 from tasks.services.common import S, _event
 from tasks.services.refresh import task_refresh
+
+logger = logging.getLogger(__name__)
 
 
 def callback_receive(*, provider: str, event: CallbackEvent) -> tuple[CallbackDelivery, bool]:
@@ -41,23 +44,55 @@ def callback_receive(*, provider: str, event: CallbackEvent) -> tuple[CallbackDe
 
 
 CALLBACK_MAX_ATTEMPTS = 10
+CALLBACK_LEASE_S = 300  # longer than any download of results (bounded by MAX_RESULT_BYTES)
 
 
 def callback_process(*, delivery_id: int) -> str:
     """Apply a stored delivery to its task. Returns "processed", "deferred" (our upstream id is
-    not stored yet: the callback raced our own submission; check again later) or "ignored"."""
+    not stored yet: the callback raced our own submission; check again later), "ignored" (no
+    such job after its attempts), "failed" (gave up after its attempts; the poller still
+    finishes the task) or "busy" (another processor holds it)."""
+    now = timezone.now()
+    # Claim it: one conditional UPDATE, so two processors never apply it at once.
+    claimed = (
+        CallbackDelivery.objects.filter(pk=delivery_id, status=CallbackDelivery.Status.PENDING)
+        .filter(
+            Q(last_attempt_at__isnull=True)
+            | Q(last_attempt_at__lt=now - timedelta(seconds=CALLBACK_LEASE_S))
+        )
+        .update(attempts=F("attempts") + 1, last_attempt_at=now)
+    )
     delivery = CallbackDelivery.objects.filter(pk=delivery_id).first()
     if delivery is None or delivery.status != CallbackDelivery.Status.PENDING:
         return "processed"
-    CallbackDelivery.objects.filter(pk=delivery_id).update(attempts=F("attempts") + 1)
+    if not claimed:
+        return "busy"
     task = Task.objects.filter(provider=delivery.provider, upstream_id=delivery.upstream_id).first()
     if task is None:
-        if delivery.attempts + 1 >= CALLBACK_MAX_ATTEMPTS:
+        if delivery.attempts >= CALLBACK_MAX_ATTEMPTS:
             CallbackDelivery.objects.filter(pk=delivery_id, status="pending").update(
                 status=CallbackDelivery.Status.IGNORED, processed_at=timezone.now()
             )
             return "ignored"
+        # Free the lease: the deferred retry comes back in seconds.
+        CallbackDelivery.objects.filter(pk=delivery_id).update(last_attempt_at=None)
         return "deferred"
+    if delivery.attempts > CALLBACK_MAX_ATTEMPTS:
+        # Every earlier attempt died applying it: stop, say so; the poller finishes the task.
+        CallbackDelivery.objects.filter(pk=delivery_id, status="pending").update(
+            status=CallbackDelivery.Status.FAILED, processed_at=timezone.now(), task=task
+        )
+        logger.error(
+            "callback delivery %s gave up after %s attempts", delivery_id, delivery.attempts
+        )
+        _event(
+            task.pk,
+            "callback_failed",
+            f"Callback {delivery.event_id} could not be applied after "
+            f"{delivery.attempts - 1} attempts; the task is checked by polling instead.",
+            delivery=delivery.pk,
+        )
+        return "failed"
     provider = get_provider(task.provider)
     status = provider.status_from_callback(delivery.payload)
     _event(
@@ -88,9 +123,14 @@ def callback_process(*, delivery_id: int) -> str:
 
 
 def callbacks_pending(*, older_than_seconds: int = 20) -> list[int]:
-    cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
+    """Pending deliveries nobody is working on: never taken and older than
+    ``older_than_seconds`` (their queued message was lost), or whose lease ran out (the
+    processor died)."""
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=older_than_seconds)
+    lease_over = now - timedelta(seconds=CALLBACK_LEASE_S)
     return list(
-        CallbackDelivery.objects.filter(status="pending", received_at__lt=cutoff).values_list(
-            "pk", flat=True
-        )[:500]
+        CallbackDelivery.objects.filter(status="pending", received_at__lt=cutoff)
+        .filter(Q(last_attempt_at__isnull=True) | Q(last_attempt_at__lt=lease_over))
+        .values_list("pk", flat=True)[:500]
     )

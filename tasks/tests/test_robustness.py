@@ -707,3 +707,21 @@ def test_a_submit_that_never_reached_the_provider_is_refunded(funded: Any, setti
     errors = TaskEvent.objects.filter(task=task, kind="submit_error")
     assert [e.data["maybe_received"] for e in errors] == [False, False]
     assert billing_selectors.balance_for_user(user=user).available == 10 * C
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_signed_callback_with_nan_or_infinity_is_400_not_500(
+    funded: Any, api_for: Any, constant: str
+) -> None:
+    # Found by tasks/tests/test_fuzz.py: Python's json reads them, jsonb refuses them.
+    from tasks.models import CallbackDelivery
+
+    body = '{"type": "job.updated", "data": {"id": "job_x", "status": "queued", "error": '
+    body += constant + "}}"
+
+    response = _signed_callback(api_for(funded(1)), body)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_callback"
+    assert not CallbackDelivery.objects.exists()

@@ -472,3 +472,57 @@ def test_reconciler_finds_only_stuck_waiting_tasks(funded: Any, settings: Any) -
 
     assert services.waiting_due_for_resubmit() == [str(stuck.pk)]
     assert fresh.pk != stuck.pk
+
+
+@pytest.mark.django_db
+def test_a_delivery_being_processed_is_not_taken_twice(funded: Any) -> None:
+    from tasks.services.callbacks import CALLBACK_LEASE_S
+
+    task = submit(funded(10))
+    services.task_send_upstream(task_id=task.pk)
+    task.refresh_from_db()
+    delivery, _ = services.callback_receive(provider="sandbox", event=_event_for(task))
+    old = timezone.now() - timedelta(seconds=60)
+    # Another processor took it a moment ago and is still at work (a long download)
+    CallbackDelivery.objects.filter(pk=delivery.pk).update(
+        attempts=1, last_attempt_at=timezone.now(), received_at=old
+    )
+
+    assert services.callback_process(delivery_id=delivery.pk) == "busy"
+    assert delivery.pk not in services.callbacks_pending()
+    delivery.refresh_from_db()
+    assert (delivery.attempts, delivery.status) == (1, CallbackDelivery.Status.PENDING)
+
+    # That processor died: once its lease is over, the sweeper hands it out again
+    CallbackDelivery.objects.filter(pk=delivery.pk).update(
+        last_attempt_at=timezone.now() - timedelta(seconds=CALLBACK_LEASE_S + 1)
+    )
+    assert delivery.pk in services.callbacks_pending()
+    assert services.callback_process(delivery_id=delivery.pk) == "processed"
+    task.refresh_from_db()
+    assert task.status == S.SUCCESS
+
+
+@pytest.mark.django_db
+def test_a_delivery_that_keeps_failing_is_given_up_and_the_task_is_still_polled(
+    funded: Any,
+) -> None:
+    task = submit(funded(10))
+    services.task_send_upstream(task_id=task.pk)
+    task.refresh_from_db()
+    delivery, _ = services.callback_receive(provider="sandbox", event=_event_for(task))
+    # Every earlier attempt died while applying it
+    CallbackDelivery.objects.filter(pk=delivery.pk).update(
+        attempts=services.CALLBACK_MAX_ATTEMPTS,
+        received_at=timezone.now() - timedelta(minutes=30),
+    )
+
+    assert services.callback_process(delivery_id=delivery.pk) == "failed"
+
+    delivery.refresh_from_db()
+    assert delivery.status == CallbackDelivery.Status.FAILED
+    assert delivery.pk not in services.callbacks_pending()
+    assert TaskEvent.objects.filter(task=task, kind="callback_failed").count() == 1
+    services.task_refresh(task_id=task.pk)  # the poller still finishes it
+    task.refresh_from_db()
+    assert task.status == S.SUCCESS
