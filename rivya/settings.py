@@ -198,6 +198,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("TASK_EXPIRE_EVERY", default=20.0),
     },
     "warn-expiring-results": {"task": "tasks.warn_expiring", "schedule": 60.0},
+    "retry-upstream-cancels": {"task": "tasks.retry_upstream_cancels", "schedule": 120.0},
     "purge-idempotency-keys": {"task": "billing.purge_idempotency_keys", "schedule": 3600.0},
 }
 

@@ -74,7 +74,19 @@ def cancel_upstream(self: object, task_id: str, upstream_id: str | None = None) 
         retries = getattr(getattr(self, "request", None), "retries", 0) or 0
         if exc.retryable and retries < settings.TASK_SUBMIT_MAX_ATTEMPTS:
             raise self.retry(exc=exc, countdown=services.retry_delay(retries)) from None  # type: ignore[attr-defined]
-        logger.warning("upstream cancel of task %s gave up: %s", task_id, exc)
+        logger.error("upstream cancel of task %s gave up: %s", task_id, exc)
+        services.task_cancel_upstream_gave_up(
+            task_id=task_id, upstream_id=upstream_id, error=exc.message
+        )
+
+
+@shared_task(name="tasks.retry_upstream_cancels")
+def retry_upstream_cancels() -> int:
+    """Upstream cancels whose message was lost (broker down at commit) are sent again."""
+    found = services.cancels_unsent()
+    for task_id, upstream_id in found:
+        cancel_upstream.delay(task_id, upstream_id)
+    return len(found)
 
 
 @shared_task(name="tasks.expire_results")

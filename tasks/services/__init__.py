@@ -16,7 +16,13 @@ from tasks.services.callbacks import (
     callback_receive,
     callbacks_pending,
 )
-from tasks.services.cancel import task_cancel, task_cancel_upstream, task_delete
+from tasks.services.cancel import (
+    cancels_unsent,
+    task_cancel,
+    task_cancel_upstream,
+    task_cancel_upstream_gave_up,
+    task_delete,
+)
 from tasks.services.common import SUBJECT, task_link
 from tasks.services.expiry import results_expire_due, results_warn_expiring
 from tasks.services.outcomes import StoredOutput, task_fail, task_succeed
@@ -34,6 +40,8 @@ from tasks.services.upstream import (
 )
 
 __all__ = [
+    "cancels_unsent",
+    "task_cancel_upstream_gave_up",
     "CALLBACK_MAX_ATTEMPTS",
     "SUBJECT",
     "StoredOutput",

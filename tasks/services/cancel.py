@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
@@ -13,7 +14,7 @@ from rivya.errors import (
     NotFound,
     TaskFinished,
 )
-from tasks.models import Task
+from tasks.models import Task, TaskEvent
 from tasks.providers.registry import get_provider
 from tasks.services import enqueue
 from tasks.services.common import S, _event, _notify, _settle, _transition, _ttl, policy_percent
@@ -98,6 +99,55 @@ def task_cancel_upstream(*, task_id: Any, upstream_id: str | None = None) -> Non
         "The provider was asked to stop the job.",
         upstream_id=upstream_id,
     )
+
+
+CANCEL_SWEEP_AFTER_S = 600  # longer than a cancel's own retries take
+CANCEL_SWEEP_WINDOW_S = 24 * 3600
+
+
+def task_cancel_upstream_gave_up(*, task_id: Any, upstream_id: str | None, error: str) -> None:
+    """The provider kept refusing or failing the cancel: on the timeline for support (the job
+    may run on; a result it delivers is recorded as late and changes nothing)."""
+    task = Task.objects.filter(pk=task_id).only("pk", "upstream_id").first()
+    if task is None:
+        return
+    _event(
+        task.pk,
+        "upstream_cancel_gave_up",
+        f"The provider could not be asked to stop the job: {error[:300]}",
+        upstream_id=upstream_id or task.upstream_id,
+    )
+
+
+def cancels_unsent() -> list[tuple[str, str | None]]:
+    """Upstream cancels that were never carried out, neither done nor given up: their message
+    was lost (the broker was down at commit). ``(task id, job id or None for the task's own)``
+    for jobs of tasks cancelled between ``CANCEL_SWEEP_WINDOW_S`` and ``CANCEL_SWEEP_AFTER_S``
+    ago, and for jobs accepted after a cancel (``late_upstream_acceptance``)."""
+    now = timezone.now()
+    window = (
+        now - timedelta(seconds=CANCEL_SWEEP_WINDOW_S),
+        now - timedelta(seconds=CANCEL_SWEEP_AFTER_S),
+    )
+    done = ["upstream_cancel_requested", "upstream_cancel_gave_up"]
+    found: list[tuple[str, str | None]] = [
+        (str(pk), None)
+        for pk in Task.objects.filter(status=S.CANCELLED, finished_at__range=window)
+        .exclude(upstream_id="")
+        .exclude(events__kind__in=done)
+        .values_list("pk", flat=True)[:200]
+    ]
+    for task_id, upstream_id in TaskEvent.objects.filter(
+        kind="late_upstream_acceptance", created_at__range=window
+    ).values_list("task_id", "data__upstream_id")[:200]:
+        if (
+            upstream_id
+            and not TaskEvent.objects.filter(
+                task_id=task_id, kind__in=done, data__upstream_id=upstream_id
+            ).exists()
+        ):
+            found.append((str(task_id), upstream_id))
+    return found
 
 
 def task_delete(*, user: Any, task_id: Any) -> None:

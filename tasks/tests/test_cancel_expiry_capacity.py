@@ -472,3 +472,35 @@ def test_sandbox_honours_cancel_unless_asked_to_ignore_it(funded: Any) -> None:
     assert job_status(ignored) == "succeeded"  # the upstream finished anyway
     ignored.refresh_from_db()
     assert (ignored.status, ignored.charged_micro) == (S.CANCELLED, 0)
+
+
+@pytest.mark.django_db
+def test_an_upstream_cancel_whose_message_was_lost_is_sent_by_the_sweeper(
+    funded: Any, queued: dict[str, list[Any]], sandbox: Any
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tasks.models import TaskEvent
+    from tasks.services.cancel import CANCEL_SWEEP_AFTER_S
+
+    user = funded(10)
+    lost, given_up, fresh = (submit(user, sandbox_latency_ms=60_000) for _ in range(3))
+    for task in (lost, given_up, fresh):
+        services.task_send_upstream(task_id=task.pk)
+        services.task_cancel(task_id=task.pk, actor=user)  # its queued cancel never runs
+    long_ago = timezone.now() - timedelta(seconds=CANCEL_SWEEP_AFTER_S + 5)
+    Task.objects.filter(pk__in=[lost.pk, given_up.pk]).update(finished_at=long_ago)
+    services.task_cancel_upstream_gave_up(task_id=given_up.pk, upstream_id=None, error="410")
+
+    # The sweeper finds only the one never carried out nor given up (and not the fresh one,
+    # whose own retries may still be running)
+    assert services.cancels_unsent() == [(str(lost.pk), None)]
+
+    services.task_cancel_upstream(task_id=lost.pk)
+    lost.refresh_from_db()
+    job = httpx.get(f"{sandbox.base_url}/v1/jobs/{lost.upstream_id}", trust_env=False).json()
+    assert job["status"] == "cancelled"
+    assert TaskEvent.objects.filter(task=lost, kind="upstream_cancel_requested").exists()
+    assert services.cancels_unsent() == []
