@@ -12,27 +12,12 @@ from django.core.management import call_command
 from django.db import connection
 
 from billing.invariants import run_checks
-from tasks import services
 from tasks.models import AIModel, CapacityCounter, Task
 from tasks.tests.conftest import C
+from tasks.tests.test_services import run_to_end, submit
 
 S = Task.Status
 pytestmark = [pytest.mark.usefixtures("sandbox", "catalog", "queued"), pytest.mark.django_db]
-
-
-def submit(user: Any, **params: Any) -> Task:
-    outcome = services.task_submit(
-        user=user, model_slug="sandbox-image", prompt="a lighthouse", params=params
-    )
-    assert outcome.accepted
-    return outcome.task
-
-
-def run_to_end(task: Task) -> Task:
-    services.task_send_upstream(task_id=task.pk)
-    services.task_refresh(task_id=task.pk)
-    task.refresh_from_db()
-    return task
 
 
 def breached() -> set[str]:
