@@ -40,8 +40,6 @@ from tasks.services.upstream import (
 )
 
 __all__ = [
-    "cancels_unsent",
-    "task_cancel_upstream_gave_up",
     "CALLBACK_MAX_ATTEMPTS",
     "SUBJECT",
     "StoredOutput",
@@ -50,6 +48,7 @@ __all__ = [
     "callback_receive",
     "callback_url",
     "callbacks_pending",
+    "cancels_unsent",
     "get_provider",
     "poll_claim_due",
     "results_expire_due",
@@ -57,6 +56,7 @@ __all__ = [
     "retry_delay",
     "task_cancel",
     "task_cancel_upstream",
+    "task_cancel_upstream_gave_up",
     "task_delete",
     "task_fail",
     "task_link",
