@@ -12,11 +12,8 @@ import os
 from typing import Any
 
 import pytest
-from django.utils import timezone
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from rest_framework.test import APIClient
-from standardwebhooks import Webhook
 
 from billing.models import Hold
 from tasks.models import CallbackDelivery, Task
@@ -114,21 +111,11 @@ def test_any_bytes_submit_is_a_clear_400(funded: Any, api_for: Any, raw: bytes) 
     msg_id=st.from_regex(r"[A-Za-z0-9_.\-]{1,250}", fullmatch=True),
 )
 def test_any_signed_callback_is_answered_without_a_500(payload: Any, msg_id: str) -> None:
-    from django.conf import settings as django_settings
+    from tasks.tests.test_robustness import _signed_callback
 
-    body = _dumps(payload)
-    now = timezone.now()
-    signature = Webhook(django_settings.SANDBOX_WEBHOOK_SECRET).sign(msg_id, now, body)
-    headers = {
-        "HTTP_WEBHOOK_ID": msg_id,
-        "HTTP_WEBHOOK_TIMESTAMP": str(int(now.timestamp())),
-        "HTTP_WEBHOOK_SIGNATURE": signature,
-    }
     before = CallbackDelivery.objects.count()
 
-    response = APIClient().post(
-        "/api/v1/callbacks/sandbox/", body, content_type="application/json", **headers
-    )
+    response = _signed_callback(_dumps(payload), msg_id=msg_id)
 
     event(f"status {response.status_code}")
     # Correctly signed: never 401; a body that is not a job event (or an unusable id) is 400.

@@ -254,46 +254,26 @@ def test_failed_tasks_are_not_marked_expired(funded: Any) -> None:
     assert task.results_expired_at is None
 
 
-@pytest.mark.django_db
-def test_overlong_webhook_ids_are_refused_not_truncated(funded: Any, api_for: Any) -> None:
-    import json
-
+def _signed_callback(body: str, msg_id: str = "msg_robust") -> Any:
+    """``body`` delivered as the sandbox would: signed with its secret, now."""
     from standardwebhooks import Webhook
 
-    body = json.dumps({"type": "job.updated", "data": {"id": "job_x", "status": "running"}})
-    msg_id = "m" * 300
-    now = timezone.now()
-    signature = Webhook(settings.SANDBOX_WEBHOOK_SECRET).sign(msg_id, now, body)
+    from tasks.tests.test_api import deliver, signed_headers
 
-    response = api_for(funded(1)).post(
-        "/api/v1/callbacks/sandbox/",
-        body,
-        content_type="application/json",
-        HTTP_WEBHOOK_ID=msg_id,
-        HTTP_WEBHOOK_TIMESTAMP=str(int(now.timestamp())),
-        HTTP_WEBHOOK_SIGNATURE=signature,
-    )
+    return deliver(body, signed_headers(Webhook(settings.SANDBOX_WEBHOOK_SECRET), body, msg_id))
+
+
+@pytest.mark.django_db
+def test_overlong_webhook_ids_are_refused_not_truncated() -> None:
+    from tasks.models import CallbackDelivery
+
+    body = '{"type": "job.updated", "data": {"id": "job_x", "status": "running"}}'
+
+    response = _signed_callback(body, msg_id="m" * 300)
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_callback"
-    from tasks.models import CallbackDelivery
-
     assert not CallbackDelivery.objects.exists()
-
-
-def _signed_callback(api: Any, body: str, msg_id: str = "msg_surrogate") -> Any:
-    from standardwebhooks import Webhook
-
-    now = timezone.now()
-    signature = Webhook(settings.SANDBOX_WEBHOOK_SECRET).sign(msg_id, now, body)
-    return api.post(
-        "/api/v1/callbacks/sandbox/",
-        body,
-        content_type="application/json",
-        HTTP_WEBHOOK_ID=msg_id,
-        HTTP_WEBHOOK_TIMESTAMP=str(int(now.timestamp())),
-        HTTP_WEBHOOK_SIGNATURE=signature,
-    )
 
 
 @pytest.mark.django_db
@@ -319,14 +299,12 @@ def test_unpaired_surrogates_in_json_are_400_not_500(funded: Any, api_for: Any, 
 
 
 @pytest.mark.django_db
-def test_signed_callback_with_an_unpaired_surrogate_in_the_job_id_is_400(
-    funded: Any, api_for: Any
-) -> None:
+def test_signed_callback_with_an_unpaired_surrogate_in_the_job_id_is_400() -> None:
     from tasks.models import CallbackDelivery
 
     body = r'{"type": "job.updated", "data": {"id": "job_\ud800", "status": "succeeded"}}'
 
-    response = _signed_callback(api_for(funded(1)), body)
+    response = _signed_callback(body)
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_callback"
@@ -334,16 +312,14 @@ def test_signed_callback_with_an_unpaired_surrogate_in_the_job_id_is_400(
 
 
 @pytest.mark.django_db
-def test_signed_callback_with_an_unpaired_surrogate_elsewhere_is_stored_readably(
-    funded: Any, api_for: Any
-) -> None:
+def test_signed_callback_with_an_unpaired_surrogate_elsewhere_is_stored_readably() -> None:
     from tasks.models import CallbackDelivery
 
     body = (
         r'{"type": "job.updated", "data": {"id": "job_x", "status": "running", "note": "\ud800"}}'
     )
 
-    response = _signed_callback(api_for(funded(1)), body)
+    response = _signed_callback(body)
 
     assert response.status_code == 200
     stored = CallbackDelivery.objects.get()
@@ -583,15 +559,13 @@ def test_json_at_the_depth_limit_is_still_read(funded: Any, api_for: Any) -> Non
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("depth", [100, 5000])
-def test_deeply_nested_signed_callback_is_400_not_500(
-    funded: Any, api_for: Any, depth: int
-) -> None:
+def test_deeply_nested_signed_callback_is_400_not_500(depth: int) -> None:
     from tasks.models import CallbackDelivery
 
     body = '{"type": "job.updated", "data": {"id": "job_x", "status": "running", "x": '
     body += _nested(depth) + "}}"
 
-    response = _signed_callback(api_for(funded(1)), body)
+    response = _signed_callback(body)
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_callback"
@@ -711,16 +685,14 @@ def test_a_submit_that_never_reached_the_provider_is_refunded(funded: Any, setti
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
-def test_signed_callback_with_nan_or_infinity_is_400_not_500(
-    funded: Any, api_for: Any, constant: str
-) -> None:
+def test_signed_callback_with_nan_or_infinity_is_400_not_500(constant: str) -> None:
     # Found by tasks/tests/test_fuzz.py: Python's json reads them, jsonb refuses them.
     from tasks.models import CallbackDelivery
 
     body = '{"type": "job.updated", "data": {"id": "job_x", "status": "queued", "error": '
     body += constant + "}}"
 
-    response = _signed_callback(api_for(funded(1)), body)
+    response = _signed_callback(body)
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_callback"
