@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DB_PREFIX = "rivya_bench_"  # every scratch database of the benchmarks starts with this
@@ -126,6 +127,40 @@ def bench_env(database_url: str) -> dict[str, str]:
         "LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def lifecycle_env(config: SuiteConfig, *, secret: str, port: int) -> dict[str, str]:
+    """Environment of the servers of a suite whose sandbox (webhook ``secret``) calls back to
+    its gunicorn on ``port``; results stored under the run directory."""
+    from bench.scratch import url_with_db
+
+    return {
+        **bench_env(url_with_db(config.url, config.database)),
+        "SANDBOX_WEBHOOK_SECRET": secret,
+        "CALLBACK_BASE_URL": f"http://127.0.0.1:{port}",
+        "MEDIA_ROOT": str(Path(config.run_dir) / "media"),
+    }
+
+
+BENCH_CREDITS = 10**6 * 10**6  # a million credits per user, in micro-credits: nothing is refused
+
+
+def funded_user(username: str) -> Any:
+    """A user holding ``BENCH_CREDITS``."""
+    from django.contrib.auth import get_user_model
+
+    from billing import services as billing
+
+    user = get_user_model().objects.create_user(username=username)
+    billing.grant(user=user, amount=BENCH_CREDITS, reason="bench funding")
+    return user
+
+
+def api_key(user: Any) -> str:
+    """A new raw API key of ``user``."""
+    from rivya.services import api_key_create
+
+    return str(api_key_create(user=user, name="bench").raw)
 
 
 def setup_django(database_url: str, database: str) -> None:

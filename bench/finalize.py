@@ -47,17 +47,18 @@ from bench.common import (
     Row,
     SuiteConfig,
     SuiteResult,
-    bench_env,
     cpu_cores,
     cpu_report,
     cpu_sample,
     flush_bench_redis,
+    funded_user,
+    lifecycle_env,
     pids_named,
     top_others,
     tree_pids,
 )
 from bench.procs import Processes, free_port, new_webhook_secret
-from bench.scratch import Pgbench, url_with_db
+from bench.scratch import Pgbench
 from bench.submit import LoadResult, check_load, run_load
 
 WARMUP = 20
@@ -69,16 +70,6 @@ PARAMS = {
     "sandbox_latency_ms": 0,
     "sandbox_callback": "none",
 }
-
-
-def _funded_user() -> Any:
-    from django.contrib.auth import get_user_model
-
-    from billing import services as billing
-
-    user = get_user_model().objects.create_user(username="bench-finalize")
-    billing.grant(user=user, amount=10**6 * 10**6, reason="bench funding")
-    return user
 
 
 def _generating_tasks(user: Any, count: int) -> list[str]:
@@ -236,17 +227,11 @@ def run(config: SuiteConfig) -> SuiteResult:
     from tasks.catalog import seed_catalog
 
     seed_catalog()
-    user = _funded_user()
+    user = funded_user("bench-finalize")
     count = config.finalize_tasks
     run_dir = Path(config.run_dir)
-    secret = new_webhook_secret()
-    port = free_port()
-    env = {
-        **bench_env(url_with_db(config.url, config.database)),
-        "SANDBOX_WEBHOOK_SECRET": secret,
-        "CALLBACK_BASE_URL": f"http://127.0.0.1:{port}",
-        "MEDIA_ROOT": str(run_dir / "media"),
-    }
+    secret, port = new_webhook_secret(), free_port()
+    env = lifecycle_env(config, secret=secret, port=port)
     pgbench = Pgbench(
         url=config.url, database=config.pgbench_database, executable=config.pgbench_executable
     )

@@ -32,12 +32,13 @@ from bench.common import (
     Row,
     SuiteConfig,
     SuiteResult,
-    bench_env,
+    api_key,
     flush_bench_redis,
+    funded_user,
+    lifecycle_env,
     percentile,
 )
 from bench.procs import Processes, free_port, new_webhook_secret
-from bench.scratch import url_with_db
 
 POLL_EVERY_S = 0.02
 TASK_TIMEOUT_S = 60.0  # one task not finished by then fails the run
@@ -59,17 +60,6 @@ class Sample:
     polls: int
     posted_at: float  # wall clock (time.time()) just before the POST
     observed_at: float  # wall clock when the GET that saw SUCCESS answered
-
-
-def _user_key() -> str:
-    from django.contrib.auth import get_user_model
-
-    from billing import services as billing
-    from rivya.services import api_key_create
-
-    user = get_user_model().objects.create_user(username="bench-latency")
-    billing.grant(user=user, amount=10**6 * 10**6, reason="bench funding")
-    return api_key_create(user=user, name="bench").raw
 
 
 def _one_task(client: httpx.Client) -> Sample:
@@ -194,16 +184,10 @@ def run(config: SuiteConfig) -> SuiteResult:
     from tasks.catalog import seed_catalog
 
     seed_catalog()
-    key = _user_key()
+    key = api_key(funded_user("bench-latency"))
     run_dir = Path(config.run_dir)
-    secret = new_webhook_secret()
-    port = free_port()
-    env = {
-        **bench_env(url_with_db(config.url, config.database)),
-        "SANDBOX_WEBHOOK_SECRET": secret,
-        "CALLBACK_BASE_URL": f"http://127.0.0.1:{port}",
-        "MEDIA_ROOT": str(run_dir / "media"),
-    }
+    secret, port = new_webhook_secret(), free_port()
+    env = lifecycle_env(config, secret=secret, port=port)
     flush_bench_redis()
     problems: list[str] = []
     baseline_count = 50 if config.quick else 200

@@ -26,11 +26,13 @@ from bench.common import (
     Row,
     SuiteConfig,
     SuiteResult,
+    api_key,
     bench_env,
     cpu_cores,
     cpu_report,
     cpu_sample,
     flush_bench_redis,
+    funded_user,
     percentile,
     pids_named,
     top_others,
@@ -39,7 +41,6 @@ from bench.common import (
 from bench.procs import Processes
 from bench.scratch import Pgbench, url_with_db
 
-CREDITS_PER_USER = 10**6 * 10**6  # a million credits, in micro-credits: nothing is refused
 NO_LIMIT = str(10**9)
 WARMUP_SECONDS = 2
 BODY = {
@@ -60,21 +61,6 @@ class LoadResult:
     stuck: int
     cpu_line: str = ""
     cores: dict[str, float] | None = None
-
-
-def _users_with_keys(count: int) -> list[str]:
-    """``count`` users, each funded and with an API key; returns the raw keys."""
-    from django.contrib.auth import get_user_model
-
-    from billing import services as billing
-    from rivya.services import api_key_create
-
-    keys = []
-    for index in range(count):
-        user = get_user_model().objects.create_user(username=f"bench-submit-{index}")
-        billing.grant(user=user, amount=CREDITS_PER_USER, reason="bench funding")
-        keys.append(api_key_create(user=user, name="bench").raw)
-    return keys
 
 
 def run_load(
@@ -162,7 +148,7 @@ def run(config: SuiteConfig) -> SuiteResult:
     from tasks.models import Task
 
     seed_catalog()
-    keys = _users_with_keys(config.clients)
+    keys = [api_key(funded_user(f"bench-submit-{n}")) for n in range(config.clients)]
     pgbench = Pgbench(
         url=config.url, database=config.pgbench_database, executable=config.pgbench_executable
     )
