@@ -137,16 +137,21 @@ def cancels_unsent() -> list[tuple[str, str | None]]:
         .exclude(events__kind__in=done)
         .values_list("pk", flat=True)[:200]
     ]
-    for task_id, upstream_id in TaskEvent.objects.filter(
-        kind="late_upstream_acceptance", created_at__range=window
-    ).values_list("task_id", "data__upstream_id")[:200]:
-        if (
-            upstream_id
-            and not TaskEvent.objects.filter(
-                task_id=task_id, kind__in=done, data__upstream_id=upstream_id
-            ).exists()
-        ):
-            found.append((str(task_id), upstream_id))
+    late = list(
+        TaskEvent.objects.filter(
+            kind="late_upstream_acceptance", created_at__range=window
+        ).values_list("task_id", "data__upstream_id")[:200]
+    )
+    handled = set(
+        TaskEvent.objects.filter(
+            task_id__in={task_id for task_id, _ in late}, kind__in=done
+        ).values_list("task_id", "data__upstream_id")
+    )
+    found += [
+        (str(task_id), upstream_id)
+        for task_id, upstream_id in late
+        if upstream_id and (task_id, upstream_id) not in handled
+    ]
     return found
 
 

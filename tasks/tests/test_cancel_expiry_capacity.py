@@ -494,9 +494,25 @@ def test_an_upstream_cancel_whose_message_was_lost_is_sent_by_the_sweeper(
     Task.objects.filter(pk__in=[lost.pk, given_up.pk]).update(finished_at=long_ago)
     services.task_cancel_upstream_gave_up(task_id=given_up.pk, upstream_id=None, error="410")
 
-    # The sweeper finds only the one never carried out nor given up (and not the fresh one,
+    # Jobs accepted after a cancel: one whose cancel was lost, one already stopped
+    for task, job, handled in ((lost, "job_late", False), (given_up, "job_stopped", True)):
+        TaskEvent.objects.create(
+            task=task, kind="late_upstream_acceptance", data={"upstream_id": job}
+        )
+        if handled:
+            TaskEvent.objects.create(
+                task=task, kind="upstream_cancel_requested", data={"upstream_id": job}
+            )
+    TaskEvent.objects.filter(data__upstream_id__in=["job_late", "job_stopped"]).update(
+        created_at=long_ago
+    )
+
+    # The sweeper finds only what was never carried out nor given up (and not the fresh one,
     # whose own retries may still be running)
-    assert services.cancels_unsent() == [(str(lost.pk), None)]
+    assert services.cancels_unsent() == [(str(lost.pk), None), (str(lost.pk), "job_late")]
+    TaskEvent.objects.create(  # the late job's cancel is carried out
+        task=lost, kind="upstream_cancel_requested", data={"upstream_id": "job_late"}
+    )
 
     services.task_cancel_upstream(task_id=lost.pk)
     lost.refresh_from_db()
