@@ -438,43 +438,55 @@ def idempotency_claim(*, user: Any, key: str, fingerprint: str) -> IdempotencyCl
 
     Returns a claim to run, or the completed first response to replay.
     Raises IdempotencyKeyReused (same key, different request), IdempotencyInProgress (the first
-    request is still running), InvalidAmount-coded ``invalid_idempotency_key`` for bad keys.
+    request is still running, or the key changed hands at each of three tries),
+    InvalidAmount-coded ``invalid_idempotency_key`` for bad keys.
     """
     if not key or len(key) > 255 or not key.isprintable():
         raise InvalidAmount(
             "Idempotency-Key must be 1 to 255 printable characters.", code="invalid_idempotency_key"
         )
-    now = timezone.now()
-    try:
-        with transaction.atomic():
-            return IdempotencyClaim(
-                record=IdempotencyRecord.objects.create(
-                    user=user,
-                    key=key,
-                    fingerprint=fingerprint,
-                    status=IdempotencyRecord.Status.IN_PROGRESS,
-                    locked_at=now,
-                    expires_at=now + IDEMPOTENCY_TTL,
+    # The record we conflict with can vanish before we read it: its request abandoned the claim
+    # (the work was refused or failed) or the purge deleted it (expired). The key is then free:
+    # go back to the insert. Three tries, in case the key keeps changing hands.
+    for _attempt in range(3):
+        now = timezone.now()
+        try:
+            with transaction.atomic():
+                return IdempotencyClaim(
+                    record=IdempotencyRecord.objects.create(
+                        user=user,
+                        key=key,
+                        fingerprint=fingerprint,
+                        status=IdempotencyRecord.Status.IN_PROGRESS,
+                        locked_at=now,
+                        expires_at=now + IDEMPOTENCY_TTL,
+                    )
                 )
-            )
-    except IntegrityError:
-        pass
-    record = IdempotencyRecord.objects.get(user=user, key=key)
-    if record.expires_at <= now:
-        taken = _take_over(record, fingerprint, now)
-        if taken is not None:
-            return IdempotencyClaim(record=taken)
-        record.refresh_from_db()
-    if record.fingerprint != fingerprint:
-        raise IdempotencyKeyReused()
-    if record.status == IdempotencyRecord.Status.COMPLETED:
-        return IdempotencyClaim(replay=record)
-    if record.locked_at <= now - IDEMPOTENCY_STALE:
-        # The first request died before committing (its completion shares the work's
-        # transaction, so an in-progress record means the work did not commit).
-        taken = _take_over(record, fingerprint, now)
-        if taken is not None:
-            return IdempotencyClaim(record=taken)
+        except IntegrityError:
+            pass
+        try:
+            record = IdempotencyRecord.objects.get(user=user, key=key)
+        except IdempotencyRecord.DoesNotExist:
+            continue
+        if record.expires_at <= now:
+            taken = _take_over(record, fingerprint, now)
+            if taken is not None:
+                return IdempotencyClaim(record=taken)
+            try:
+                record.refresh_from_db()
+            except IdempotencyRecord.DoesNotExist:  # purged before our take-over: free again
+                continue
+        if record.fingerprint != fingerprint:
+            raise IdempotencyKeyReused()
+        if record.status == IdempotencyRecord.Status.COMPLETED:
+            return IdempotencyClaim(replay=record)
+        if record.locked_at <= now - IDEMPOTENCY_STALE:
+            # The first request died before committing (its completion shares the work's
+            # transaction, so an in-progress record means the work did not commit).
+            taken = _take_over(record, fingerprint, now)
+            if taken is not None:
+                return IdempotencyClaim(record=taken)
+        raise IdempotencyInProgress()
     raise IdempotencyInProgress()
 
 
