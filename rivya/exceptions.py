@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404, JsonResponse
+from django.core.exceptions import RequestDataTooBig
+from django.http import Http404, HttpRequest, JsonResponse
+from django.urls import Resolver404, resolve
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -56,6 +61,12 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         if retry_after is not None:  # capacity refusals (DESIGN.md §4: 429 with Retry-After)
             response["Retry-After"] = str(retry_after)
         return response
+    if isinstance(exc, RequestDataTooBig):
+        # DRF reads a JSON or form body whole (and Django's multipart parser counts the non-file
+        # fields) before any parser of ours sees it; left alone, Django answers an HTML 400 and
+        # logs a traceback. Raised from Content-Length before reading, or while reading a body
+        # that turns out longer than announced.
+        return Response(request_too_large_body(), status=413)
     if isinstance(exc, Http404):
         exc = drf.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
@@ -83,6 +94,40 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     return response
 
 
-def json_not_found(request: Any, exception: Exception | None = None) -> JsonResponse:
-    """404 for unknown URLs under /api/: JSON, like every other API answer."""
-    return JsonResponse(error_body("not_found", "No such API endpoint."), status=404)
+def request_too_large_body() -> dict[str, Any]:
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return error_body(
+        "request_too_large",
+        f"The request data is over the {limit}-byte limit for JSON and form fields "
+        "(MAX_JSON_BYTES). Send files as multipart file parts.",
+    )
+
+
+NOT_FOUND_URL_NAME = "api-not-found"
+
+
+# Exempt from CSRF: it changes nothing, and a write to a mistyped URL must learn that the URL is
+# wrong, in JSON, rather than get Django's HTML "CSRF verification failed" page (issue 13).
+@csrf_exempt
+def json_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    """404 for unknown URLs under /api/: JSON, like every other API answer, for every method."""
+    message = "No such API endpoint."
+    if not request.path_info.endswith("/"):
+        # CommonMiddleware's APPEND_SLASH redirect never applies here (the catch-all matches the
+        # slashless path), and would lose a POST's body anyway: say which URL was meant instead.
+        try:
+            meant = resolve(request.path_info + "/")
+        except Resolver404:
+            meant = None
+        if meant is not None and meant.url_name != NOT_FOUND_URL_NAME:
+            message = f"No such API endpoint: did you mean {request.path}/ ?"
+    return JsonResponse(error_body("not_found", message), status=404)
+
+
+def json_method_not_allowed(request: HttpRequest, allowed: Sequence[str]) -> JsonResponse:
+    """405 for plain Django views under /api/, in the shape DRF views answer it."""
+    response = JsonResponse(
+        error_body("method_not_allowed", f'Method "{request.method}" not allowed.'), status=405
+    )
+    response["Allow"] = ", ".join(allowed)
+    return response

@@ -4,7 +4,7 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from rivya.exceptions import json_not_found
+from rivya.exceptions import NOT_FOUND_URL_NAME, json_not_found
 from rivya.pages import views as pages
 
 api_v1 = [
@@ -23,5 +23,5 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/v1/", include(api_v1)),
-    re_path(r"^api/", json_not_found),
+    re_path(r"^api/", json_not_found, name=NOT_FOUND_URL_NAME),
 ]

@@ -12,7 +12,6 @@ from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.http import FileResponse, HttpRequest, HttpResponseRedirect, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, permissions
 from rest_framework.parsers import FormParser, MultiPartParser
@@ -29,7 +28,7 @@ from rivya.errors import (
     contains_nul,
     json_depth,
 )
-from rivya.exceptions import error_body
+from rivya.exceptions import error_body, json_method_not_allowed
 from rivya.idempotency import run_idempotent
 from rivya.pagination import CursorPagination
 from rivya.parsers import JSONParser
@@ -249,10 +248,11 @@ REFUSED_COUNTER = "callbacks_refused:{provider}"
 
 
 @csrf_exempt
-@require_POST
 def callback_view(request: HttpRequest, provider: str) -> JsonResponse:
     """Provider callbacks: verify the raw body's signature before anything else, store the
     delivery once, answer fast; processing happens in Celery."""
+    if request.method != "POST":  # require_POST would answer an empty 405, not the envelope
+        return json_method_not_allowed(request, ["POST"])
     if not known_provider(provider):
         return JsonResponse(error_body("not_found", "No such provider."), status=404)
     try:
