@@ -58,7 +58,7 @@ def run_checks() -> list[Breach]:
     return breaches
 
 
-def _rows(cursor: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+def query_rows(cursor: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     cursor.execute(sql, params)
     return list(cursor.fetchall())
 
@@ -66,7 +66,7 @@ def _rows(cursor: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any
 LIMIT = 20  # breaches named per check; the count says how many more
 
 
-def _named(rows: list[tuple[Any, ...]], fmt: Callable[[tuple[Any, ...]], str]) -> list[str]:
+def describe_rows(rows: list[tuple[Any, ...]], fmt: Callable[[tuple[Any, ...]], str]) -> list[str]:
     out = [fmt(r) for r in rows[:LIMIT]]
     if len(rows) > LIMIT:
         out.append(f"... and {len(rows) - LIMIT} more")
@@ -75,7 +75,7 @@ def _named(rows: list[tuple[Any, ...]], fmt: Callable[[tuple[Any, ...]], str]) -
 
 @register("1.balanced", "every ledger transaction has at least two entries summing to zero")
 def check_balanced(cursor: Any) -> list[str]:
-    rows = _rows(
+    rows = query_rows(
         cursor,
         """
         SELECT t.id, COALESCE(SUM(e.amount), 0), COUNT(e.id)
@@ -83,7 +83,7 @@ def check_balanced(cursor: Any) -> list[str]:
         GROUP BY t.id HAVING COALESCE(SUM(e.amount), 0) <> 0 OR COUNT(e.id) < 2
         ORDER BY t.id""",
     )
-    return _named(rows, lambda r: f"transaction {r[0]}: {r[2]} entries summing to {r[1]}")
+    return describe_rows(rows, lambda r: f"transaction {r[0]}: {r[2]} entries summing to {r[1]}")
 
 
 @register("1.append_only", "the database refuses UPDATE and DELETE of ledger entries")
@@ -96,7 +96,7 @@ def check_append_only(cursor: Any) -> list[str]:
 
 @register("2.account_balance", "each user account's balance equals the sum of its entries")
 def check_account_balance(cursor: Any) -> list[str]:
-    rows = _rows(
+    rows = query_rows(
         cursor,
         """
         SELECT a.id, a.balance, COALESCE(s.total, 0)
@@ -106,12 +106,14 @@ def check_account_balance(cursor: Any) -> list[str]:
         WHERE a.kind = 'user' AND a.balance <> COALESCE(s.total, 0)
         ORDER BY a.id""",
     )
-    return _named(rows, lambda r: f"account {r[0]}: balance {r[1]} but entries sum to {r[2]}")
+    return describe_rows(
+        rows, lambda r: f"account {r[0]}: balance {r[1]} but entries sum to {r[2]}"
+    )
 
 
 @register("2.account_held", "each user account's held equals the sum of its open holds")
 def check_account_held(cursor: Any) -> list[str]:
-    rows = _rows(
+    rows = query_rows(
         cursor,
         """
         SELECT a.id, a.held, COALESCE(h.total, 0)
@@ -121,40 +123,42 @@ def check_account_held(cursor: Any) -> list[str]:
         WHERE a.kind = 'user' AND a.held <> COALESCE(h.total, 0)
         ORDER BY a.id""",
     )
-    return _named(rows, lambda r: f"account {r[0]}: held {r[1]} but open holds sum to {r[2]}")
+    return describe_rows(
+        rows, lambda r: f"account {r[0]}: held {r[1]} but open holds sum to {r[2]}"
+    )
 
 
 @register("2.no_overdraft", "every user account has held >= 0 and available >= 0")
 def check_no_overdraft(cursor: Any) -> list[str]:
-    rows = _rows(
+    rows = query_rows(
         cursor,
         """
         SELECT id, balance, held FROM billing_account
         WHERE kind = 'user' AND (held < 0 OR balance - held < 0) ORDER BY id""",
     )
-    return _named(rows, lambda r: f"account {r[0]}: balance {r[1]}, held {r[2]}")
+    return describe_rows(rows, lambda r: f"account {r[0]}: balance {r[1]}, held {r[2]}")
 
 
 @register("2.sum_zero", "all entries together sum to zero")
 def check_sum_zero(cursor: Any) -> list[str]:
-    total = _rows(cursor, "SELECT COALESCE(SUM(amount), 0) FROM billing_entry")[0][0]
+    total = query_rows(cursor, "SELECT COALESCE(SUM(amount), 0) FROM billing_entry")[0][0]
     return [] if total == 0 else [f"all entries sum to {total}"]
 
 
 @register("3.holds", "each hold is resolved once and captured <= reserved")
 def check_holds(cursor: Any) -> list[str]:
     out: list[str] = []
-    rows = _rows(
+    rows = query_rows(
         cursor,
         """
         SELECT id, status, amount, captured FROM billing_hold
         WHERE captured < 0 OR captured > amount
            OR (status <> 'captured' AND captured <> 0) ORDER BY id""",
     )
-    out += _named(rows, lambda r: f"hold {r[0]} ({r[1]}): captured {r[3]} of {r[2]}")
+    out += describe_rows(rows, lambda r: f"hold {r[0]} ({r[1]}): captured {r[3]} of {r[2]}")
     # A captured hold has exactly one capture transaction charging exactly ``captured`` to the
     # hold's account; an open or released hold has none.
-    rows = _rows(
+    rows = query_rows(
         cursor,
         """
         SELECT h.id, h.status, h.captured, COUNT(DISTINCT t.id),
@@ -169,7 +173,7 @@ def check_holds(cursor: Any) -> list[str]:
             OR (h.status <> 'captured' AND COUNT(DISTINCT t.id) <> 0)
         ORDER BY h.id""",
     )
-    out += _named(
+    out += describe_rows(
         rows,
         lambda r: (
             f"hold {r[0]} ({r[1]}, captured {r[2]}): {r[3]} capture transactions charging {-r[4]}"
@@ -180,18 +184,18 @@ def check_holds(cursor: Any) -> list[str]:
 
 @register("5.adjustments", "every staff adjustment has an actor and a reason")
 def check_adjustments(cursor: Any) -> list[str]:
-    rows = _rows(
+    rows = query_rows(
         cursor,
         """
         SELECT id FROM billing_ledgertransaction
         WHERE kind = 'adjustment' AND (actor_id IS NULL OR TRIM(reason) = '') ORDER BY id""",
     )
-    return _named(rows, lambda r: f"adjustment {r[0]} lacks an actor or a reason")
+    return describe_rows(rows, lambda r: f"adjustment {r[0]} lacks an actor or a reason")
 
 
 @register("5.reversals", "each reversal is the exact opposite of its original, once")
 def check_reversals(cursor: Any) -> list[str]:
-    rows = _rows(
+    rows = query_rows(
         cursor,
         """
         SELECT r.id, r.reversal_of_id FROM billing_ledgertransaction r
@@ -202,16 +206,16 @@ def check_reversals(cursor: Any) -> list[str]:
             ) x WHERE x.s <> 0))
         ORDER BY r.id""",
     )
-    return _named(rows, lambda r: f"reversal {r[0]} does not mirror transaction {r[1]}")
+    return describe_rows(rows, lambda r: f"reversal {r[0]} does not mirror transaction {r[1]}")
 
 
 @register("5.idempotency", "each idempotency key took effect once")
 def check_idempotency(cursor: Any) -> list[str]:
-    rows = _rows(
+    rows = query_rows(
         cursor,
         """
         SELECT idempotency_scope, idempotency_key, COUNT(*) FROM billing_ledgertransaction
         WHERE idempotency_key <> '' GROUP BY idempotency_scope, idempotency_key
         HAVING COUNT(*) > 1""",
     )
-    return _named(rows, lambda r: f"key {r[1]!r} in {r[0]} used {r[2]} times")
+    return describe_rows(rows, lambda r: f"key {r[1]!r} in {r[0]} used {r[2]} times")

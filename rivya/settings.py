@@ -30,7 +30,25 @@ if not SECRET_KEY:
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
-SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000")
+
+
+def _served_url() -> str:
+    """Where `make run` serves (RIVYA_HOST, RIVYA_PORT), as a URL this machine can call.
+
+    SITE_URL, and so every callback URL handed to a provider, defaults to it: with only
+    RIVYA_PORT changed, callbacks must still reach this server rather than port 8000.
+    bin/dev.py checks at startup that CALLBACK_BASE_URL reaches it.
+    """
+    host = env.str("RIVYA_HOST", default="127.0.0.1")
+    # A wildcard bind is not an address to call: the loopback reaches it.
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{env.str('RIVYA_PORT', default='8000')}"
+
+
+SERVE_URL = _served_url()
+SITE_URL = env.str("SITE_URL", default=SERVE_URL)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -200,6 +218,8 @@ CELERY_BEAT_SCHEDULE = {
     "warn-expiring-results": {"task": "tasks.warn_expiring", "schedule": 60.0},
     "retry-upstream-cancels": {"task": "tasks.retry_upstream_cancels", "schedule": 120.0},
     "purge-idempotency-keys": {"task": "billing.purge_idempotency_keys", "schedule": 3600.0},
+    # Files no row references (rolled-back submits, workers killed mid-outcome): docs/storage.md.
+    "sweep-storage": {"task": "tasks.sweep_storage", "schedule": 3600.0},
 }
 
 # --- DRF ------------------------------------------------------------------------------------
@@ -261,6 +281,16 @@ TASK_SUBMIT_MAX_ATTEMPTS = env.int("TASK_SUBMIT_MAX_ATTEMPTS", default=6)
 # A WAITING task not submitted for this long is handed to the submitter again.
 TASK_RESUBMIT_AFTER = env.int("TASK_RESUBMIT_AFTER", default=30)
 TASK_POLL_BATCH = env.int("TASK_POLL_BATCH", default=200)
+# A task past its model's timeout whose job the provider never confirms stopped (status checks
+# failing, or a cancel it does not honour) is failed and refunded this long after it was flagged
+# (timeout_unconfirmed): a day of silence is the provider's failure, not the user's.
+TASK_UNCONFIRMED_GRACE = env.int("TASK_UNCONFIRMED_GRACE", default=24 * 3600)
+# Attempts at storing a finished job's outputs that never ended (the worker died or hit its time
+# limit, e.g. on a poison output) before the task fails, refunded, instead of looping forever.
+TASK_OUTPUT_MAX_ATTEMPTS = env.int("TASK_OUTPUT_MAX_ATTEMPTS", default=5)
+# The storage sweep deletes unreferenced files only once they are this old (s): far longer than
+# any submit or outcome transaction that may be about to reference them (docs/storage.md).
+STORAGE_SWEEP_MIN_AGE = env.int("STORAGE_SWEEP_MIN_AGE", default=24 * 3600)
 
 SANDBOX_URL = env.str("SANDBOX_URL", default="http://127.0.0.1:8765").rstrip("/")
 
@@ -287,14 +317,31 @@ def _sandbox_secret() -> str:
 
 SANDBOX_WEBHOOK_SECRET = _sandbox_secret()
 
+# Routine work runs every few seconds with or without anything to do: its per-run Celery lines
+# (beat's "Sending due task", the worker's "received"/"succeeded") are DEBUG, so that an idle
+# INFO log holds what an operator acts on. Every periodic task is routine, and so is the
+# per-task poll they fan out; their warnings and errors are kept.
+LOG_ROUTINE_TASKS = sorted(
+    {entry["task"] for entry in CELERY_BEAT_SCHEDULE.values()} | {"tasks.refresh"}
+)
+_routine = {"filters": ["routine_tasks"]}
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "filters": {
+        "routine_tasks": {"()": "rivya.logfilters.RoutineTaskFilter", "tasks": LOG_ROUTINE_TASKS}
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    # One line per upstream request is noise at INFO; failures surface as ProviderError logs.
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+    "loggers": {
+        # One line per upstream request is noise at INFO; failures surface as ProviderError logs.
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+        "celery.beat": _routine,
+        "celery.worker.strategy": _routine,
+        "celery.app.trace": _routine,
+    },
 }
 
 if not DEBUG:

@@ -26,7 +26,10 @@ SANDBOX_KNOBS: dict[str, Any] = {
         "default": "once",
     },
     "sandbox_status": {"enum": ["ok", "error"], "default": "ok"},
-    "sandbox_submit": {"enum": ["ok", "error", "invalid"], "default": "ok"},
+    "sandbox_submit": {
+        "enum": ["ok", "error", "invalid", "error_after_create", "in_progress"],
+        "default": "ok",
+    },
     "sandbox_cancel": {"enum": ["honour", "ignore"], "default": "honour"},
     "sandbox_submit_delay_ms": {"type": "integer", "minimum": 0, "maximum": 30_000, "default": 0},
 }

@@ -8,11 +8,12 @@ what they reserved.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.db import connection
 
-from billing.invariants import _named, _rows, register
+from billing.invariants import describe_rows, query_rows, register
 
 
 def _join() -> str:
@@ -28,14 +29,17 @@ TASK_BILLING_SQL = """
                h.id, h.status, h.amount, h.captured
         FROM ai_task t LEFT JOIN billing_hold h ON {join}
         WHERE
+            -- free (price 0): no hold, nothing reserved or charged, whatever the status
+            (t.price_micro = 0 AND (h.id IS NOT NULL OR t.reserved_micro <> 0
+                OR t.charged_micro <> 0 OR t.refunded_micro <> 0))
             -- unfinished: an open hold of exactly the reserved amount, nothing charged
-            (t.status IN ('WAITING', 'GENERATING') AND (h.id IS NULL OR h.status <> 'open'
-                OR h.amount <> t.reserved_micro OR t.charged_micro <> 0))
+            OR (t.price_micro > 0 AND t.status IN ('WAITING', 'GENERATING') AND (h.id IS NULL
+                OR h.status <> 'open' OR h.amount <> t.reserved_micro OR t.charged_micro <> 0))
             -- refused for credits: no hold, nothing reserved or charged
             OR (t.status = 'FAILED' AND t.error_code = 'insufficient_credits'
                 AND (h.id IS NOT NULL OR t.reserved_micro <> 0 OR t.charged_micro <> 0))
             -- any other terminal task: its hold resolved, charged exactly what was captured
-            OR (t.status IN ('SUCCESS', 'FAILED', 'REJECTED', 'CANCELLED')
+            OR (t.price_micro > 0 AND t.status IN ('SUCCESS', 'FAILED', 'REJECTED', 'CANCELLED')
                 AND t.error_code <> 'insufficient_credits'
                 AND (h.id IS NULL OR h.status = 'open' OR h.amount <> t.reserved_micro
                      OR h.captured <> t.charged_micro
@@ -49,8 +53,8 @@ TASK_BILLING_SQL = """
 @register("4.task_billing", "every task's hold matches its status and billing policy")
 def check_task_billing(cursor: Any) -> list[str]:
     # The only substitution is a fixed, vendor-specific join expression (no user input).
-    rows = _rows(cursor, TASK_BILLING_SQL.replace("{join}", _join()))
-    return _named(
+    rows = query_rows(cursor, TASK_BILLING_SQL.replace("{join}", _join()))
+    return describe_rows(
         rows,
         lambda r: (
             f"task {r[0]} ({r[1]}{' ' + r[2] if r[2] else ''}): price {r[3]}, reserved {r[4]}, "
@@ -61,46 +65,58 @@ def check_task_billing(cursor: Any) -> list[str]:
 
 @register("4.task_success_charge", "a SUCCESS charged its price, or its partial-success share")
 def check_task_success_charge(cursor: Any) -> list[str]:
-    # Only the few SUCCESS tasks not charged exactly their price need a closer look: a
-    # partial success (fewer outputs than requested, policy allowing it) charges
-    # floor(price × delivered / requested); anything else (e.g. a hold released instead of
-    # captured) is a breach.
-    import json
+    # Recomputed from the task's own inputs (its params, its policy, the outputs it holds) with
+    # the functions that own the rule, never from the basis the outcome stored: a mistake in what
+    # the outcome code wrote (a count read the wrong way) must show here. Only SUCCESS tasks not
+    # charged exactly their price, or missing some of the outputs they asked for, need a look.
+    from tasks.pricing import output_count, success_charge
 
-    rows = _rows(
+    rows = query_rows(
         cursor,
         """
-        SELECT id, price_micro, charged_micro, outputs_requested, results, billing_policy
-        FROM ai_task WHERE status = 'SUCCESS' AND charged_micro <> price_micro""",
+        SELECT id, price_micro, charged_micro, params, results, billing_policy
+        FROM ai_task WHERE status = 'SUCCESS'
+            AND (charged_micro <> price_micro OR CASE
+                WHEN jsonb_typeof(params -> 'num_outputs') = 'number'
+                    AND jsonb_typeof(results) = 'array'
+                THEN jsonb_array_length(results) < (params ->> 'num_outputs')::numeric
+                ELSE false END)
+        """
+        if connection.vendor == "postgresql"
+        else """
+        SELECT id, price_micro, charged_micro, params, results, billing_policy
+        FROM ai_task WHERE status = 'SUCCESS'""",
     )
     out = []
-    for task_id, price, charged, requested, results, policy in rows:
-        if not requested:
-            continue  # no basis recorded (a worker older than migration 0004, mid-deploy)
-        results = json.loads(results) if isinstance(results, str) else (results or [])
-        policy = json.loads(policy) if isinstance(policy, str) else (policy or {})
+    for task_id, price, charged, params, results, policy in rows:
+        params = _json(params)
+        results = _json(results) or []
         delivered = len(results)
-        partial = bool(policy.get("partial_success", True)) and delivered < requested
-        expected = price * delivered // requested if partial else price
+        expected, requested = success_charge(
+            price_micro=price, params=params, policy=_json(policy), delivered=delivered
+        )
         if charged != expected:
             out.append(
-                f"task {task_id} (SUCCESS, {delivered} of {requested} outputs) charged "
-                f"{charged}; its price {price} and policy call for {expected}"
+                f"task {task_id} (SUCCESS, {delivered} of {requested} outputs, num_outputs "
+                f"{output_count(params)}) charged {charged}; its price {price} and policy call "
+                f"for {expected}"
             )
     return out
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
 
 
 @register("4.task_policy", "failed and cancelled tasks charged only what their policy allows")
 def check_task_policy(cursor: Any) -> list[str]:
     # The percentages live in a JSON column; read only the few tasks that charged anything.
-    rows = _rows(
+    rows = query_rows(
         cursor,
         """
         SELECT id, status, reserved_micro, charged_micro, billing_policy FROM ai_task
         WHERE status IN ('FAILED', 'CANCELLED') AND charged_micro > 0""",
     )
-    import json
-
     out = []
     for task_id, status, reserved, charged, policy in rows:
         policy = json.loads(policy) if isinstance(policy, str) else (policy or {})
@@ -115,15 +131,14 @@ def check_task_policy(cursor: Any) -> list[str]:
 
 @register("4.task_capacity", "capacity counters equal the unfinished tasks holding each slot")
 def check_task_capacity(cursor: Any) -> list[str]:
-    import json
     from collections import Counter
 
     expected: Counter[str] = Counter()
-    for (scopes,) in _rows(
+    for (scopes,) in query_rows(
         cursor, "SELECT capacity_scopes FROM ai_task WHERE status IN ('WAITING', 'GENERATING')"
     ):
         expected.update(json.loads(scopes) if isinstance(scopes, str) else (scopes or []))
-    actual = dict(_rows(cursor, "SELECT scope, running FROM tasks_capacitycounter"))
+    actual = dict(query_rows(cursor, "SELECT scope, running FROM tasks_capacitycounter"))
     out = [
         f"capacity {scope}: counter {actual.get(scope, 0)}, unfinished tasks {count}"
         for scope, count in sorted(expected.items())

@@ -150,6 +150,27 @@ class Task(models.Model):
     capacity_scopes = models.JSONField(default=list, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     expiry_warned_at = models.DateTimeField(null=True, blank=True)
+    # When the provider is unclear, each decision reads these fields (never a count of timeline
+    # events). Submission: the first attempt that may have reached the provider without a clear
+    # answer (a read timeout, a 5xx, a 409 "in progress"): from then on the task is refunded
+    # only after the provider, asked by idempotency key, says it has no such job.
+    submit_ambiguous_at = models.DateTimeField(null=True, blank=True)
+    # Flags for support (set once, with a timeline event): retries ran out and the provider
+    # could not say whether it has the job; or the task was sent too often without an answer.
+    submit_unconfirmed_at = models.DateTimeField(null=True, blank=True)
+    submit_stuck_at = models.DateTimeField(null=True, blank=True)
+    # An unbroken run of "job not found" answers: its start and length. Any real status resets
+    # both; only a run long enough in both fails the task as lost.
+    not_found_since = models.DateTimeField(null=True, blank=True)
+    not_found_count = models.PositiveIntegerField(default=0)
+    # Past the model's timeout without the provider confirming the job stopped: flagged; after
+    # TASK_UNCONFIRMED_GRACE the task fails (upstream_unconfirmed), refunded.
+    timeout_unconfirmed_at = models.DateTimeField(null=True, blank=True)
+    # Storing the outputs of a finished job: a lease (no second processor while one downloads)
+    # and the attempts that never ended cleanly (a worker killed or timed out by a poison
+    # output), capped so that such an output is not fetched again forever.
+    output_lease_until = models.DateTimeField(null=True, blank=True)
+    output_attempts = models.PositiveIntegerField(default=0)
 
     class Meta:
         db_table = "ai_task"
@@ -194,6 +215,12 @@ class Task(models.Model):
                 name="task_unfinished_by_user",
             ),
             models.Index(fields=["provider", "upstream_id"], name="task_upstream"),
+            # Support's "flagged" filter and the grace sweep: the few unfinished flagged tasks.
+            models.Index(
+                fields=["timeout_unconfirmed_at"],
+                condition=Q(status="GENERATING", timeout_unconfirmed_at__isnull=False),
+                name="task_timeout_unconfirmed",
+            ),
             # Expiry: finished tasks whose files are still stored, by expiry time.
             models.Index(
                 fields=["expires_at"],

@@ -12,8 +12,25 @@ from tasks.providers.base import ProviderError
 
 logger = logging.getLogger(__name__)
 
+# Time limits fit each task's work. The soft limit raises inside the task (its transaction rolls
+# back); the hard one kills the worker process. A refresh or a callback may download a task's
+# outputs (bounded by refresh.DOWNLOAD_BUDGET_S): its hard limit stays under the leases on
+# storing outputs and on a callback delivery (refresh.OUTPUT_LEASE_S, CALLBACK_LEASE_S, 300 s),
+# so a slow download is stopped before another worker may take the same work.
+REFRESH_SOFT_S = 200
+REFRESH_HARD_S = 240
+# A submit uploads the reference files (up to MAX_UPLOAD_BYTES) within the HTTP timeouts.
+SUBMIT_SOFT_S = 150
 
-@shared_task(name="tasks.submit", bind=True, max_retries=None, acks_late=True)
+
+@shared_task(
+    name="tasks.submit",
+    bind=True,
+    max_retries=None,
+    acks_late=True,
+    soft_time_limit=SUBMIT_SOFT_S,
+    time_limit=SUBMIT_SOFT_S + 30,
+)
 def submit(self: object, task_id: str) -> None:
     """Send a WAITING task upstream; retry temporary errors with backoff and jitter."""
     try:
@@ -27,12 +44,14 @@ def submit(self: object, task_id: str) -> None:
         services.task_submit_failed(task_id=task_id, error=exc)
 
 
-@shared_task(name="tasks.refresh", acks_late=True)
+@shared_task(
+    name="tasks.refresh", acks_late=True, soft_time_limit=REFRESH_SOFT_S, time_limit=REFRESH_HARD_S
+)
 def refresh(task_id: str) -> None:
     services.task_refresh(task_id=task_id, reason="poll")
 
 
-@shared_task(name="tasks.poll_due")
+@shared_task(name="tasks.poll_due", soft_time_limit=30, time_limit=60)
 def poll_due() -> int:
     ids = services.poll_claim_due()
     for task_id in ids:
@@ -40,7 +59,14 @@ def poll_due() -> int:
     return len(ids)
 
 
-@shared_task(name="tasks.process_callback", bind=True, max_retries=None, acks_late=True)
+@shared_task(
+    name="tasks.process_callback",
+    bind=True,
+    max_retries=None,
+    acks_late=True,
+    soft_time_limit=REFRESH_SOFT_S,
+    time_limit=REFRESH_HARD_S,
+)
 def process_callback(self: object, delivery_id: int) -> str:
     outcome = services.callback_process(delivery_id=delivery_id)
     if outcome == "deferred":
@@ -49,7 +75,7 @@ def process_callback(self: object, delivery_id: int) -> str:
     return outcome
 
 
-@shared_task(name="tasks.retry_pending_callbacks")
+@shared_task(name="tasks.retry_pending_callbacks", soft_time_limit=30, time_limit=60)
 def retry_pending_callbacks() -> int:
     ids = services.callbacks_pending()
     for delivery_id in ids:
@@ -57,7 +83,7 @@ def retry_pending_callbacks() -> int:
     return len(ids)
 
 
-@shared_task(name="tasks.reconcile_waiting")
+@shared_task(name="tasks.reconcile_waiting", soft_time_limit=30, time_limit=60)
 def reconcile_waiting() -> int:
     ids = services.waiting_due_for_resubmit()
     for task_id in ids:
@@ -65,7 +91,14 @@ def reconcile_waiting() -> int:
     return len(ids)
 
 
-@shared_task(name="tasks.cancel_upstream", bind=True, max_retries=None, acks_late=True)
+@shared_task(
+    name="tasks.cancel_upstream",
+    bind=True,
+    max_retries=None,
+    acks_late=True,
+    soft_time_limit=60,
+    time_limit=90,
+)
 def cancel_upstream(self: object, task_id: str, upstream_id: str | None = None) -> None:
     """Ask the provider to stop a cancelled task's job; retry temporary errors."""
     try:
@@ -80,7 +113,7 @@ def cancel_upstream(self: object, task_id: str, upstream_id: str | None = None) 
         )
 
 
-@shared_task(name="tasks.retry_upstream_cancels")
+@shared_task(name="tasks.retry_upstream_cancels", soft_time_limit=30, time_limit=60)
 def retry_upstream_cancels() -> int:
     """Upstream cancels whose message was lost (broker down at commit) are sent again."""
     found = services.cancels_unsent()
@@ -89,7 +122,7 @@ def retry_upstream_cancels() -> int:
     return len(found)
 
 
-@shared_task(name="tasks.expire_results")
+@shared_task(name="tasks.expire_results", soft_time_limit=240, time_limit=300)
 def expire_results() -> int:
     total = 0
     while True:  # drain what is due, a bounded batch per transaction
@@ -99,6 +132,22 @@ def expire_results() -> int:
             return total
 
 
-@shared_task(name="tasks.warn_expiring")
+@shared_task(name="tasks.warn_expiring", soft_time_limit=60, time_limit=90)
 def warn_expiring() -> int:
     return services.results_warn_expiring()
+
+
+# Stopped well within the hour between runs; what it deleted stays deleted, the next run goes on.
+@shared_task(name="tasks.sweep_storage", soft_time_limit=1800, time_limit=1860)
+def sweep_storage() -> int:
+    """Delete stored files no row references, once older than STORAGE_SWEEP_MIN_AGE."""
+    from datetime import timedelta
+
+    report = services.storage_sweep(min_age=timedelta(seconds=settings.STORAGE_SWEEP_MIN_AGE))
+    if report.deleted:  # routine beat work stays quiet
+        logger.info(
+            "storage sweep deleted %d orphaned file(s), %d bytes", report.deleted, report.bytes
+        )
+    if report.failed:
+        logger.warning("storage sweep could not delete %d file(s)", report.failed)
+    return report.deleted

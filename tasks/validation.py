@@ -5,7 +5,6 @@ Everything here runs before any row is written: a request that fails creates no 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,12 @@ def normalize_params(schema: Mapping[str, Any], params: Any) -> dict[str, Any]:
         if isinstance(spec, Mapping) and "default" in spec
     }
     normalized.update(params)
+    # JSON Schema counts 3.0 as an integer: store it as 3, so that everything reading the params
+    # later (the price, the partial-success basis, the provider) sees one value.
+    for name, value in normalized.items():
+        spec = properties.get(name)
+        if isinstance(value, float) and value.is_integer() and _is_integer_type(spec):
+            normalized[name] = int(value)
     try:
         validator = Draft202012Validator({**schema, "type": "object"})
         errors = sorted(validator.iter_errors(normalized), key=lambda e: list(e.path))
@@ -55,6 +60,13 @@ def normalize_params(schema: Mapping[str, Any], params: Any) -> dict[str, Any]:
             fields.setdefault(f"params.{path}" if path else "params", []).append(error.message)
         raise ValidationFailed(fields)
     return normalized
+
+
+def _is_integer_type(spec: Any) -> bool:
+    if not isinstance(spec, Mapping):
+        return False
+    kind = spec.get("type")
+    return kind == "integer" or (isinstance(kind, list) and "integer" in kind)
 
 
 @dataclass(frozen=True)
@@ -134,28 +146,3 @@ def check_prompt(model: AIModel, prompt: Any) -> str:
             code="prompt_too_long",
         )
     return prompt
-
-
-def price_for(model: AIModel, params: Mapping[str, Any], files: Sequence[FileCheck]) -> int:
-    """The task's price in micro-credits, fixed at submit.
-
-    Per-second prices use the requested duration (``duration_s``) or, for models that process an
-    uploaded file (audio isolation), the measured duration of that file, rounded up to seconds.
-    """
-    price = model.price_micro
-    kind = model.billing_type
-    if kind == AIModel.BillingType.PER_TASK:
-        return price
-    if kind == AIModel.BillingType.PER_OUTPUT:
-        return price * int(params.get("num_outputs", 1))
-    if kind == AIModel.BillingType.PER_OUTPUT_SECOND:
-        if "duration_s" in params:
-            seconds = math.ceil(float(params["duration_s"]))
-        else:
-            durations = [f.info.duration_ms or 0 for f in files]
-            seconds = math.ceil(sum(durations) / 1000) if durations else 1
-        return price * max(1, seconds)
-    raise ValidationFailed(
-        {"model": ["This model is billed per token and cannot run as a generation task."]},
-        code="model_not_available",
-    )

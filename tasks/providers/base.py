@@ -59,7 +59,7 @@ class JobStatus:
     state: JobState
     outputs: tuple[Output, ...] = ()
     # What the provider says it was asked for: informational only (billing uses the task's own
-    # num_outputs, tasks.services.refresh.outputs_requested).
+    # num_outputs, tasks.pricing.output_count).
     requested_outputs: int | None = None
     error_code: str = ""
     error_message: str = ""
@@ -114,6 +114,12 @@ class Provider(Protocol):
 
     def fetch_status(self, upstream_id: str) -> JobStatus: ...
 
+    def find_job(self, idempotency_key: str) -> JobStatus | None:
+        """The job created under ``idempotency_key`` (our task id), or None when the provider
+        says it has none. Asked before refunding a task whose submission may have reached the
+        provider without a clear answer. Raises ProviderError when it cannot tell."""
+        ...
+
     def cancel(self, upstream_id: str) -> None: ...
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CallbackEvent: ...
@@ -123,4 +129,8 @@ class Provider(Protocol):
         does not cover the body (then we must ask the provider: PITFALLS 6)."""
         ...
 
-    def download(self, output: Output, *, max_bytes: int) -> bytes: ...
+    def download(self, output: Output, *, max_bytes: int, timeout_s: float) -> bytes:
+        """The output's bytes: at most ``max_bytes`` (else a permanent ProviderError), within
+        ``timeout_s`` in all (else a retryable one: a slow trickle must not outlive the lease
+        on storing the outputs)."""
+        ...

@@ -86,6 +86,28 @@ class SandboxProvider:
         _raise_for_status(response)
         return _job_status(_json(response))
 
+    def find_job(self, idempotency_key: str) -> JobStatus | None:
+        response = http.request(
+            "GET", f"{self._base_url}/v1/jobs", params={"idempotency_key": idempotency_key}
+        )
+        _raise_for_status(response)
+        jobs = _json(response).get("data")
+        if not isinstance(jobs, list):
+            raise ProviderError(
+                "sandbox job search answer has no list",
+                retryable=True,
+                code="upstream_bad_response",
+            )
+        if not jobs:
+            return None
+        if not isinstance(jobs[0], dict):
+            raise ProviderError(
+                "sandbox job search answer is unreadable",
+                retryable=True,
+                code="upstream_bad_response",
+            )
+        return _job_status(jobs[0])
+
     def cancel(self, upstream_id: str) -> None:
         response = http.request("POST", self._job_url(upstream_id, "/cancel"))
         if response.status_code == 409:
@@ -128,7 +150,8 @@ class SandboxProvider:
                 retryable=False,
                 code="invalid_callback",
             ) from None
-        if not isinstance(upstream_id, str):
+        if not isinstance(upstream_id, str) or not upstream_id.strip():
+            # An empty id would match every task that has no upstream id yet.
             raise ProviderError(
                 "sandbox callback has no job id", retryable=False, code="invalid_callback"
             )
@@ -151,7 +174,8 @@ class SandboxProvider:
         except ProviderError:
             return None
 
-    def download(self, output: Output, *, max_bytes: int) -> bytes:
+    def download(self, output: Output, *, max_bytes: int, timeout_s: float) -> bytes:
+        deadline = time.monotonic() + timeout_s
         with http.stream("GET", output.url) as response:
             if not 200 <= response.status_code < 300:
                 response.read()
@@ -166,6 +190,12 @@ class SandboxProvider:
                 total += len(chunk)
                 if total > max_bytes:
                     raise _too_large(output, max_bytes)
+                if time.monotonic() > deadline:
+                    raise ProviderError(
+                        f"output {output.url} took longer than {timeout_s:.0f} s to download",
+                        retryable=True,
+                        code="download_too_slow",
+                    )
                 chunks.append(chunk)
         return b"".join(chunks)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 from standardwebhooks import Webhook
@@ -44,7 +44,7 @@ OUTCOMES = ("success", "fail", "reject", "partial")
 CALLBACK_MODES = ("once", "early", "duplicate", "none", "out_of_order")
 STATUS_MODES = ("ok", "error")
 CANCEL_MODES = ("honour", "ignore")
-SUBMIT_MODES = ("ok", "error", "invalid")
+SUBMIT_MODES = ("ok", "error", "invalid", "error_after_create", "in_progress")
 
 FINAL = {"success": "succeeded", "partial": "succeeded", "fail": "failed", "reject": "rejected"}
 ERRORS = {
@@ -241,13 +241,13 @@ class Sandbox:
         with self._lock:
             replay = self._replay(idempotency_key, now)
         if replay is not None:
-            return 200, replay
+            return _answer_after_create(submit_mode, 200, replay)
         job_args = _parse_job(body)
         now = time.time()
         with self._lock:
             replay = self._replay(idempotency_key, now)
             if replay is not None:
-                return 200, replay
+                return _answer_after_create(submit_mode, 200, replay)
             job = Job(id="job_" + secrets.token_hex(10), created_at=now, **job_args)
             self._jobs[job.id] = job
             self._stats["jobs_created"] += 1
@@ -277,7 +277,14 @@ class Sandbox:
         delay_ms = _number(params, "sandbox_submit_delay_ms", 0, 30_000) if params else None
         if delay_ms:
             time.sleep(delay_ms / 1000)
-        return 201, answer
+        return _answer_after_create(submit_mode, 201, answer)
+
+    def find(self, idempotency_key: str) -> tuple[int, dict[str, Any]]:
+        """The job created under an idempotency key, if any: what a client asks after a submit
+        whose answer it never got (or could not trust), before it gives up on the job."""
+        with self._lock:
+            job = self._jobs.get(self._by_key.get(idempotency_key, ""))
+            return 200, {"data": [] if job is None else [self.view(job, time.time())]}
 
     def _replay(self, idempotency_key: str | None, now: float) -> dict[str, Any] | None:
         job = self._jobs.get(self._by_key.get(idempotency_key or "", ""))
@@ -424,6 +431,17 @@ class Sandbox:
 
 def _monotonic_at(wall: float) -> float:
     return time.monotonic() + max(0.0, wall - time.time())
+
+
+def _answer_after_create(mode: str, status: int, job: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The answer to a submit whose job exists: the job, or, for the knobs that mimic upstreams
+    answering badly after acting, an error although the job was created (``error_after_create``:
+    a 503; ``in_progress``: a 409 as for a request with the same key still being processed)."""
+    if mode == "error_after_create":
+        return 503, _error("sandbox_unavailable", "Submit failed after the job was created.")
+    if mode == "in_progress":
+        return 409, _error("request_in_progress", "A request with this key is in progress.")
+    return status, job
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -590,6 +608,12 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, {"ok": True})
             case ["v1", "stats"]:
                 self._send(200, sandbox.stats())
+            case ["v1", "jobs"]:
+                key = parse_qs(urlsplit(self.path).query).get("idempotency_key", [""])[0]
+                if not key:
+                    self._send(400, _error("invalid_request", "Give ?idempotency_key=."))
+                else:
+                    self._send(*sandbox.find(key))
             case ["v1", "jobs", job_id]:
                 self._send(*sandbox.get(job_id))
             case ["v1", "files", job_id, n] if n.isdigit():

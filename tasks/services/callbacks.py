@@ -67,7 +67,13 @@ def callback_process(*, delivery_id: int) -> str:
         return "processed"
     if not claimed:
         return "busy"
-    task = Task.objects.filter(provider=delivery.provider, upstream_id=delivery.upstream_id).first()
+    # An empty upstream id names no job (adapters refuse it; a row stored before they did must
+    # not attach to a task whose upstream id is still empty).
+    task = (
+        Task.objects.filter(provider=delivery.provider, upstream_id=delivery.upstream_id).first()
+        if delivery.upstream_id
+        else None
+    )
     if task is None:
         if delivery.attempts >= CALLBACK_MAX_ATTEMPTS:
             CallbackDelivery.objects.filter(pk=delivery_id, status="pending").update(
@@ -103,11 +109,14 @@ def callback_process(*, delivery_id: int) -> str:
         delivery=delivery.pk,
     )
     if task.status in Task.TERMINAL:
-        if task.status == S.CANCELLED and status and status.state == JobState.SUCCEEDED:
+        if task.status != S.SUCCESS and status and status.state == JobState.SUCCEEDED:
+            # Cancelled, or given up on (lost, unconfirmed past the grace): the result is
+            # recorded for support; status, credits and results do not change.
             _event(
                 task.pk,
                 "late_result",
-                "A result arrived after cancellation; recorded, nothing else changed.",
+                f"A result arrived after the task had finished ({task.status}); recorded, "
+                "nothing else changed.",
             )
     else:
         # Early callbacks (result not ready) change nothing: refresh sees the job still

@@ -122,8 +122,10 @@ def task_cancel_upstream_gave_up(*, task_id: Any, upstream_id: str | None, error
 def cancels_unsent() -> list[tuple[str, str | None]]:
     """Upstream cancels that were never carried out, neither done nor given up: their message
     was lost (the broker was down at commit). ``(task id, job id or None for the task's own)``
-    for jobs of tasks cancelled between ``CANCEL_SWEEP_WINDOW_S`` and ``CANCEL_SWEEP_AFTER_S``
-    ago, and for jobs accepted after a cancel (``late_upstream_acceptance``)."""
+    for jobs of tasks whose cancel was requested (``cancel_requested_at``: cancelled, or failed
+    giving up on a job that may still run) between ``CANCEL_SWEEP_WINDOW_S`` and
+    ``CANCEL_SWEEP_AFTER_S`` ago, and for jobs accepted after a cancel
+    (``late_upstream_acceptance``)."""
     now = timezone.now()
     window = (
         now - timedelta(seconds=CANCEL_SWEEP_WINDOW_S),
@@ -132,7 +134,7 @@ def cancels_unsent() -> list[tuple[str, str | None]]:
     done = ["upstream_cancel_requested", "upstream_cancel_gave_up"]
     found: list[tuple[str, str | None]] = [
         (str(pk), None)
-        for pk in Task.objects.filter(status=S.CANCELLED, finished_at__range=window)
+        for pk in Task.objects.filter(status__in=Task.TERMINAL, cancel_requested_at__range=window)
         .exclude(upstream_id="")
         .exclude(events__kind__in=done)
         .values_list("pk", flat=True)[:200]

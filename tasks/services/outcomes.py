@@ -11,6 +11,8 @@ from django.utils import timezone
 
 from notifications.models import Notification
 from tasks.models import Task
+from tasks.pricing import success_charge
+from tasks.services import enqueue
 from tasks.services.common import S, _event, _notify, _settle, _transition, _ttl, policy_percent
 
 
@@ -35,19 +37,22 @@ def _result_dict(o: StoredOutput) -> dict[str, Any]:
     }
 
 
-def task_succeed(
-    *, task_id: Any, outputs: Sequence[StoredOutput], requested: int | None = None
-) -> bool:
+def task_succeed(*, task_id: Any, outputs: Sequence[StoredOutput]) -> bool:
     """GENERATING → SUCCESS with the stored outputs; capture the price (or, for K of N outputs,
-    floor(price × K / N) when the model's policy allows partial success). Returns True if this
-    call finished the task; False (and nothing written) if another outcome won."""
+    floor(price × K / N) when the model's policy allows partial success; N is the task's own
+    ``num_outputs``, never the provider's report of it: ``tasks.pricing.success_charge``).
+    Returns True if this call finished the task; False (and nothing written) if another outcome
+    won."""
     now = timezone.now()
     with transaction.atomic():
         task = Task.objects.select_related("user").get(pk=task_id)
-        got, wanted = len(outputs), max(requested or len(outputs), len(outputs), 1)
-        charge = task.price_micro
-        if got < wanted and task.billing_policy.get("partial_success", True):
-            charge = task.price_micro * got // wanted
+        got = len(outputs)
+        charge, wanted = success_charge(
+            price_micro=task.price_micro,
+            params=task.params,
+            policy=task.billing_policy,
+            delivered=got,
+        )
         if not _transition(
             task_id,
             [S.GENERATING],
@@ -108,10 +113,14 @@ def task_fail(
     status: str = S.FAILED,
     sources: Sequence[str] = Task.UNFINISHED,
     charge_policy: bool = True,
+    cancel_upstream: bool = False,
 ) -> bool:
     """→ FAILED or REJECTED with the error; release the hold, or capture the share the model's
-    policy charges for failures after upstream acceptance (REJECTED never charges). Returns
-    True if this call finished the task."""
+    policy charges for failures after upstream acceptance (REJECTED never charges; nor does a
+    failure with ``charge_policy`` False). With ``cancel_upstream``, the provider is asked after
+    commit to stop the task's job (we give up on a job that may still be running), and the
+    cancel sweep retries it if that message is lost. Returns True if this call finished the
+    task."""
     now = timezone.now()
     with transaction.atomic():
         task = Task.objects.select_related("user").get(pk=task_id)
@@ -134,9 +143,15 @@ def task_fail(
             charged_micro=charge,
             refunded_micro=task.reserved_micro - charge,
             next_poll_at=None,
+            **({"cancel_requested_at": now} if cancel_upstream and task.upstream_id else {}),
         ):
             return False
         _settle(task, charge, f"{task.model_slug}: failure charge ({percent}%)")
+        if cancel_upstream and task.upstream_id:
+            upstream_id = task.upstream_id
+            transaction.on_commit(
+                lambda: enqueue.cancel_upstream(task_id, upstream_id), robust=True
+            )
         _event(task_id, status.lower(), message, code=code, error_kind=kind)
         _event(
             task_id,

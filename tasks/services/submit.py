@@ -23,10 +23,11 @@ from rivya.errors import (
 from tasks.capacity import capacity_acquire, capacity_release
 from tasks.media import MediaInfo
 from tasks.models import AIModel, Task, Upload
+from tasks.pricing import task_price
 from tasks.services import enqueue
 from tasks.services.common import SUBJECT, S, _event, _notify, _transition, _ttl
 from tasks.services.uploads import _inspect, upload_create
-from tasks.validation import FileCheck, check_files, check_prompt, normalize_params, price_for
+from tasks.validation import FileCheck, check_files, check_prompt, normalize_params
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,9 @@ def task_submit(
             )
         checks.append(FileCheck(file.name or "file", _inspect(file), file.size))
     check_files(model.file_rules, checks)
-    price = price_for(model, params, checks)
+    price = task_price(
+        model=model, params=params, durations_ms=[c.info.duration_ms or 0 for c in checks]
+    )
 
     with transaction.atomic():
         uploads.extend(upload_create(user=user, file=file) for file in files)
@@ -142,16 +145,21 @@ def task_submit(
         # Exact under concurrency: conditional UPDATEs on capacity counters; a refusal raises
         # and rolls back the task, so a refused submit leaves nothing behind.
         capacity_acquire(task=task)
-        try:
-            billing.hold_create(
-                user=user, amount=price, subject_type=SUBJECT, subject_id=str(task.pk)
-            )
-        except InsufficientCredits as exc:
-            _refuse_for_credits(task, exc)
-            task.refresh_from_db()
-            return SubmitOutcome(task=task, accepted=False)
-        Task.objects.filter(pk=task.pk).update(reserved_micro=price)
-        _event(task.pk, "credits_held", amount_micro=price)
+        if price:
+            try:
+                billing.hold_create(
+                    user=user, amount=price, subject_type=SUBJECT, subject_id=str(task.pk)
+                )
+            except InsufficientCredits as exc:
+                _refuse_for_credits(task, exc)
+                task.refresh_from_db()
+                return SubmitOutcome(task=task, accepted=False)
+            Task.objects.filter(pk=task.pk).update(reserved_micro=price)
+            _event(task.pk, "credits_held", amount_micro=price)
+        else:
+            # A free model (price 0, which the catalog allows): nothing to hold, so no hold; the
+            # outcome settles nothing and ledger_check expects no hold for it.
+            _event(task.pk, "free", "Free model: no credits held.")
         # robust: a broker outage must not turn a committed submit into a 500 (the client
         # might retry and pay twice); the reconciler submits what was not queued.
         transaction.on_commit(lambda: enqueue.submit(task.pk), robust=True)

@@ -15,7 +15,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from tasks.media import MediaError, inspect_media
-from tasks.models import Task, TaskEvent, Upload
+from tasks.models import Task, Upload
 from tasks.providers.base import (
     InputFile,
     ProviderError,
@@ -75,21 +75,28 @@ def task_send_upstream(*, task_id: Any) -> bool:
             callback_url=callback_url(task.provider),
         )
     )
+    return _record_acceptance(task, result.upstream_id, "Accepted upstream.")
+
+
+def _record_acceptance(task: Task, upstream_id: str, message: str) -> bool:
+    """WAITING → GENERATING with the job the provider accepted (or, asked by idempotency key,
+    says it has). Returns True when this call moved the task."""
+    task_id = task.pk
     now = timezone.now()
     with transaction.atomic():
         moved = _transition(
             task_id,
             [S.WAITING],
             S.GENERATING,
-            upstream_id=result.upstream_id,
+            upstream_id=upstream_id,
             submitted_at=now,
             next_poll_at=now + timedelta(seconds=task.poll_interval_seconds),
         )
         if moved:
-            _event(task_id, "submitted", "Accepted upstream.", upstream_id=result.upstream_id)
+            _event(task_id, "submitted", message, upstream_id=upstream_id)
         elif (
             Task.objects.filter(pk=task_id).values_list("upstream_id", flat=True).first()
-            != result.upstream_id
+            != upstream_id
         ):
             # Cancelled (or failed) while we were submitting: the job must not run on. But not
             # the job the task already tracks: a concurrent attempt under the same idempotency
@@ -100,11 +107,11 @@ def task_send_upstream(*, task_id: Any) -> bool:
                 task_id,
                 "late_upstream_acceptance",
                 "The upstream accepted the job after the task had finished; cancelling it.",
-                upstream_id=result.upstream_id,
+                upstream_id=upstream_id,
             )
             # Through the retried Celery task: a transient failure must not leave it running.
             transaction.on_commit(
-                lambda: enqueue.cancel_upstream(task_id, result.upstream_id), robust=True
+                lambda: enqueue.cancel_upstream(task_id, upstream_id), robust=True
             )
     return moved
 
@@ -156,7 +163,10 @@ def submit_attempts_limit() -> int:
 
 
 def _mark_stuck(task: Task) -> None:
-    if TaskEvent.objects.filter(task_id=task.pk, kind="submit_stuck").exists():
+    """Flag a task that is no longer sent (``submit_stuck_at``), once."""
+    if not Task.objects.filter(pk=task.pk, submit_stuck_at__isnull=True).update(
+        submit_stuck_at=timezone.now()
+    ):
         return
     logger.error(
         "task %s stuck in WAITING after %s submit attempts; not sent again",
@@ -177,42 +187,64 @@ def task_submit_attempts(*, task_id: Any) -> int:
     return Task.objects.filter(pk=task_id).values_list("submit_attempts", flat=True).first() or 0
 
 
+def may_have_created(error: ProviderError) -> bool:
+    """Whether a failed submit may have created the job anyway: no answer after the request
+    left (a read timeout, a dropped connection), a 5xx (the provider failed somewhere, perhaps
+    after creating it), or a 409 (a request with the same key is still being processed)."""
+    status = error.status
+    return error.maybe_received or (status is not None and (status >= 500 or status == 409))
+
+
 def task_submit_attempt_failed(*, task_id: Any, error: ProviderError) -> None:
-    """Record a failed submission attempt on the task's timeline (support sees every try)."""
+    """Record a failed submission attempt on the task's timeline (support sees every try), and
+    on the task when the attempt may have created the job (``submit_ambiguous_at``): from then
+    on it is refunded only once the provider says it has no such job."""
+    ambiguous = may_have_created(error)
+    if ambiguous:
+        Task.objects.filter(pk=task_id, submit_ambiguous_at__isnull=True).update(
+            submit_ambiguous_at=timezone.now()
+        )
     _event(
         task_id,
         "submit_error",
         error.message[:500],
         code=error.code,
         retryable=error.retryable,
-        maybe_received=error.maybe_received,
+        maybe_received=ambiguous,
     )
 
 
 def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
-    """The upstream refused the job for good (or kept failing): FAILED, credits released.
+    """The upstream refused the job for good, or kept failing: FAILED, credits released.
 
-    Except when it kept failing and some attempt may have reached the provider unanswered (a
-    read timeout): that attempt may have created the job, which would then run and bill
-    (PITFALLS 10). Such a task stays WAITING with its credits held; the reconciler asks again
-    with the same idempotency key (the provider answers with the job if it exists, or creates
-    it), and after ``submit_attempts_limit()`` attempts it is flagged for support. A refusal
-    (not retryable) fails it at once: with the same key, an existing job would have been
-    returned instead."""
-    if error.retryable and (
-        error.maybe_received
-        or TaskEvent.objects.filter(
-            task_id=task_id, kind="submit_error", data__maybe_received=True
-        ).exists()
-    ):
-        if not TaskEvent.objects.filter(task_id=task_id, kind="submit_unconfirmed").exists():
-            _event(
-                task_id,
-                "submit_unconfirmed",
-                "The provider may have received this job without answering; it will be asked "
-                "again with the same key. Credits stay held until it is known.",
-            )
+    Unless some attempt may have created the job (``submit_ambiguous_at``, or this ``error``:
+    see ``may_have_created``): that job would run and bill while we refund. Then the provider
+    is asked for the job by its idempotency key first:
+    - it has it: the task tracks that job (GENERATING), as if the submit had been answered;
+    - it says it has none: FAILED, refunded;
+    - it cannot tell: the task stays WAITING with its credits held, flagged
+      ``submit_unconfirmed_at`` for support; the reconciler sends it again with the same key
+      (the provider answers with the job if it exists) until ``submit_attempts_limit()``.
+    Returns True when this call failed the task."""
+    task = Task.objects.filter(pk=task_id).first()
+    if task is None or task.status != S.WAITING:
         return False
+    if task.submit_ambiguous_at is not None or may_have_created(error):
+        provider = get_provider(task.provider)
+        try:
+            job = provider.find_job(str(task.pk))
+        except ProviderError as exc:
+            _flag_unconfirmed(task, exc)
+            return False
+        if job is not None:
+            _record_acceptance(
+                task,
+                job.upstream_id,
+                "The provider has this job although the submission got no clear answer; "
+                "tracking it.",
+            )
+            return False
+        _event(task_id, "upstream_job_absent", "The provider confirms it has no job for this task.")
     kind = "provider" if not error.retryable else "infra"
     message = (
         "The provider refused this request: " + error.message
@@ -228,6 +260,21 @@ def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
     )
 
 
+def _flag_unconfirmed(task: Task, error: ProviderError) -> None:
+    if Task.objects.filter(pk=task.pk, submit_unconfirmed_at__isnull=True).update(
+        submit_unconfirmed_at=timezone.now()
+    ):
+        logger.warning("task %s: submission unconfirmed (%s); credits stay held", task.pk, error)
+        _event(
+            task.pk,
+            "submit_unconfirmed",
+            "The provider may have received this job without answering, and cannot say now "
+            "whether it has it; it will be asked again with the same key. Credits stay held "
+            "until it is known.",
+            code=error.code,
+        )
+
+
 def waiting_due_for_resubmit() -> list[str]:
     """WAITING tasks whose submission never completed (worker crash, lost message): handed to
     the submitter again with the same idempotency key. Tasks that kept failing to submit are
@@ -236,15 +283,12 @@ def waiting_due_for_resubmit() -> list[str]:
     cutoff = timezone.now() - timedelta(seconds=settings.TASK_RESUBMIT_AFTER)
     # Over the limit and not flagged yet (their last message was lost, so no submitter saw
     # them): flag them here, so that support finds every one.
-    for task in (
-        Task.objects.filter(
-            status=S.WAITING,
-            submit_attempts__gte=submit_attempts_limit(),
-            last_submit_at__lt=cutoff,
-        )
-        .exclude(events__kind="submit_stuck")
-        .only("pk", "submit_attempts")[:100]
-    ):
+    for task in Task.objects.filter(
+        status=S.WAITING,
+        submit_attempts__gte=submit_attempts_limit(),
+        last_submit_at__lt=cutoff,
+        submit_stuck_at__isnull=True,
+    ).only("pk", "submit_attempts")[:100]:
         _mark_stuck(task)
     return [
         str(pk)

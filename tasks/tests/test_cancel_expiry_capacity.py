@@ -491,7 +491,9 @@ def test_an_upstream_cancel_whose_message_was_lost_is_sent_by_the_sweeper(
         services.task_send_upstream(task_id=task.pk)
         services.task_cancel(task_id=task.pk, actor=user)  # its queued cancel never runs
     long_ago = timezone.now() - timedelta(seconds=CANCEL_SWEEP_AFTER_S + 5)
-    Task.objects.filter(pk__in=[lost.pk, given_up.pk]).update(finished_at=long_ago)
+    Task.objects.filter(pk__in=[lost.pk, given_up.pk]).update(
+        finished_at=long_ago, cancel_requested_at=long_ago
+    )
     services.task_cancel_upstream_gave_up(task_id=given_up.pk, upstream_id=None, error="410")
 
     # Jobs accepted after a cancel: one whose cancel was lost, one already stopped

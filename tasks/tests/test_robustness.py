@@ -100,7 +100,9 @@ def test_multipart_files_sent_as_text_are_refused(funded: Any, api_for: Any) -> 
 
 
 @pytest.mark.django_db
-def test_a_job_the_provider_lost_fails_and_refunds_once_it_keeps_saying_so(funded: Any) -> None:
+def test_a_job_the_provider_lost_fails_and_refunds_once_it_keeps_saying_so(
+    funded: Any, django_capture_on_commit_callbacks: Any
+) -> None:
     from tasks.services.refresh import JOB_LOST_AFTER_S, JOB_LOST_ANSWERS
 
     AIModel.objects.filter(slug="sandbox-image").update(
@@ -118,15 +120,79 @@ def test_a_job_the_provider_lost_fails_and_refunds_once_it_keeps_saying_so(funde
     assert task.status == S.GENERATING
     assert billing_selectors.balance_for_user(user=user).held == C
 
-    # Once it has said so for long enough, the task fails, refunded in full (nothing to charge)
-    TaskEvent.objects.filter(task=task, kind="upstream_not_found").update(
-        created_at=timezone.now() - timedelta(seconds=JOB_LOST_AFTER_S + 1)
+    # Once it has said so, without a break, for long enough, the task fails, refunded in full
+    # (nothing to charge), and the provider is asked to stop the job in case it only hid it
+    Task.objects.filter(pk=task.pk).update(
+        not_found_since=timezone.now() - timedelta(seconds=JOB_LOST_AFTER_S + 1)
     )
-    services.task_refresh(task_id=task.pk)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        services.task_refresh(task_id=task.pk)
 
     task.refresh_from_db()
     assert (task.status, task.error_code, task.charged_micro) == (S.FAILED, "upstream_job_lost", 0)
     assert billing_selectors.balance_for_user(user=user).available == 10 * C
+    assert task.cancel_requested_at is not None
+    assert len(callbacks) == 1  # the upstream cancel, queued after commit
+
+
+@pytest.mark.django_db(transaction=True)
+def test_not_found_answers_fail_a_task_only_in_an_unbroken_run(
+    funded: Any, queued: dict[str, list[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.providers.base import JobState, JobStatus, ProviderError
+    from tasks.providers.sandbox import SandboxProvider
+    from tasks.services.refresh import JOB_LOST_AFTER_S, JOB_LOST_ANSWERS
+
+    # Given a running task whose provider sometimes says "not found", sometimes "running"
+    user = funded(10)
+    task = submit(user, sandbox_latency_ms=600_000)
+    services.task_send_upstream(task_id=task.pk)
+    answers: list[str] = []
+
+    def fetch_status(self: SandboxProvider, upstream_id: str) -> JobStatus:
+        if answers.pop(0) == "lost":
+            raise ProviderError("gone", retryable=False, code="job_not_found", status=404)
+        return JobStatus(upstream_id=upstream_id, state=JobState.RUNNING)
+
+    monkeypatch.setattr(SandboxProvider, "fetch_status", fetch_status)
+    long_ago = timezone.now() - timedelta(hours=1)
+
+    # When isolated not-found answers, spread over an hour, come between real statuses
+    for _ in range(JOB_LOST_ANSWERS + 2):
+        answers[:] = ["lost", "running"]
+        services.task_refresh(task_id=task.pk)
+        Task.objects.filter(pk=task.pk, not_found_since__isnull=False).update(
+            not_found_since=long_ago
+        )
+        services.task_refresh(task_id=task.pk)
+
+    # Then every real status ended the run: the task runs on, its credits held
+    task.refresh_from_db()
+    assert task.status == S.GENERATING
+    assert (task.not_found_since, task.not_found_count) == (None, 0)
+    assert TaskEvent.objects.filter(task=task, kind="upstream_not_found").count() >= 5
+    assert billing_selectors.balance_for_user(user=user).held == C
+
+    # And an unbroken run, long enough in answers but not yet in time, still changes nothing
+    answers[:] = ["lost"] * JOB_LOST_ANSWERS
+    for _ in range(JOB_LOST_ANSWERS):
+        services.task_refresh(task_id=task.pk)
+    task.refresh_from_db()
+    assert (task.status, task.not_found_count) == (S.GENERATING, JOB_LOST_ANSWERS)
+
+    # Only once the unbroken run is also old enough does the task fail, refunded, cancelled
+    Task.objects.filter(pk=task.pk).update(
+        not_found_since=timezone.now() - timedelta(seconds=JOB_LOST_AFTER_S + 1)
+    )
+    answers[:] = ["lost"]
+    services.task_refresh(task_id=task.pk)
+    task.refresh_from_db()
+    assert (task.status, task.error_code, task.refunded_micro) == (
+        S.FAILED,
+        "upstream_job_lost",
+        C,
+    )
+    assert queued["cancel"] == [str(task.pk)]
 
 
 @pytest.mark.django_db
@@ -631,7 +697,7 @@ def test_a_submit_whose_answer_timed_out_is_retried_into_the_same_job(
 
 
 @pytest.mark.django_db
-def test_a_submit_that_never_got_an_answer_is_not_refunded_and_finishes_later(
+def test_a_submit_that_never_got_an_answer_is_refunded_once_the_provider_says_it_has_no_job(
     funded: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a provider that, for every attempt, may have received the job but never answered
@@ -640,7 +706,6 @@ def test_a_submit_that_never_got_an_answer_is_not_refunded_and_finishes_later(
     from tasks.providers.sandbox import SandboxProvider
 
     settings.TASK_SUBMIT_MAX_ATTEMPTS = 2
-    working = SandboxProvider.submit
 
     def unanswered(self: SandboxProvider, request: Any) -> Any:
         raise ProviderError(
@@ -651,11 +716,46 @@ def test_a_submit_that_never_got_an_answer_is_not_refunded_and_finishes_later(
     user = funded(10)
     task = submit(user)
 
+    # When its retries run out
     celery_tasks.submit.apply(args=[str(task.pk)])
 
-    # Then it is neither failed nor refunded (its job may exist and bill), and says so
+    # Then the provider was asked for the job by its key, said it has none, and only then was
+    # the task refunded
+    task.refresh_from_db()
+    assert (task.status, task.error_kind, task.refunded_micro) == (S.FAILED, "infra", C)
+    assert task.submit_ambiguous_at is not None
+    assert TaskEvent.objects.filter(task=task, kind="upstream_job_absent").count() == 1
+    assert billing_selectors.balance_for_user(user=user).available == 10 * C
+
+
+@pytest.mark.django_db
+def test_a_submit_that_never_got_an_answer_is_held_while_the_provider_cannot_tell(
+    funded: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a provider that never answers a submit, nor the question "do you have this job?"
+    from tasks import tasks as celery_tasks
+    from tasks.providers.base import ProviderError
+    from tasks.providers.sandbox import SandboxProvider
+
+    settings.TASK_SUBMIT_MAX_ATTEMPTS = 2
+    working = SandboxProvider.submit
+
+    def unanswered(self: SandboxProvider, *args: Any) -> Any:
+        raise ProviderError(
+            "ReadTimeout", retryable=True, code="upstream_unreachable", maybe_received=True
+        )
+
+    monkeypatch.setattr(SandboxProvider, "submit", unanswered)
+    monkeypatch.setattr(SandboxProvider, "find_job", unanswered)
+    user = funded(10)
+    task = submit(user)
+
+    celery_tasks.submit.apply(args=[str(task.pk)])
+
+    # Then it is neither failed nor refunded (its job may exist and bill), and is flagged
     task.refresh_from_db()
     assert (task.status, task.submit_attempts) == (S.WAITING, 2)
+    assert task.submit_unconfirmed_at is not None
     assert billing_selectors.balance_for_user(user=user).held == C
     assert TaskEvent.objects.filter(task=task, kind="submit_error").count() == 2
     assert TaskEvent.objects.filter(task=task, kind="submit_unconfirmed").count() == 1

@@ -225,12 +225,12 @@ def test_success_gives_pngs_of_the_requested_size_depending_on_the_prompt(
     assert status.state is JobState.SUCCEEDED
     assert status.requested_outputs == 2
     assert [o.mime for o in status.outputs] == ["image/png", "image/png"]
-    images = [provider.download(o, max_bytes=10_000_000) for o in status.outputs]
+    images = [provider.download(o, max_bytes=10_000_000, timeout_s=30) for o in status.outputs]
     for data in images:
         with Image.open(io.BytesIO(data)) as image:
             assert image.format == "PNG"
             assert image.size == (96, 64)
-    other_image = provider.download(other_status.outputs[0], max_bytes=10_000_000)
+    other_image = provider.download(other_status.outputs[0], max_bytes=10_000_000, timeout_s=30)
     assert images[0] != images[1]  # the output number is drawn on each
     assert other_image != images[0]
     assert status.outputs[0].url.startswith("http://127.0.0.1:")
@@ -243,7 +243,7 @@ def test_audio_model_gives_wav_of_requested_duration(provider: SandboxProvider) 
 
     assert status.state is JobState.SUCCEEDED
     assert status.outputs[0].mime == "audio/wav"
-    data = provider.download(status.outputs[0], max_bytes=10_000_000)
+    data = provider.download(status.outputs[0], max_bytes=10_000_000, timeout_s=30)
     with wave.open(io.BytesIO(data)) as reader:
         assert reader.getnchannels() == 1
         assert reader.getsampwidth() == 2
@@ -266,7 +266,7 @@ def test_audio_isolation_lasts_as_long_as_the_uploaded_wav(provider: SandboxProv
 
     status = finished(provider, job)
 
-    data = provider.download(status.outputs[0], max_bytes=10_000_000)
+    data = provider.download(status.outputs[0], max_bytes=10_000_000, timeout_s=30)
     with wave.open(io.BytesIO(data)) as reader:
         assert reader.getnframes() / reader.getframerate() == pytest.approx(0.75)
 
@@ -277,7 +277,7 @@ def test_video_model_gives_webm_of_requested_duration(provider: SandboxProvider)
     status = finished(provider, job)
 
     assert status.outputs[0].mime == "video/webm"
-    data = provider.download(status.outputs[0], max_bytes=10_000_000)
+    data = provider.download(status.outputs[0], max_bytes=10_000_000, timeout_s=30)
     with av.open(io.BytesIO(data)) as container:
         assert "webm" in container.format.name
         assert container.streams.video[0].codec_context.name == "vp8"
@@ -341,7 +341,7 @@ def test_download_refuses_an_output_above_max_bytes(provider: SandboxProvider) -
     status = finished(provider, submit(provider, width=256, height=256))
 
     with pytest.raises(ProviderError) as caught:
-        provider.download(status.outputs[0], max_bytes=100)
+        provider.download(status.outputs[0], max_bytes=100, timeout_s=30)
 
     assert caught.value.code == "output_too_large"
     assert caught.value.retryable is False
