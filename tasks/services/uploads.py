@@ -13,12 +13,17 @@ from tasks.media import MediaError, MediaInfo, inspect_media
 from tasks.models import Upload
 
 
-def _inspect(file: Any) -> MediaInfo:
+def _inspect(file: Any, *, field: str = "files") -> MediaInfo:
+    """The file's type, dimensions and duration, read from its content.
+
+    Raises ValidationFailed under ``field``, the multipart field the client sent the file in
+    (``files`` on a task submit, ``file`` on an upload).
+    """
     try:
         return inspect_media(file, max_pixels=settings.MAX_IMAGE_PIXELS)
     except MediaError as exc:
         raise ValidationFailed(
-            {"files": [f"{getattr(file, 'name', 'file')}: {exc.message}"]}, code=exc.code
+            {field: [f"{getattr(file, 'name', 'file')}: {exc.message}"]}, code=exc.code
         ) from None
 
 
@@ -33,7 +38,7 @@ def upload_create(*, user: Any, file: Any) -> Upload:
             {"file": [f"Files are limited to {settings.MAX_UPLOAD_BYTES} bytes."]},
             code="file_too_large",
         )
-    info = _inspect(file)
+    info = _inspect(file, field="file")
     import hashlib
 
     digest = hashlib.sha256()
