@@ -76,9 +76,13 @@ class FileCheck:
     size: int
 
 
-def check_files(rules: Mapping[str, Any], files: Sequence[FileCheck]) -> None:
-    """Reference files against the model's rules: count, type (by content), size, duration."""
-    field = "files"
+def check_files(
+    rules: Mapping[str, Any], files: Sequence[FileCheck], *, field: str = "files"
+) -> None:
+    """Reference files against the model's rules: count, type (by content), size, duration.
+
+    Errors are keyed by ``field`` (``field.<n>`` per file), the multipart field the client sent.
+    """
     minimum, maximum = int(rules.get("min", 0)), int(rules.get("max", 0))
     if len(files) < minimum:
         raise ValidationFailed(

@@ -10,7 +10,10 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image
 
+from rivya.errors import ValidationFailed
+from tasks.media import MediaInfo
 from tasks.models import Task, Upload
+from tasks.validation import FileCheck, check_files
 
 pytestmark = pytest.mark.django_db
 
@@ -85,3 +88,32 @@ def test_task_submit_errors_still_name_the_files_field(
     assert error["code"] == code
     assert set(error["fields"]) == {"files"}
     assert Task.objects.count() == 0
+
+
+# --- the model's file rules -----------------------------------------------------------------
+
+
+def _check(rules: dict[str, Any], files: list[FileCheck], **field: str) -> dict[str, list[str]]:
+    with pytest.raises(ValidationFailed) as refused:
+        check_files(rules, files, **field)
+    return refused.value.fields
+
+
+def test_file_rules_name_the_field_they_are_given() -> None:
+    html = FileCheck(
+        "x.txt",
+        MediaInfo(mime="text/html", kind="text", width=None, height=None, duration_ms=None),
+        10,
+    )
+
+    missing = _check({"min": 1, "max": 1}, [], field="file")
+    refused_type = _check({"max": 1, "accept": ["image/png"]}, [html], field="file")
+
+    assert set(missing) == {"file"}
+    assert set(refused_type) == {"file.0"}
+
+
+def test_file_rules_name_files_by_default() -> None:
+    fields = _check({"min": 1, "max": 1}, [])
+
+    assert set(fields) == {"files"}
