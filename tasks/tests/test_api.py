@@ -39,6 +39,7 @@ from rivya.idempotency import request_fingerprint
 from tasks import services
 from tasks.api.views import REFUSED_COUNTER
 from tasks.models import AIModel, CallbackDelivery, Task, Upload
+from tasks.tests.lifecycle import deliver, job_event, signed_headers
 
 pytestmark = pytest.mark.usefixtures("catalog", "media_root")
 
@@ -1251,30 +1252,6 @@ def test_result_is_served_as_the_verified_file(
 def webhook(settings: Any) -> Webhook:
     settings.SANDBOX_WEBHOOK_SECRET = SECRET
     return Webhook(SECRET)
-
-
-def job_event(upstream_id: str = "job_123", status: str = "succeeded") -> str:
-    return json.dumps({"type": "job.updated", "data": {"id": upstream_id, "status": status}})
-
-
-def signed_headers(
-    webhook: Webhook, body: str, msg_id: str = "msg_1", at: datetime | None = None
-) -> dict[str, str]:
-    at = at or datetime.now(UTC)
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": webhook.sign(msg_id, at, body),
-    }
-
-
-def deliver(body: str, headers: dict[str, str], provider: str = "sandbox") -> Any:
-    return APIClient().post(
-        f"/api/v1/callbacks/{provider}/",
-        data=body,
-        content_type="application/json",
-        headers=headers,
-    )
 
 
 def refused_count() -> int:

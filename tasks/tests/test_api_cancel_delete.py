@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tasks.models import Task
-from tasks.tests.test_services import run_to_end, submit
+from tasks.tests.lifecycle import run_to_end, submit
 
 S = Task.Status
 pytestmark = [

@@ -22,17 +22,11 @@ from rivya.errors import CapacityExceeded, NotFound, TaskFinished
 from tasks import selectors, services
 from tasks.capacity import capacity_counts
 from tasks.models import AIModel, Task, TaskEvent
-from tasks.tests.test_services import notifications, run_to_end, stats, submit
+from tasks.tests.lifecycle import job_status, notifications, run_to_end, stats, submit, wav
 
 C = 1_000_000
 S = Task.Status
 pytestmark = pytest.mark.usefixtures("sandbox", "catalog", "queued", "ledger_ok")
-
-
-def job_status(task: Task) -> str:
-    return httpx.get(f"{settings.SANDBOX_URL}/v1/jobs/{task.upstream_id}", trust_env=False).json()[
-        "status"
-    ]
 
 
 # --- cancel ---------------------------------------------------------------------------------
@@ -243,25 +237,12 @@ def test_delete_of_someone_elses_task_is_not_found(funded: Any) -> None:
 # --- rejection by our own processing --------------------------------------------------------
 
 
-def _wav(seconds: float) -> bytes:
-    import io
-    import wave
-
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(8000)
-        w.writeframes(b"\x00\x01" * int(8000 * seconds))
-    return buf.getvalue()
-
-
 @pytest.mark.django_db
 def test_reference_file_gone_before_submission_rejects_and_refunds(funded: Any) -> None:
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     user = funded(10)
-    upload = services.upload_create(user=user, file=SimpleUploadedFile("a.wav", _wav(2)))
+    upload = services.upload_create(user=user, file=SimpleUploadedFile("a.wav", wav(2)))
     outcome = services.task_submit(
         user=user, model_slug="sandbox-audio-isolation", upload_ids=[str(upload.pk)]
     )
@@ -284,7 +265,7 @@ def test_audio_isolation_reaches_the_provider_with_its_file(funded: Any) -> None
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     user = funded(10)
-    upload = services.upload_create(user=user, file=SimpleUploadedFile("a.wav", _wav(3)))
+    upload = services.upload_create(user=user, file=SimpleUploadedFile("a.wav", wav(3)))
     outcome = services.task_submit(
         user=user, model_slug="sandbox-audio-isolation", upload_ids=[str(upload.pk)]
     )

@@ -111,11 +111,11 @@ def test_any_bytes_submit_is_a_clear_400(funded: Any, api_for: Any, raw: bytes) 
     msg_id=st.from_regex(r"[A-Za-z0-9_.\-]{1,250}", fullmatch=True),
 )
 def test_any_signed_callback_is_answered_without_a_500(payload: Any, msg_id: str) -> None:
-    from tasks.tests.test_robustness import _signed_callback
+    from tasks.tests.lifecycle import signed_callback
 
     before = CallbackDelivery.objects.count()
 
-    response = _signed_callback(_dumps(payload), msg_id=msg_id)
+    response = signed_callback(_dumps(payload), msg_id=msg_id)
 
     event(f"status {response.status_code}")
     # Correctly signed: never 401; a body that is not a job event (or an unusable id) is 400.

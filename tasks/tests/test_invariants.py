@@ -13,8 +13,7 @@ from django.db import connection
 
 from billing.invariants import run_checks
 from tasks.models import AIModel, CapacityCounter, Task
-from tasks.tests.conftest import C
-from tasks.tests.test_services import run_to_end, submit
+from tasks.tests.lifecycle import C, run_to_end, submit
 
 S = Task.Status
 pytestmark = [pytest.mark.usefixtures("sandbox", "catalog", "queued"), pytest.mark.django_db]

@@ -20,8 +20,7 @@ from django.utils import timezone
 from billing import selectors as billing_selectors
 from tasks import services
 from tasks.models import AIModel, Task, TaskEvent
-from tasks.tests.test_cancel_expiry_capacity import _wav
-from tasks.tests.test_services import run_to_end, submit
+from tasks.tests.lifecycle import run_to_end, signed_callback, submit, wav
 
 C = 1_000_000
 S = Task.Status
@@ -283,7 +282,7 @@ def test_celery_submit_fails_permanent_errors_at_once(funded: Any) -> None:
 @pytest.mark.django_db
 def test_reference_file_changed_since_upload_rejects(funded: Any) -> None:
     user = funded(10)
-    upload = services.upload_create(user=user, file=SimpleUploadedFile("a.wav", _wav(2)))
+    upload = services.upload_create(user=user, file=SimpleUploadedFile("a.wav", wav(2)))
     outcome = services.task_submit(
         user=user, model_slug="sandbox-audio-isolation", upload_ids=[str(upload.pk)]
     )
@@ -320,22 +319,13 @@ def test_failed_tasks_are_not_marked_expired(funded: Any) -> None:
     assert task.results_expired_at is None
 
 
-def _signed_callback(body: str, msg_id: str = "msg_robust") -> Any:
-    """``body`` delivered as the sandbox would: signed with its secret, now."""
-    from standardwebhooks import Webhook
-
-    from tasks.tests.test_api import deliver, signed_headers
-
-    return deliver(body, signed_headers(Webhook(settings.SANDBOX_WEBHOOK_SECRET), body, msg_id))
-
-
 @pytest.mark.django_db
 def test_overlong_webhook_ids_are_refused_not_truncated() -> None:
     from tasks.models import CallbackDelivery
 
     body = '{"type": "job.updated", "data": {"id": "job_x", "status": "running"}}'
 
-    response = _signed_callback(body, msg_id="m" * 300)
+    response = signed_callback(body, msg_id="m" * 300)
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_callback"
@@ -370,7 +360,7 @@ def test_signed_callback_with_an_unpaired_surrogate_in_the_job_id_is_400() -> No
 
     body = r'{"type": "job.updated", "data": {"id": "job_\ud800", "status": "succeeded"}}'
 
-    response = _signed_callback(body)
+    response = signed_callback(body)
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_callback"
@@ -385,7 +375,7 @@ def test_signed_callback_with_an_unpaired_surrogate_elsewhere_is_stored_readably
         r'{"type": "job.updated", "data": {"id": "job_x", "status": "running", "note": "\ud800"}}'
     )
 
-    response = _signed_callback(body)
+    response = signed_callback(body)
 
     assert response.status_code == 200
     stored = CallbackDelivery.objects.get()
@@ -631,7 +621,7 @@ def test_deeply_nested_signed_callback_is_400_not_500(depth: int) -> None:
     body = '{"type": "job.updated", "data": {"id": "job_x", "status": "running", "x": '
     body += _nested(depth) + "}}"
 
-    response = _signed_callback(body)
+    response = signed_callback(body)
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_callback"
@@ -792,7 +782,7 @@ def test_signed_callback_with_nan_or_infinity_is_400_not_500(constant: str) -> N
     body = '{"type": "job.updated", "data": {"id": "job_x", "status": "queued", "error": '
     body += constant + "}}"
 
-    response = _signed_callback(body)
+    response = signed_callback(body)
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_callback"

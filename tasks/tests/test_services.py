@@ -17,38 +17,15 @@ from PIL import Image
 from billing import selectors as billing_selectors
 from billing.models import Hold, LedgerTransaction
 from billing.tests.concurrency import run_concurrently
-from notifications.models import Notification
 from rivya.errors import ValidationFailed
 from tasks import services
 from tasks.models import AIModel, CallbackDelivery, Task, TaskEvent
 from tasks.providers.base import CallbackEvent, ProviderError
+from tasks.tests.lifecycle import notifications, run_to_end, stats, submit
 
 C = 1_000_000
 S = Task.Status
 pytestmark = pytest.mark.usefixtures("sandbox", "catalog", "queued", "ledger_ok")
-
-
-def stats(sandbox: Any) -> dict[str, Any]:
-    return httpx.get(f"{sandbox.base_url}/v1/stats", trust_env=False).json()
-
-
-def submit(user: Any, slug: str = "sandbox-image", **params: Any) -> Task:
-    outcome = services.task_submit(
-        user=user, model_slug=slug, prompt="a lighthouse at dusk", params=params
-    )
-    assert outcome.accepted
-    return outcome.task
-
-
-def run_to_end(task: Task) -> Task:
-    services.task_send_upstream(task_id=task.pk)
-    services.task_refresh(task_id=task.pk)
-    task.refresh_from_db()
-    return task
-
-
-def notifications(task: Task) -> list[str]:
-    return list(Notification.objects.filter(subject_id=str(task.pk)).values_list("kind", flat=True))
 
 
 # --- submit ---------------------------------------------------------------------------------
