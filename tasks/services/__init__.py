@@ -27,6 +27,7 @@ from tasks.services.common import SUBJECT, task_link
 from tasks.services.expiry import results_expire_due, results_warn_expiring
 from tasks.services.outcomes import StoredOutput, task_fail, task_succeed
 from tasks.services.refresh import poll_claim_due, task_refresh
+from tasks.services.storage import SweepReport, storage_sweep
 from tasks.services.submit import SubmitOutcome, task_submit
 from tasks.services.uploads import upload_create
 from tasks.services.upstream import (
@@ -44,6 +45,7 @@ __all__ = [
     "SUBJECT",
     "StoredOutput",
     "SubmitOutcome",
+    "SweepReport",
     "callback_process",
     "callback_receive",
     "callback_url",
@@ -54,6 +56,7 @@ __all__ = [
     "results_expire_due",
     "results_warn_expiring",
     "retry_delay",
+    "storage_sweep",
     "task_cancel",
     "task_cancel_upstream",
     "task_cancel_upstream_gave_up",
