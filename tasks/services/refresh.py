@@ -309,7 +309,8 @@ def _release_outputs(task: Task) -> None:
 
 def _store_and_succeed(task: Task, status: JobStatus, reason: str, *, fresh: bool) -> None:
     if not _claim_outputs(task):
-        _event(task.pk, "outputs_busy", "Another worker is storing this task's results.")
+        if Task.objects.filter(pk=task.pk, status=S.GENERATING).exists():
+            _event(task.pk, "outputs_busy", "Another worker is storing this task's results.")
         return
     task.refresh_from_db(fields=["output_attempts"])
     if task.output_attempts > settings.TASK_OUTPUT_MAX_ATTEMPTS:

@@ -249,6 +249,7 @@ def test_concurrent_refreshes_finish_once_and_keep_one_set_of_files(
     assert (task.status, task.charged_micro) == (S.SUCCESS, 2 * C)
     assert LedgerTransaction.objects.filter(kind="capture", subject_id=str(task.pk)).count() == 1
     assert notifications(task) == ["generation_success"]
+    assert task.output_attempts == 1  # one worker took the lease and downloaded; the rest left it
     stored = sorted(
         p for p in (Path(settings.MEDIA_ROOT) / "results" / str(task.pk)).rglob("*") if p.is_file()
     )
