@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest
 
 from tasks.models import AIModel, CallbackDelivery, Task, TaskEvent, Upload
@@ -40,6 +41,35 @@ class TaskEventInline(admin.TabularInline):
         return False
 
 
+class FlaggedFilter(admin.SimpleListFilter):
+    """Unfinished tasks the lifecycle flagged for support (the fields the decisions read)."""
+
+    title = "flagged for support"
+    parameter_name = "flagged"
+    FLAGS = {
+        "submit_stuck": ("Submit stuck (not sent again)", "submit_stuck_at"),
+        "submit_unconfirmed": ("Submit unconfirmed (job may exist)", "submit_unconfirmed_at"),
+        "timeout_unconfirmed": ("Past timeout, unconfirmed", "timeout_unconfirmed_at"),
+    }
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("any", "Any flag")] + [(key, label) for key, (label, _) in self.FLAGS.items()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Task]) -> QuerySet[Task]:
+        value = self.value()
+        if value is None:
+            return queryset
+        unfinished = queryset.filter(status__in=Task.UNFINISHED)
+        if value == "any":
+            flagged = Q()
+            for _, field in self.FLAGS.values():
+                flagged |= Q(**{f"{field}__isnull": False})
+            return unfinished.filter(flagged)
+        if value in self.FLAGS:
+            return unfinished.filter(**{f"{self.FLAGS[value][1]}__isnull": False})
+        return queryset
+
+
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
     list_display = (
@@ -53,7 +83,7 @@ class TaskAdmin(admin.ModelAdmin):
         "charged_micro",
         "error_code",
     )
-    list_filter = ("status", "category", "provider")
+    list_filter = ("status", FlaggedFilter, "category", "provider")
     search_fields = ("id", "upstream_id", "user__username", "user__email")
     list_select_related = ("user",)
     inlines = [TaskEventInline]

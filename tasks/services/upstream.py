@@ -54,7 +54,10 @@ def task_send_upstream(*, task_id: Any) -> bool:
     try:
         files = _input_files(task)
     except _UnusableInput as exc:
-        # Found by our own processing: the input cannot be used. The user can fix it.
+        # Found by our own processing: the input cannot be used. The user can fix it. But an
+        # earlier attempt may have created the job already: then track it instead.
+        if task.submit_ambiguous_at is not None and _adopt_existing_job(task):
+            return True
         task_fail(
             task_id=task_id,
             code=exc.code,
@@ -230,19 +233,11 @@ def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
     if task is None or task.status != S.WAITING:
         return False
     if task.submit_ambiguous_at is not None or may_have_created(error):
-        provider = get_provider(task.provider)
         try:
-            job = provider.find_job(str(task.pk))
+            if _adopt_existing_job(task):
+                return False
         except ProviderError as exc:
             _flag_unconfirmed(task, exc)
-            return False
-        if job is not None:
-            _record_acceptance(
-                task,
-                job.upstream_id,
-                "The provider has this job although the submission got no clear answer; "
-                "tracking it.",
-            )
             return False
         _event(task_id, "upstream_job_absent", "The provider confirms it has no job for this task.")
     kind = "provider" if not error.retryable else "infra"
@@ -258,6 +253,20 @@ def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
         kind=kind,
         sources=[S.WAITING],
     )
+
+
+def _adopt_existing_job(task: Task) -> bool:
+    """Whether the provider has a job under the task's key (then the task now tracks it).
+    Raises ProviderError when the provider cannot tell."""
+    job = get_provider(task.provider).find_job(str(task.pk))
+    if job is None:
+        return False
+    _record_acceptance(
+        task,
+        job.upstream_id,
+        "The provider has this job although the submission got no clear answer; tracking it.",
+    )
+    return True
 
 
 def _flag_unconfirmed(task: Task, error: ProviderError) -> None:

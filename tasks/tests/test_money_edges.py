@@ -583,3 +583,65 @@ def test_the_sandbox_finds_a_job_by_its_idempotency_key(sandbox: Any) -> None:
     assert found is not None
     assert found.upstream_id == created.upstream_id
     assert provider.find_job("key-never-used") is None
+
+
+@pytest.mark.django_db
+def test_support_finds_flagged_tasks_in_the_admin(funded: Any, staff: Any, client: Any) -> None:
+    # Given one task past its timeout, unconfirmed, and one running normally
+    user = funded(10)
+    flagged = submit(user, sandbox_latency_ms=600_000, sandbox_status="error")
+    services.task_send_upstream(task_id=flagged.pk)
+    _overdue(flagged)
+    services.task_refresh(task_id=flagged.pk)
+    normal = submit(user, sandbox_latency_ms=600_000)
+    services.task_send_upstream(task_id=normal.pk)
+    client.force_login(staff)
+
+    # When support filters the task list by flag
+    for value in ("any", "timeout_unconfirmed"):
+        page = client.get("/admin/tasks/task/", {"flagged": value})
+
+        # Then only the flagged task is listed
+        assert page.status_code == 200
+        assert str(flagged.pk) in page.content.decode()
+        assert str(normal.pk) not in page.content.decode()
+    page = client.get("/admin/tasks/task/", {"flagged": "submit_stuck"})
+    assert str(flagged.pk) not in page.content.decode()
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("ledger_ok")
+def test_a_file_gone_after_an_ambiguous_attempt_does_not_refund_the_job_it_created(
+    funded: Any, sandbox: Any
+) -> None:
+    from django.core.files.storage import default_storage
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from tasks.providers.base import SubmitRequest
+    from tasks.tests.lifecycle import wav
+
+    # Given an attempt that created the job but got no answer, then the reference file vanished
+    user = funded(10)
+    upload = services.upload_create(user=user, file=SimpleUploadedFile("a.wav", wav(2)))
+    task = services.task_submit(
+        user=user, model_slug="sandbox-audio-isolation", upload_ids=[str(upload.pk)]
+    ).task
+    SandboxProvider(sandbox.base_url, sandbox.secret).submit(
+        SubmitRequest(
+            idempotency_key=str(task.pk),
+            upstream_model=task.upstream_model,
+            prompt="",
+            params=task.params,
+        )
+    )
+    Task.objects.filter(pk=task.pk).update(submit_ambiguous_at=timezone.now())
+    default_storage.delete(upload.file.name)
+
+    # When the resubmission finds the file unreadable
+    services.task_send_upstream(task_id=task.pk)
+
+    # Then the task tracks the job the earlier attempt created instead of refunding it
+    task.refresh_from_db()
+    assert task.status == S.GENERATING
+    assert task.upstream_id.startswith("job_")
+    assert billing_selectors.balance_for_user(user=user).held == task.price_micro
