@@ -8,13 +8,27 @@ import hmac
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import models
+from django.db.models.functions import Lower
 
 
 class User(AbstractUser):
-    """The custom user model, in place from the first migration so it can grow later."""
+    """The custom user model, in place from the first migration so it can grow later.
+
+    A non-empty email belongs to one account, whatever its case: each signup is granted credits,
+    and operator commands accept an email for a username. Accounts without one (as
+    ``create_api_key --create-user`` makes them) are not limited.
+    """
 
     class Meta(AbstractUser.Meta):
         swappable = "AUTH_USER_MODEL"
+        constraints = [
+            models.UniqueConstraint(
+                Lower("email"),
+                condition=~models.Q(email=""),
+                name="user_email_unique_ci",
+                violation_error_message="An account with this email already exists.",
+            )
+        ]
 
 
 def hash_api_key(raw: str) -> str:

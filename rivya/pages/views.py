@@ -10,6 +10,7 @@ from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
+from django.db import IntegrityError
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
@@ -19,6 +20,8 @@ from rivya import services
 from rivya.errors import DomainError
 from rivya.models import User
 
+EMAIL_TAKEN = "An account with this email already exists. Log in, or use another email."
+
 
 class SignupForm(UserCreationForm):
     email = forms.EmailField(required=True)
@@ -26,6 +29,13 @@ class SignupForm(UserCreationForm):
     class Meta(UserCreationForm.Meta):
         model = User
         fields = ("username", "email")
+
+    def clean_email(self) -> str:
+        # The database refuses it too (a unique index on lower(email)); this says it kindly.
+        email = self.cleaned_data["email"]
+        if User.objects.filter(email__iexact=email).exists():
+            raise forms.ValidationError(EMAIL_TAKEN, code="email_taken")
+        return email
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -39,11 +49,19 @@ def home(request: HttpRequest) -> HttpResponse:
 def signup(request: HttpRequest) -> HttpResponse:
     form = SignupForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        user = services.user_signup(
-            username=form.cleaned_data["username"],
-            email=form.cleaned_data["email"],
-            password=form.cleaned_data["password1"],
-        )
+        try:
+            user = services.user_signup(
+                username=form.cleaned_data["username"],
+                email=form.cleaned_data["email"],
+                password=form.cleaned_data["password1"],
+            )
+        except IntegrityError:
+            # A concurrent signup took the username or email since validation: validating
+            # again names which; anything else is not ours to hide.
+            form = SignupForm(request.POST)
+            if form.is_valid():
+                raise
+            return render(request, "registration/signup.html", {"form": form})
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         messages.success(request, "Welcome to Rivya! Your signup credits are in your account.")
         return redirect("home")

@@ -245,13 +245,10 @@ def test_create_api_key_for_unknown_user_without_flag_is_refused() -> None:
     assert ApiKey.objects.count() == 0
 
 
-@pytest.mark.django_db
-def test_create_api_key_with_create_user_refuses_an_ambiguous_email(make_user: Any) -> None:
-    make_user("amb1", email="shared@example.com")
-    make_user("amb2", email="shared@example.com")
-    users_before = get_user_model().objects.count()
+def test_create_api_key_with_create_user_finds_an_email_in_another_case(make_user: Any) -> None:
+    owner = make_user("owner", email="shared@example.com")
 
-    with pytest.raises(CommandError, match="Several users"):
-        call_command("create_api_key", "shared@example.com", "--create-user")
+    out, _ = run_create_api_key("SHARED@example.com", "--create-user")
 
-    assert get_user_model().objects.count() == users_before
+    assert services.api_key_authenticate(raw=out.splitlines()[-1]).user == owner
+    assert get_user_model().objects.count() == 1

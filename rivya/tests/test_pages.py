@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import SESSION_KEY, get_user_model
+from django.db import IntegrityError, transaction
 from django.test import Client
 
 from billing import selectors, services
@@ -98,6 +99,62 @@ def test_invalid_signup_creates_nothing() -> None:
     assert not get_user_model().objects.filter(username="newbie").exists()
     assert LedgerTransaction.objects.count() == 0
     assert SESSION_KEY not in client.session
+
+
+def test_signup_with_an_email_another_account_uses_is_a_form_error() -> None:
+    # given an account that signed up with an email
+    assert Client().post("/signup/", signup_data("first")).status_code == 302
+    client = Client()
+    data = {**signup_data("second"), "email": "FIRST@Example.com"}
+
+    # when someone signs up again with that email, in another case
+    response = client.post("/signup/", data)
+
+    # then the page says so on the email field: no second account, no second grant
+    assert response.status_code == 200
+    assert "already exists" in response.context["form"].errors["email"][0]
+    assert b"already exists" in response.content
+    assert list(get_user_model().objects.values_list("username", flat=True)) == ["first"]
+    assert LedgerTransaction.objects.count() == 1
+    assert SESSION_KEY not in client.session
+    assert_ledger_ok()
+
+
+def test_signup_losing_a_race_for_the_email_is_a_form_error(monkeypatch: Any) -> None:
+    # given a signup that passes validation, and another account taking its email before the
+    # insert (the database's unique index decides)
+    real = rivya_services.user_signup
+
+    def raced(**kwargs: Any) -> Any:
+        real(username="rival", email="NEWBIE@example.com", password=PASSWORD)
+        return real(**kwargs)
+
+    monkeypatch.setattr(rivya_services, "user_signup", raced)
+
+    response = Client().post("/signup/", signup_data())
+
+    assert response.status_code == 200
+    assert "already exists" in response.context["form"].errors["email"][0]
+    assert list(get_user_model().objects.values_list("username", flat=True)) == ["rival"]
+    assert LedgerTransaction.objects.count() == 1  # the rival's grant only
+
+
+def test_accounts_without_an_email_are_not_limited() -> None:
+    users = get_user_model().objects
+
+    users.create_user(username="cli1")
+    users.create_user(username="cli2", email="")
+
+    assert users.filter(email="").count() == 2
+
+
+def test_the_database_refuses_an_email_another_account_uses(make_user: Any) -> None:
+    make_user("owner", email="owner@example.com")
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        get_user_model().objects.create_user(username="other", email="Owner@EXAMPLE.com")
+
+    assert get_user_model().objects.count() == 1
 
 
 def test_signup_page_renders() -> None:
