@@ -19,7 +19,8 @@ port=$((20000 + RANDOM % 20000))
 sandbox_port=$((port + 1))
 export DEBUG=1 DATABASE_URL="sqlite:///$tmp/smoke.sqlite3" MEDIA_ROOT="$tmp/media"
 export RIVYA_PORT=$port SANDBOX_URL="http://127.0.0.1:$sandbox_port"
-export SITE_URL="http://127.0.0.1:$port" CELERY_BROKER_URL="filesystem://" BROKER_DIR="$tmp/broker"
+export CELERY_BROKER_URL="filesystem://" BROKER_DIR="$tmp/broker"
+unset SITE_URL CALLBACK_BASE_URL  # derived from RIVYA_PORT, as `make run` does
 export SANDBOX_WEBHOOK_SECRET="whsec_$(head -c 24 /dev/urandom | base64)"
 unset REDIS_URL
 py=.venv/bin/python
@@ -54,4 +55,7 @@ fi
 curl -fs -o "$tmp/result.png" -H "Authorization: Bearer $key" "$base${poll}results/0/"
 $py -c "from PIL import Image; im = Image.open('$tmp/result.png'); assert im.format == 'PNG', im.format"
 $py manage.py ledger_check
+if grep -q "callbacks cannot reach" "$tmp/dev.log"; then
+  echo "smoke: callbacks cannot reach the server"; grep "callbacks cannot reach" "$tmp/dev.log"; exit 1
+fi
 echo "smoke: ok (a sandbox-image task reached SUCCESS through the embedded stack)"
