@@ -645,3 +645,36 @@ def test_a_file_gone_after_an_ambiguous_attempt_does_not_refund_the_job_it_creat
     assert task.status == S.GENERATING
     assert task.upstream_id.startswith("job_")
     assert billing_selectors.balance_for_user(user=user).held == task.price_micro
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("ledger_ok")
+def test_adopting_a_found_job_and_a_cancel_race_to_one_outcome(
+    funded: Any, queued: dict[str, list[Any]]
+) -> None:
+    from billing.tests.concurrency import run_concurrently
+
+    for _ in range(5):
+        # Given a submission answered 503 although the provider created the job
+        user = funded(10)
+        task = submit(user, sandbox_submit="error_after_create")
+        with pytest.raises(ProviderError) as caught:
+            services.task_send_upstream(task_id=task.pk)
+        services.task_submit_attempt_failed(task_id=task.pk, error=caught.value)
+        queued["cancel"].clear()
+
+        # When giving up on it (which finds the job) races the user's cancel
+        results = run_concurrently(
+            [
+                lambda task=task: services.task_submit_failed(task_id=task.pk, error=caught.value),
+                lambda task=task, user=user: services.task_cancel(task_id=task.pk, actor=user),
+            ]
+        )
+
+        # Then the task is cancelled once, refunded in full, and its job is asked to stop
+        # whichever came first (the job was adopted and then cancelled, or it was accepted late)
+        assert not [r for r in results if isinstance(r, Exception)], results
+        task.refresh_from_db()
+        assert (task.status, task.refunded_micro, task.charged_micro) == (S.CANCELLED, C, 0)
+        assert queued["cancel"] == [str(task.pk)]
+        assert billing_selectors.balance_for_user(user=user).available == 10 * C
