@@ -2,8 +2,8 @@
 
 Run by ``bench/suite.py`` (a suite process of ``bench/run.py``) after ``django.setup()``,
 against the scratch database ``rivya_bench_holds``. Every client is a thread with its own
-database connection (closed at the end, PITFALLS 23), released together by a barrier; each loops
-until the deadline, at most ``MAX_OPS_PER_CLIENT`` times.
+database connection (closed at the end: nothing else closes a thread's), released together by a
+barrier; each loops until the deadline, at most ``MAX_OPS_PER_CLIENT`` times.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from bench.scratch import Pgbench
 from billing import services
 from billing.models import Account, Hold
 
-MAX_CLIENTS = 50  # PostgreSQL allows 100 connections here (PITFALLS 23)
+MAX_CLIENTS = 50  # PostgreSQL allows 100 connections here
 MAX_OPS_PER_CLIENT = 1_000_000  # a bound on every loop, far above what 10 s can reach
 HOLD_AMOUNT = 1_000  # micro-credits (0.001 credits)
 SUBJECT_TYPE = "bench"

@@ -1,7 +1,8 @@
 """Rivya benchmarks: ``make bench`` (``make bench BENCH_ARGS="--quick"`` for a smoke run).
 
 Every figure is printed next to a limit of the same machine measured in the same run, as a
-ratio (DESIGN.md §10). Suites (``--suite``, default all):
+ratio: absolute times on a shared VM drift, ratios within one run much less. Suites
+(``--suite``, default all):
 
 - ``holds``: holds/s through ``billing.services`` vs pgbench TPC-B-like tps, same client count;
 - ``submit``: ``POST /api/v1/tasks/`` through gunicorn vs pgbench TPC-B-like tps, same clients;

@@ -1,4 +1,5 @@
-"""Ledger invariants (DESIGN.md §5) and the registry that ``manage.py ledger_check`` runs.
+"""Ledger invariants (numbered as in ``docs/ledger.md``) and the registry that
+``manage.py ledger_check`` runs.
 
 Billing registers the checks for invariants 1-3 and 5; other apps register theirs (``tasks``:
 invariant 4) from their ``AppConfig.ready`` so billing never imports them. A check is a function

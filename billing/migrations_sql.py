@@ -1,7 +1,7 @@
 """Database-level guards for the ledger, for PostgreSQL and SQLite (used by migration 0002).
 
 - Append-only: UPDATE and DELETE of entries and ledger transactions are refused by triggers.
-  TRUNCATE is deliberately not refused: test databases are flushed with it (PITFALLS 32).
+  TRUNCATE is deliberately not refused: test databases are flushed with it.
 - Balanced: on PostgreSQL a deferred constraint trigger checks, at commit, that each
   transaction touched by an insert sums to zero. SQLite has no deferred triggers; there
   ``ledger_check`` is the guard.

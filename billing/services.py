@@ -1,6 +1,6 @@
-"""Writes to the credit ledger. Every function here keeps the invariants of DESIGN.md §5.
+"""Writes to the credit ledger. Every function here keeps the invariants in ``docs/ledger.md``.
 
-Concurrency rules used throughout (STYLE.md 3, PITFALLS 2, 8, 9):
+Concurrency rules used throughout (a check and its write are never two steps):
 - the balance check and the change are one conditional UPDATE (``... WHERE balance >= held + x``);
   the row count decides, never a value read earlier in Python;
 - a hold changes state by one conditional UPDATE on its status, so it is resolved exactly once;

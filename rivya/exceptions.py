@@ -58,7 +58,7 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if isinstance(exc, DomainError):
         response = Response({"error": exc.as_dict()}, status=exc.status)
         retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:  # capacity refusals (DESIGN.md §4: 429 with Retry-After)
+        if retry_after is not None:  # capacity refusals: 429 with Retry-After
             response["Retry-After"] = str(retry_after)
         return response
     if isinstance(exc, RequestDataTooBig):

@@ -1,4 +1,4 @@
-"""``Idempotency-Key`` for API POSTs that create or bill (DESIGN.md §4, "Idempotency").
+"""``Idempotency-Key`` for API POSTs that create or bill (``docs/api.md``).
 
 Same key and same request → the first response again, nothing new happens; same key with a
 different request → 422 ``idempotency_key_reused``; same key while the first is still running →

@@ -11,8 +11,9 @@ from rivya.exceptions import error_body
 
 
 class RequestSizeLimitMiddleware:
-    """413 for a body over MAX_REQUEST_BYTES, decided from the header alone (PITFALLS 30);
-    streamed uploads are bounded again per file by ``tasks.uploads.LimitedUploadHandler``."""
+    """413 for a body over MAX_REQUEST_BYTES, decided from the header alone (Django's own
+    limits do not bound file parts); streamed uploads are bounded again per file by
+    ``tasks.uploads.LimitedUploadHandler``."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response

@@ -179,7 +179,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 else:
     # Redis redelivers an unacknowledged message after the visibility timeout; keep it above
-    # the longest countdown we ever use (PITFALLS 14) and make every task idempotent.
+    # the longest countdown we ever use (else that task runs again and again) and make every
+    # task idempotent.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
@@ -196,7 +197,7 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TASK_ALWAYS_EAGER = False
 # Periodic jobs, declared in code (the database scheduler picks them up). Each is safe to run
-# twice or concurrently (SKIP LOCKED batches, conditional UPDATEs): PITFALLS 16.
+# twice or concurrently, as with a second beat (SKIP LOCKED batches, conditional UPDATEs).
 CELERY_BEAT_SCHEDULE = {
     "poll-due-tasks": {
         "task": "tasks.poll_due",

@@ -1,5 +1,5 @@
 """Every answer under /api/ carries the error envelope, whatever the method, the auth or the body
-(DESIGN.md §8; issue 13): unknown URLs, wrong methods, oversized JSON bodies."""
+(issue 13): unknown URLs, wrong methods, oversized JSON bodies."""
 
 from __future__ import annotations
 
