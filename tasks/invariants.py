@@ -1,4 +1,4 @@
-"""Invariant 4 of DESIGN.md §5, registered with billing's ``ledger_check`` registry.
+"""Ledger invariant 4 (docs/ledger.md), registered with billing's ``ledger_check`` registry.
 
 Every terminal task that has a hold has it resolved; SUCCESS charged its price once (or its
 partial-success share); every other terminal status charged nothing unless its model's billing

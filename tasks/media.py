@@ -24,7 +24,7 @@ Images: only the first frame of an animated GIF/WebP is decoded (enough to refus
 or truncated file; bounded cost). An image whose pixel data decodes fully but has trailing bytes
 (a PNG followed by HTML) is reported as what it decodes as: ``image/png``. Serving uploads with a
 fixed ``Content-Type``, ``X-Content-Type-Options: nosniff`` and ``Content-Disposition`` is what
-keeps such a polyglot harmless (PITFALLS 19).
+keeps such a polyglot harmless.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def _inspect_image(fp: BinaryIO, max_pixels: int) -> MediaInfo:
     label = "an image"
     try:
         # Image.open reads the header only. Pillow's own bomb guard warns above MAX_IMAGE_PIXELS
-        # and raises only above twice that (PITFALLS 20), so our limit is checked here, before
+        # and raises only above twice that, so our limit is checked here, before
         # load() allocates anything. Warnings are not caught: catch_warnings() is process-wide
         # and not thread-safe, and a warning turned into an error lands in the except below.
         with Image.open(fp, formats=_PIL_FORMATS) as img:

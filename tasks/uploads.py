@@ -1,4 +1,4 @@
-"""Bounding file uploads while they stream (PITFALLS 30).
+"""Bounding file uploads while they stream (Django's memory limit does not bound file parts).
 
 ``DATA_UPLOAD_MAX_MEMORY_SIZE`` does not apply to file parts, and Django's default handlers will
 write a file of any size to disk. ``LimitedUploadHandler`` (installed by ``FILE_UPLOAD_HANDLERS``)

@@ -1,4 +1,4 @@
-"""Validation and pricing of a generation request against its catalog model (DESIGN.md §4.1).
+"""Validation and pricing of a generation request against its catalog model.
 
 Everything here runs before any row is written: a request that fails creates no task.
 """

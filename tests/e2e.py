@@ -2,7 +2,8 @@
 
 Everything is real and on loopback: PostgreSQL (the test database), Redis (the broker), the
 sandbox provider process, Celery worker and beat processes, and pytest-django's live server
-receiving the sandbox's signed callbacks. Nothing is eager or mocked (PITFALLS 25).
+receiving the sandbox's signed callbacks. Nothing is eager or mocked (eager mode hides
+after-commit, serialization and retry bugs).
 """
 
 from __future__ import annotations

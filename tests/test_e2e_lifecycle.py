@@ -417,7 +417,8 @@ def test_early_callback_does_not_finish_the_task(
     row = Task.objects.get(pk=task["id"])
     # The early callback did not end the task: it ended once the job had had its 1.5 s.
     assert row.finished_at - row.created_at >= timedelta(seconds=1.5)
-    # Both deliveries were stored and processed (the early one possibly deferred, PITFALLS 5)
+    # Both deliveries were stored and processed (the early one possibly deferred: a callback
+    # may beat our storing of the upstream id)
     wait_for(
         lambda: (
             list(
@@ -524,7 +525,7 @@ def test_a_stale_callback_after_the_final_one_changes_nothing(
         what="both deliveries to be processed",
     )
 
-    # Then the finished task stayed finished, charged once (PITFALLS 4)
+    # Then the finished task stayed finished, charged once (a late event never reopens it)
     states = [e.data.get("state") for e in timeline(task["id"]) if e.kind == "callback"]
     assert sorted(states) == ["running", "succeeded"]
     assert get_task(who, task["id"]) == task

@@ -1,6 +1,6 @@
 """Run calls concurrently on real threads, each with its own database connection.
 
-PITFALLS 22/23: only meaningful in ``django_db(transaction=True)`` tests; at most 50 threads at
+Only meaningful in ``django_db(transaction=True)`` tests; at most 50 threads at
 once (PostgreSQL allows 100 connections here), and each thread closes its connection.
 """
 

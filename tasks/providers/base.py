@@ -1,4 +1,4 @@
-"""The one typed interface every upstream sits behind (DESIGN.md §7).
+"""The one typed interface every upstream sits behind.
 
 Adapters take and return the dataclasses below, touch neither models nor money, do all HTTP
 through ``tasks.providers.http``, and raise ``ProviderError`` saying whether a retry may help.
@@ -126,7 +126,7 @@ class Provider(Protocol):
 
     def status_from_callback(self, payload: Mapping[str, Any]) -> JobStatus | None:
         """The job status a verified callback carries, or None when the provider's signature
-        does not cover the body (then we must ask the provider: PITFALLS 6)."""
+        does not cover the body (then we ask the provider: an unsigned body is not trusted)."""
         ...
 
     def download(self, output: Output, *, max_bytes: int, timeout_s: float) -> bytes:

@@ -1,4 +1,4 @@
-"""The one HTTP seam for every provider adapter (DESIGN.md §7).
+"""The one HTTP seam for every provider adapter.
 
 Adapters never build their own clients: they call ``request()`` / ``stream()`` here, which turn
 transport failures into ``ProviderError(retryable=True)``, and ``raise_for_status()``, which maps

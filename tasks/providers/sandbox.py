@@ -30,7 +30,7 @@ from tasks.providers.base import (
 )
 
 # Standard Webhooks' tolerance. The library checks it too, but we do not rely on a vendor
-# helper for it (PITFALLS.md 3).
+# helper for it (some check only the HMAC).
 TIMESTAMP_TOLERANCE_S = 5 * 60
 
 
@@ -118,7 +118,8 @@ class SandboxProvider:
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes) -> CallbackEvent:
         """Verify a Standard Webhooks delivery over the raw ``body`` bytes, exactly as received
-        (PITFALLS.md 3). Raises ``InvalidSignature`` for a missing, wrong or stale signature;
+        (re-serialized JSON would not match the signature). Raises ``InvalidSignature`` for a
+        missing, wrong or stale signature;
         ``ProviderError`` (not retryable) for a correctly signed body that is not a job event.
         The event's claims are a hint only: callers re-fetch the status before acting."""
         lowered = {k.lower(): v for k, v in headers.items()}

@@ -150,7 +150,7 @@ def task_refresh(*, task_id: Any, reason: str = "poll", status: JobStatus | None
 
     ``status``: what a verified callback already told us (else the upstream is asked).
     A task past its model's timeout is cancelled upstream and failed only once the upstream
-    confirms it stopped: never refunded while it might still deliver and bill (PITFALLS 10).
+    confirms it stopped: never refunded while it might still deliver and bill.
     """
     task = Task.objects.filter(pk=task_id).first()
     if task is None or task.status != S.GENERATING or not task.upstream_id:

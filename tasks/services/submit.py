@@ -1,4 +1,4 @@
-"""Submitting a generation: validate, record, hold credits, take capacity (DESIGN.md §4)."""
+"""Submitting a generation: validate, record, hold credits, take capacity."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def task_submit(
     upload_ids: Sequence[Any] = (),
     files: Sequence[Any] = (),
 ) -> SubmitOutcome:
-    """Validate a generation request, record it and hold its credits (DESIGN.md §4 steps 1-4).
+    """Validate a generation request, record it and hold its credits.
 
     Before: nothing. After, if accepted: a WAITING task with its hold, and (after commit) the
     upstream submission queued. If the balance is too low: a FAILED task

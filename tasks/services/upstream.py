@@ -158,7 +158,7 @@ def submit_attempts_limit() -> int:
     The retry path fails a task (refunded) after TASK_SUBMIT_MAX_ATTEMPTS answered errors, so
     only attempts that never got an answer (a worker killed mid-submit, every time: a poison
     task) get this far. Such a task is not refunded automatically (its job may exist upstream
-    and bill, PITFALLS 10) and not sent again (it would crash the next worker too): it stays
+    and bill) and not sent again (it would crash the next worker too): it stays
     WAITING, credits held, with a ``submit_stuck`` event and an error log for support, who can
     cancel it (refund) once they know what the upstream did.
     """

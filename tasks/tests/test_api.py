@@ -1,4 +1,4 @@
-"""The generation API (DESIGN.md §4 and §8) through real HTTP requests: the catalog, submitting
+"""The generation API through real HTTP requests: the catalog, submitting
 (JSON and multipart), validation that records nothing, refusals for credits, Idempotency-Key,
 uploads, size limits, history, results and the callbacks inbox.
 
@@ -225,7 +225,8 @@ def test_submission_is_queued_only_after_commit(
     idempotency_key: str | None,
 ) -> None:
     # Another connection sees only committed rows: if the task and its hold are visible to it
-    # when the submission is queued, the queueing happened after commit (PITFALLS 13).
+    # when the submission is queued, the queueing happened after commit (else the worker may
+    # run before the row exists).
     seen: list[tuple[Any, bool]] = []
 
     def look(task_id: str) -> None:

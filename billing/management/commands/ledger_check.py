@@ -9,7 +9,7 @@ from billing.invariants import REGISTRY, run_checks
 
 class Command(BaseCommand):
     help = (
-        "Verify every ledger invariant (DESIGN.md section 5) on one consistent snapshot. "
+        "Verify every ledger invariant (docs/ledger.md) on one consistent snapshot. "
         "Exit 1 naming each breach; safe on a live system."
     )
 
