@@ -131,9 +131,11 @@ class Stack:
             os.killpg(self.beat.pid, signal.SIGSTOP)
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(  # noqa: S603 - our own command line
-                [sys.executable, "-m", "celery", "-A", "rivya", "beat", "--loglevel", "INFO"],
+                [sys.executable, "-m", "celery", "-A", "rivya", "beat", "--loglevel", "DEBUG"],
                 cwd=ROOT,
-                env={**self.env, **env},
+                # DEBUG: beat's routine "Sending due task" lines, which the tests wait for, are
+                # DEBUG records (rivya.logfilters)
+                env={**self.env, "LOG_LEVEL": "DEBUG", **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -222,14 +224,14 @@ def stack(
                     "rivya",
                     "beat",
                     "--loglevel",
-                    "INFO",
+                    "DEBUG",
                     "-S",
                     "celery.beat:PersistentScheduler",
                     "-s",
                     str(schedule),
                 ],
                 cwd=ROOT,
-                env=env,
+                env={**env, "LOG_LEVEL": "DEBUG"},  # its routine lines are DEBUG records
                 stdout=beat_log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
