@@ -7,6 +7,6 @@ from celery import shared_task
 from billing import services
 
 
-@shared_task(name="billing.purge_idempotency_keys")
+@shared_task(name="billing.purge_idempotency_keys", soft_time_limit=120, time_limit=180)
 def purge_idempotency_keys() -> int:
     return services.idempotency_purge_expired()

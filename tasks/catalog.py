@@ -27,7 +27,7 @@ SANDBOX_KNOBS: dict[str, Any] = {
     },
     "sandbox_status": {"enum": ["ok", "error"], "default": "ok"},
     "sandbox_submit": {
-        "enum": ["ok", "error", "invalid", "error_after_create", "in_progress"],
+        "enum": ["ok", "error", "invalid", "error_after_create", "in_progress", "busy"],
         "default": "ok",
     },
     "sandbox_cancel": {"enum": ["honour", "ignore"], "default": "honour"},

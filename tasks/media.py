@@ -42,6 +42,7 @@ from fractions import Fraction
 from typing import BinaryIO
 
 import av
+from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,8 @@ def inspect_media(
             return _inspect(fp, max_pixels)
     except MediaError:
         raise
+    except SoftTimeLimitExceeded:
+        raise  # the Celery task ran out of time: not a verdict on the file
     except Exception as exc:  # a decoder bug or an odd file object must not become a 500
         logger.info("media inspection failed unexpectedly", exc_info=exc)
         raise _unreadable("a media file", "we could not read it") from None
@@ -253,6 +256,8 @@ def _inspect_image(fp: BinaryIO, max_pixels: int) -> MediaInfo:
             "image_too_large",
             "This image has far too many pixels to process. Resize it and upload it again.",
         ) from None
+    except SoftTimeLimitExceeded:
+        raise  # the Celery task ran out of time: not a verdict on the file
     except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, zlib errors, ...
         logger.info("image refused: %s", exc)
         raise _unreadable(label) from None
@@ -339,6 +344,8 @@ def _inspect_av(fp: BinaryIO, demuxer: str, max_pixels: int) -> MediaInfo:
                 duration_ms = _declared_duration_ms(container, [*video, *audio])
     except MediaError:
         raise
+    except SoftTimeLimitExceeded:
+        raise  # the Celery task ran out of time: not a verdict on the file
     except Exception as exc:  # av.error.*, OSError, ValueError from odd containers
         logger.info("%s refused: %s", label, exc)
         raise _unreadable(label) from None

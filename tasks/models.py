@@ -171,6 +171,11 @@ class Task(models.Model):
     # output), capped so that such an output is not fetched again forever.
     output_lease_until = models.DateTimeField(null=True, blank=True)
     output_attempts = models.PositiveIntegerField(default=0)
+    # Stopping the upstream job of a finished task (cancelled, or given up on): a job accepted
+    # only after the task had finished, and when its cancel was carried out (or given up). The
+    # cancel sweep resends what has ``cancel_requested_at`` but no ``upstream_cancel_done_at``.
+    late_upstream_id = models.CharField(max_length=200, blank=True)
+    upstream_cancel_done_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "ai_task"

@@ -117,8 +117,8 @@ def cancel_upstream(self: object, task_id: str, upstream_id: str | None = None) 
 def retry_upstream_cancels() -> int:
     """Upstream cancels whose message was lost (broker down at commit) are sent again."""
     found = services.cancels_unsent()
-    for task_id, upstream_id in found:
-        cancel_upstream.delay(task_id, upstream_id)
+    for task_id in found:
+        cancel_upstream.delay(task_id)
     return len(found)
 
 

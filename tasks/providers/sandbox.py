@@ -67,11 +67,15 @@ class SandboxProvider:
             headers={"Idempotency-Key": request.idempotency_key},
         )
         _raise_for_status(response)
-        data = _json(response)
+        # A 2xx we cannot read still means the provider acted: the job may exist.
+        data = _json(response, maybe_received=True)
         upstream_id = data.get("id")
         if not isinstance(upstream_id, str) or not upstream_id:
             raise ProviderError(
-                "sandbox submit answer has no job id", retryable=True, code="upstream_bad_response"
+                "sandbox submit answer has no job id",
+                retryable=True,
+                code="upstream_bad_response",
+                maybe_received=True,
             )
         return SubmitResult(upstream_id=upstream_id)
 
@@ -237,7 +241,7 @@ def _raise_for_status(response: httpx.Response) -> None:
     http.raise_for_status(response, code=code, message=message)
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
+def _json(response: httpx.Response, *, maybe_received: bool = False) -> dict[str, Any]:
     try:
         data = response.json()
     except ValueError:
@@ -247,6 +251,7 @@ def _json(response: httpx.Response) -> dict[str, Any]:
             f"sandbox answered HTTP {response.status_code} with a non-object body",
             retryable=True,
             code="upstream_bad_response",
+            maybe_received=maybe_received,
         )
     return data
 

@@ -44,7 +44,7 @@ OUTCOMES = ("success", "fail", "reject", "partial")
 CALLBACK_MODES = ("once", "early", "duplicate", "none", "out_of_order")
 STATUS_MODES = ("ok", "error")
 CANCEL_MODES = ("honour", "ignore")
-SUBMIT_MODES = ("ok", "error", "invalid", "error_after_create", "in_progress")
+SUBMIT_MODES = ("ok", "error", "invalid", "error_after_create", "in_progress", "busy")
 
 FINAL = {"success": "succeeded", "partial": "succeeded", "fail": "failed", "reject": "rejected"}
 ERRORS = {
@@ -235,6 +235,10 @@ class Sandbox:
             return 503, _error("sandbox_unavailable", "Submit failed (sandbox_submit=error).")
         if submit_mode == "invalid":
             return 400, _error("invalid_request", "Submit refused (sandbox_submit=invalid).")
+        if submit_mode == "busy":
+            # As while an earlier request with this key is still being handled, before its job
+            # exists: nothing to find yet.
+            return 409, _error("request_in_progress", "A request with this key is in progress.")
         # A known key answers with its job before the body is even validated, like vendors that
         # key idempotency on the header alone; checked again under the lock for racing submits.
         now = time.time()

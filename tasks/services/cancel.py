@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from notifications.models import Notification
@@ -14,7 +15,7 @@ from rivya.errors import (
     NotFound,
     TaskFinished,
 )
-from tasks.models import Task, TaskEvent
+from tasks.models import Task
 from tasks.providers.registry import get_provider
 from tasks.services import enqueue
 from tasks.services.common import S, _event, _notify, _settle, _transition, _ttl, policy_percent
@@ -76,29 +77,45 @@ def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
                 f"{task.model_slug}: {message} "
                 + ("Your credits were refunded." if not charge else ""),
             )
-        if task.upstream_id:
+        if task.upstream_id or task.submit_attempts:
+            # A task still WAITING may have a job all the same (a submit answered unclearly):
+            # the cancel then asks the provider for it by the task's key.
             transaction.on_commit(
-                lambda: enqueue.cancel_upstream(task_id, task.upstream_id), robust=True
+                lambda: enqueue.cancel_upstream(task_id, task.upstream_id or None), robust=True
             )
     task.refresh_from_db()
     return task
 
 
 def task_cancel_upstream(*, task_id: Any, upstream_id: str | None = None) -> None:
-    """Ask the provider to stop a job of a finished task: its own job, or ``upstream_id`` (a job
-    accepted after the task was already cancelled). Raises ProviderError (retryable or not);
-    the job stopping or having finished already are both fine."""
+    """Ask the provider to stop the job of a finished task: ``upstream_id``, else the task's
+    own job, else a job accepted after it finished (``late_upstream_id``), else whatever job
+    the provider has under the task's key (a submit that was answered unclearly may have
+    created one). Records it on the task (``upstream_cancel_done_at``): the cancel sweep then
+    leaves it. Raises ProviderError (retryable or not); a job that already finished is fine.
+    """
     task = Task.objects.filter(pk=task_id).first()
-    upstream_id = upstream_id or (task.upstream_id if task else None)
-    if task is None or not upstream_id or task.status not in Task.TERMINAL:
+    if task is None or task.status not in Task.TERMINAL:
         return
-    get_provider(task.provider).cancel(upstream_id)
-    _event(
-        task_id,
-        "upstream_cancel_requested",
-        "The provider was asked to stop the job.",
-        upstream_id=upstream_id,
-    )
+    provider = get_provider(task.provider)
+    target = upstream_id or task.upstream_id or task.late_upstream_id
+    if not target:
+        if not task.submit_attempts:
+            return  # never sent: no job can exist
+        job = provider.find_job(str(task.pk))
+        if job is None:
+            if task.submit_ambiguous_at is None:
+                _cancel_done(task, "No job of this task exists upstream; nothing to stop.")
+            # Else an unanswered attempt may still create it: the sweep asks again later.
+            return
+        target = job.upstream_id
+    provider.cancel(target)
+    _cancel_done(task, "The provider was asked to stop the job.", upstream_id=target)
+
+
+def _cancel_done(task: Task, message: str, **data: Any) -> None:
+    Task.objects.filter(pk=task.pk).update(upstream_cancel_done_at=timezone.now())
+    _event(task.pk, "upstream_cancel_requested", message, **data)
 
 
 CANCEL_SWEEP_AFTER_S = 600  # longer than a cancel's own retries take
@@ -106,11 +123,13 @@ CANCEL_SWEEP_WINDOW_S = 24 * 3600
 
 
 def task_cancel_upstream_gave_up(*, task_id: Any, upstream_id: str | None, error: str) -> None:
-    """The provider kept refusing or failing the cancel: on the timeline for support (the job
-    may run on; a result it delivers is recorded as late and changes nothing)."""
+    """The provider kept refusing or failing the cancel: recorded (the sweep leaves it) and on
+    the timeline for support (the job may run on; a result it delivers is recorded as late and
+    changes nothing)."""
     task = Task.objects.filter(pk=task_id).only("pk", "upstream_id").first()
     if task is None:
         return
+    Task.objects.filter(pk=task.pk).update(upstream_cancel_done_at=timezone.now())
     _event(
         task.pk,
         "upstream_cancel_gave_up",
@@ -119,42 +138,28 @@ def task_cancel_upstream_gave_up(*, task_id: Any, upstream_id: str | None, error
     )
 
 
-def cancels_unsent() -> list[tuple[str, str | None]]:
-    """Upstream cancels that were never carried out, neither done nor given up: their message
-    was lost (the broker was down at commit). ``(task id, job id or None for the task's own)``
-    for jobs of tasks whose cancel was requested (``cancel_requested_at``: cancelled, or failed
-    giving up on a job that may still run) between ``CANCEL_SWEEP_WINDOW_S`` and
-    ``CANCEL_SWEEP_AFTER_S`` ago, and for jobs accepted after a cancel
-    (``late_upstream_acceptance``)."""
+def cancels_unsent() -> list[str]:
+    """Finished tasks whose upstream cancel was requested (``cancel_requested_at``: cancelled,
+    given up on, or a job accepted after the task finished) between ``CANCEL_SWEEP_WINDOW_S``
+    and ``CANCEL_SWEEP_AFTER_S`` ago and never carried out nor given up
+    (``upstream_cancel_done_at``): their message was lost (the broker was down at commit), or
+    an unanswered submit may still have created a job. Only tasks that can have a job: one is
+    known, or the task was sent at least once."""
     now = timezone.now()
     window = (
         now - timedelta(seconds=CANCEL_SWEEP_WINDOW_S),
         now - timedelta(seconds=CANCEL_SWEEP_AFTER_S),
     )
-    done = ["upstream_cancel_requested", "upstream_cancel_gave_up"]
-    found: list[tuple[str, str | None]] = [
-        (str(pk), None)
-        for pk in Task.objects.filter(status__in=Task.TERMINAL, cancel_requested_at__range=window)
-        .exclude(upstream_id="")
-        .exclude(events__kind__in=done)
+    return [
+        str(pk)
+        for pk in Task.objects.filter(
+            status__in=Task.TERMINAL,
+            cancel_requested_at__range=window,
+            upstream_cancel_done_at__isnull=True,
+        )
+        .filter(~Q(upstream_id="") | ~Q(late_upstream_id="") | Q(submit_attempts__gt=0))
         .values_list("pk", flat=True)[:200]
     ]
-    late = list(
-        TaskEvent.objects.filter(
-            kind="late_upstream_acceptance", created_at__range=window
-        ).values_list("task_id", "data__upstream_id")[:200]
-    )
-    handled = set(
-        TaskEvent.objects.filter(
-            task_id__in={task_id for task_id, _ in late}, kind__in=done
-        ).values_list("task_id", "data__upstream_id")
-    )
-    found += [
-        (str(task_id), upstream_id)
-        for task_id, upstream_id in late
-        if upstream_id and (task_id, upstream_id) not in handled
-    ]
-    return found
 
 
 def task_delete(*, user: Any, task_id: Any) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 from django.conf import settings
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from tasks.media import MediaError, inspect_media
@@ -112,6 +113,12 @@ def _record_acceptance(task: Task, upstream_id: str, message: str) -> bool:
                 "The upstream accepted the job after the task had finished; cancelling it.",
                 upstream_id=upstream_id,
             )
+            # On the task, for the cancel sweep should this message be lost.
+            Task.objects.filter(pk=task_id).update(
+                late_upstream_id=upstream_id[:200],
+                upstream_cancel_done_at=None,
+                cancel_requested_at=Coalesce(F("cancel_requested_at"), Value(now)),
+            )
             # Through the retried Celery task: a transient failure must not leave it running.
             transaction.on_commit(
                 lambda: enqueue.cancel_upstream(task_id, upstream_id), robust=True
@@ -204,9 +211,18 @@ def task_submit_attempt_failed(*, task_id: Any, error: ProviderError) -> None:
     on it is refunded only once the provider says it has no such job."""
     ambiguous = may_have_created(error)
     if ambiguous:
+        now = timezone.now()
         Task.objects.filter(pk=task_id, submit_ambiguous_at__isnull=True).update(
-            submit_ambiguous_at=timezone.now()
+            submit_ambiguous_at=now
         )
+        # Cancelled (or failed) while this attempt was out: the job it may have created must
+        # be stopped too. The cancel asks the provider by the task's key, and the sweep asks
+        # again until the job shows up or the sweep's window ends.
+        if Task.objects.filter(pk=task_id, status__in=Task.TERMINAL, upstream_id="").update(
+            upstream_cancel_done_at=None,
+            cancel_requested_at=Coalesce(F("cancel_requested_at"), Value(now)),
+        ):
+            transaction.on_commit(lambda: enqueue.cancel_upstream(task_id), robust=True)
     _event(
         task_id,
         "submit_error",
@@ -224,7 +240,8 @@ def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
     see ``may_have_created``): that job would run and bill while we refund. Then the provider
     is asked for the job by its idempotency key first:
     - it has it: the task tracks that job (GENERATING), as if the submit had been answered;
-    - it says it has none: FAILED, refunded;
+    - it says it has none: FAILED, refunded (unless the answer was a 409 "in progress": the
+      job may not exist yet, so it is treated as "cannot tell");
     - it cannot tell: the task stays WAITING with its credits held, flagged
       ``submit_unconfirmed_at`` for support; the reconciler sends it again with the same key
       (the provider answers with the job if it exists) until ``submit_attempts_limit()``.
@@ -238,6 +255,12 @@ def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
                 return False
         except ProviderError as exc:
             _flag_unconfirmed(task, exc)
+            return False
+        if error.status == 409:
+            # "In progress": a request with this key is still being handled, and its job may
+            # not exist yet. Not finding it now proves nothing: keep the credits held and ask
+            # again (the reconciler resends with the same key).
+            _flag_unconfirmed(task, error)
             return False
         _event(task_id, "upstream_job_absent", "The provider confirms it has no job for this task.")
     kind = "provider" if not error.retryable else "infra"

@@ -3,6 +3,7 @@ against the real sandbox and PostgreSQL."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -455,7 +456,7 @@ def test_sandbox_honours_cancel_unless_asked_to_ignore_it(funded: Any) -> None:
     assert (ignored.status, ignored.charged_micro) == (S.CANCELLED, 0)
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_an_upstream_cancel_whose_message_was_lost_is_sent_by_the_sweeper(
     funded: Any, queued: dict[str, list[Any]], sandbox: Any
 ) -> None:
@@ -463,43 +464,90 @@ def test_an_upstream_cancel_whose_message_was_lost_is_sent_by_the_sweeper(
 
     from django.utils import timezone
 
-    from tasks.models import TaskEvent
     from tasks.services.cancel import CANCEL_SWEEP_AFTER_S
 
+    # Given cancelled tasks whose queued upstream cancels never ran: one a while ago, one a
+    # while ago whose cancel was given up, one just now (its own retries may still be running),
+    # and one a while ago whose job was accepted only after it was cancelled
     user = funded(10)
     lost, given_up, fresh = (submit(user, sandbox_latency_ms=60_000) for _ in range(3))
     for task in (lost, given_up, fresh):
         services.task_send_upstream(task_id=task.pk)
-        services.task_cancel(task_id=task.pk, actor=user)  # its queued cancel never runs
+        services.task_cancel(task_id=task.pk, actor=user)
+    late = submit(user, sandbox_latency_ms=60_000, sandbox_submit_delay_ms=1500)
+    sending = threading.Thread(target=services.task_send_upstream, kwargs={"task_id": late.pk})
+    sending.start()
+    time.sleep(0.5)  # the submit is out, its answer 1 s away
+    services.task_cancel(task_id=late.pk, actor=user)  # cancelled while WAITING
+    sending.join()  # the job is accepted after all: late
     long_ago = timezone.now() - timedelta(seconds=CANCEL_SWEEP_AFTER_S + 5)
-    Task.objects.filter(pk__in=[lost.pk, given_up.pk]).update(
+    Task.objects.filter(pk__in=[lost.pk, given_up.pk, late.pk]).update(
         finished_at=long_ago, cancel_requested_at=long_ago
     )
     services.task_cancel_upstream_gave_up(task_id=given_up.pk, upstream_id=None, error="410")
 
-    # Jobs accepted after a cancel: one whose cancel was lost, one already stopped
-    for task, job, handled in ((lost, "job_late", False), (given_up, "job_stopped", True)):
-        TaskEvent.objects.create(
-            task=task, kind="late_upstream_acceptance", data={"upstream_id": job}
-        )
-        if handled:
-            TaskEvent.objects.create(
-                task=task, kind="upstream_cancel_requested", data={"upstream_id": job}
-            )
-    TaskEvent.objects.filter(data__upstream_id__in=["job_late", "job_stopped"]).update(
-        created_at=long_ago
-    )
+    # Then the sweeper finds only those never carried out nor given up, from the task fields
+    late.refresh_from_db()
+    assert (late.upstream_id, late.late_upstream_id[:4]) == ("", "job_")
+    assert sorted(services.cancels_unsent()) == sorted([str(lost.pk), str(late.pk)])
 
-    # The sweeper finds only what was never carried out nor given up (and not the fresh one,
-    # whose own retries may still be running)
-    assert services.cancels_unsent() == [(str(lost.pk), None), (str(lost.pk), "job_late")]
-    TaskEvent.objects.create(  # the late job's cancel is carried out
-        task=lost, kind="upstream_cancel_requested", data={"upstream_id": "job_late"}
-    )
-
+    # And carrying them out stops both jobs and empties the sweep
     services.task_cancel_upstream(task_id=lost.pk)
+    services.task_cancel_upstream(task_id=late.pk)
     lost.refresh_from_db()
-    job = httpx.get(f"{sandbox.base_url}/v1/jobs/{lost.upstream_id}", trust_env=False).json()
-    assert job["status"] == "cancelled"
-    assert TaskEvent.objects.filter(task=lost, kind="upstream_cancel_requested").exists()
+    assert job_status(lost) == "cancelled"
+    late_job = f"{sandbox.base_url}/v1/jobs/{late.late_upstream_id}"
+    assert httpx.get(late_job, trust_env=False).json()["status"] == "cancelled"
+    assert lost.upstream_cancel_done_at is not None
     assert services.cancels_unsent() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_a_task_whose_submit_was_unclear_stops_the_job_found_by_its_key(
+    funded: Any, queued: dict[str, list[Any]], sandbox: Any
+) -> None:
+    from tasks.providers.base import ProviderError
+
+    # Given a task whose submit created the job but answered 503 (still WAITING, retrying)
+    user = funded(10)
+    task = submit(user, sandbox_latency_ms=60_000, sandbox_submit="error_after_create")
+    with pytest.raises(ProviderError) as caught:
+        services.task_send_upstream(task_id=task.pk)
+    services.task_submit_attempt_failed(task_id=task.pk, error=caught.value)
+
+    # When the user cancels it
+    services.task_cancel(task_id=task.pk, actor=user)
+
+    # Then the refund comes with an upstream cancel, which finds the job by the task's key
+    task.refresh_from_db()
+    assert (task.status, task.upstream_id, task.refunded_micro) == (S.CANCELLED, "", C)
+    assert queued["cancel"] == [str(task.pk)]
+    services.task_cancel_upstream(task_id=task.pk)
+    job = httpx.get(
+        f"{sandbox.base_url}/v1/jobs", params={"idempotency_key": str(task.pk)}, trust_env=False
+    ).json()["data"][0]
+    assert job["status"] == "cancelled"
+    task.refresh_from_db()
+    assert task.upstream_cancel_done_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unanswered_attempt_after_a_cancel_sends_a_cancel_for_its_job(
+    funded: Any, queued: dict[str, list[Any]]
+) -> None:
+    from tasks.providers.base import ProviderError
+
+    # Given a task cancelled while a submit attempt was out
+    user = funded(10)
+    task = submit(user)
+    services.task_cancel(task_id=task.pk, actor=user)
+    assert queued["cancel"] == []  # never sent: nothing to stop yet
+
+    # When that attempt ends without an answer (it may have created the job)
+    timeout = ProviderError("ReadTimeout", retryable=True, maybe_received=True)
+    services.task_submit_attempt_failed(task_id=task.pk, error=timeout)
+
+    # Then a cancel by the task's key is queued, and the sweep keeps it until it is carried out
+    task.refresh_from_db()
+    assert queued["cancel"] == [str(task.pk)]
+    assert (task.cancel_requested_at is not None, task.upstream_cancel_done_at) == (True, None)

@@ -398,8 +398,9 @@ def test_every_celery_task_has_time_limits_that_fit_its_leases() -> None:
 
     from tasks.services.callbacks import CALLBACK_LEASE_S
 
-    ours = {name: t for name, t in current_app.tasks.items() if name.startswith("tasks.")}
-    assert ours
+    current_app.loader.import_default_modules()  # every app's tasks module, as a worker does
+    ours = {name: t for name, t in current_app.tasks.items() if not name.startswith("celery.")}
+    assert {"tasks.refresh", "billing.purge_idempotency_keys"} <= set(ours)
     for name, task in ours.items():
         assert task.soft_time_limit, name
         assert task.time_limit, name
@@ -676,5 +677,73 @@ def test_adopting_a_found_job_and_a_cancel_race_to_one_outcome(
         assert not [r for r in results if isinstance(r, Exception)], results
         task.refresh_from_db()
         assert (task.status, task.refunded_micro, task.charged_micro) == (S.CANCELLED, C, 0)
-        assert queued["cancel"] == [str(task.pk)]
+        assert set(queued["cancel"]) == {str(task.pk)}
         assert billing_selectors.balance_for_user(user=user).available == 10 * C
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("ledger_ok")
+def test_a_409_before_the_job_exists_keeps_the_credits_held(funded: Any) -> None:
+    # Given a provider answering 409 "in progress" before the job it is creating exists
+    user = funded(10)
+    task = submit(user, sandbox_submit="busy")
+
+    # When the submitter gets that answer and the provider has no job under the key yet
+    celery_tasks.submit.apply(args=[str(task.pk)])
+
+    # Then nothing is refunded: the job may still appear; support sees the flag
+    task.refresh_from_db()
+    assert task.status == S.WAITING
+    assert task.submit_unconfirmed_at is not None
+    assert billing_selectors.balance_for_user(user=user).held == C
+
+
+def test_a_2xx_submit_answer_we_cannot_read_may_have_created_the_job() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tasks.providers.base import SubmitRequest
+    from tasks.services.upstream import may_have_created
+
+    class Garbled(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(201)
+            self.send_header("Content-Length", "7")
+            self.end_headers()
+            self.wfile.write(b"<html>!")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Garbled)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        provider = SandboxProvider(f"http://127.0.0.1:{server.server_port}", "whsec_" + "A" * 32)
+        with pytest.raises(ProviderError) as caught:
+            provider.submit(
+                SubmitRequest(idempotency_key="k", upstream_model="m", prompt="", params={})
+            )
+        assert caught.value.retryable
+        assert may_have_created(caught.value)
+    finally:
+        server.shutdown()
+
+
+def test_a_soft_time_limit_during_media_inspection_is_not_taken_for_a_bad_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from tasks import media
+
+    def out_of_time(*args: Any, **kwargs: Any) -> Any:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(media.Image, "open", out_of_time)
+    monkeypatch.setattr(media.av, "open", out_of_time)
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+
+    for data in (png, b"OggS" + b"\x00" * 60):
+        with pytest.raises(SoftTimeLimitExceeded):
+            media.inspect_media(data, max_pixels=10_000)

@@ -240,7 +240,11 @@ def test_job_accepted_after_cancellation_is_cancelled_through_the_retried_task(
     assert outcome == [False]
     late = TaskEvent.objects.get(task=task, kind="late_upstream_acceptance")
     job_id = late.data["upstream_id"]
-    assert queued["cancel_jobs"] == [job_id]
+    # The cancel itself (the task had been sent: it asks by key) and the late acceptance both
+    # queue a cancel; stopping a job twice is harmless
+    assert queued["cancel_jobs"] == [None, job_id]
+    task.refresh_from_db()
+    assert task.late_upstream_id == job_id
     services.task_cancel_upstream(task_id=task.pk, upstream_id=job_id)
     assert (
         httpx.get(f"{settings.SANDBOX_URL}/v1/jobs/{job_id}", trust_env=False).json()["status"]
