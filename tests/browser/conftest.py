@@ -1,0 +1,89 @@
+"""Browser tests: Playwright driving Debian's Chromium (``/usr/bin/chromium``, never a
+downloaded browser) against the live server, with the real Celery worker and beat and the
+sandbox process of ``tests/e2e.py``.
+
+Fixtures: ``browser`` (one Chromium per session), ``page`` (a fresh context per test, desktop
+size), ``signed_up`` (a new user signed up through the signup page, returning its username),
+and ``shoot(page, name)`` which saves a full-page screenshot at desktop and mobile widths under
+``var/screenshots/`` (``make screenshots`` copies the chosen ones into ``docs/screenshots/``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "var" / "screenshots"
+DESKTOP = {"width": 1280, "height": 900}
+MOBILE = {"width": 390, "height": 844}
+_users = itertools.count()
+
+# Playwright's sync API runs an event loop in this thread; Django refuses ORM calls from a thread
+# with a running loop unless told that is fine (the tests' own ORM calls are synchronous).
+os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--autoplay-policy=no-user-gesture-required",
+            ],
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, e2e: Any, live_server: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport=DESKTOP, base_url=live_server.url)
+    context.set_default_timeout(15_000)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+@pytest.fixture
+def signed_up(page: Any) -> str:
+    """Sign a new user up through the signup page; the page is then logged in."""
+    name = f"browser{os.getpid()}x{next(_users)}"
+    page.goto("/signup/")
+    page.fill("#id_username", name)
+    page.fill("#id_email", f"{name}@example.com")
+    page.fill("#id_password1", "a-Long-pass-123")
+    page.fill("#id_password2", "a-Long-pass-123")
+    page.get_by_role("button", name="Create account").click()
+    page.wait_for_url(lambda url: "/signup/" not in url)
+    return name
+
+
+@pytest.fixture
+def shoot() -> Callable[[Any, str], None]:
+    def take(page: Any, name: str) -> None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        size = page.viewport_size
+        for label, viewport in (("desktop", DESKTOP), ("mobile", MOBILE)):
+            page.set_viewport_size(viewport)
+            page.screenshot(path=str(SCREENSHOTS / f"{name}-{label}.png"), full_page=True)
+        page.set_viewport_size(size)
+
+    return take
