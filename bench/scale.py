@@ -23,7 +23,11 @@ cache):
   are made due again (not timed) before each claim;
 - ``GET /api/v1/tasks/`` (the first history page of 50) and ``GET /api/v1/tasks/<id>/`` for the
   heavy user, through Django's test client with an API key (the whole view: authentication,
-  query, serializer, JSON; no HTTP server).
+  query, serializer, JSON; no HTTP server);
+- the pages ``GET /history/`` (its first page) and ``GET /dashboard/`` for the heavy user,
+  logged in (the whole view and its template). The ledger is not scaled (tasks are inserted
+  with SQL, without ledger entries), so the dashboard's spend chart reads an empty ledger at
+  both sizes; what grows is the task history it lists from.
 
 Queries per request (``CaptureQueriesContext``) for both requests must be equal at both sizes,
 and EXPLAIN ANALYZE must show the partial indexes ``task_poll_due`` and ``task_history``.
@@ -176,8 +180,12 @@ class Measured:
     poll_update: float
     history: float
     detail: float
+    history_page: float
+    dashboard: float
     queries_detail: int
     queries_history: int
+    queries_history_page: int
+    queries_dashboard: int
     plan_poll: list[str]
     plan_history: list[str]
     sql_poll: float  # median seconds of the SELECT alone (EXPLAIN ANALYZE's execution time)
@@ -242,6 +250,8 @@ class Fixture:
             .first()
         )
         self.client = Client(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=self.heavy).raw}")
+        self.pages = Client()  # the browser's way in: a session
+        self.pages.force_login(self.heavy)
         self.due_ids: list[Any] = []
         self.detail_url = ""
 
@@ -291,6 +301,8 @@ class Timings:
     poll_update: list[float] = field(default_factory=list)  # its bulk UPDATE of the 200 rows
     history: list[float] = field(default_factory=list)
     detail: list[float] = field(default_factory=list)
+    history_page: list[float] = field(default_factory=list)
+    dashboard: list[float] = field(default_factory=list)
 
 
 class StatementTimer:
@@ -340,6 +352,13 @@ def time_once(fixture: Fixture, into: Timings) -> None:
     if response.status_code != 200:
         raise RuntimeError(f"task detail: {response.status_code}")
 
+    for url, timed in (("/history/", into.history_page), ("/dashboard/", into.dashboard)):
+        started = time.perf_counter()
+        response = fixture.pages.get(url)
+        timed.append(time.perf_counter() - started)
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: {response.status_code}")
+
 
 def _count_queries(client: Any, url: str) -> int:
     from django.db import connection
@@ -362,6 +381,8 @@ def inspect(fixture: Fixture, timings: Timings) -> Measured:
 
     queries_history = _count_queries(fixture.client, "/api/v1/tasks/")
     queries_detail = _count_queries(fixture.client, fixture.detail_url)
+    queries_history_page = _count_queries(fixture.pages, "/history/")
+    queries_dashboard = _count_queries(fixture.pages, "/dashboard/")
     fixture.make_due()
 
     def explain_poll() -> str:
@@ -391,8 +412,12 @@ def inspect(fixture: Fixture, timings: Timings) -> Measured:
         poll_update=median(timings.poll_update),
         history=median(timings.history),
         detail=median(timings.detail),
+        history_page=median(timings.history_page),
+        dashboard=median(timings.dashboard),
         queries_detail=queries_detail,
         queries_history=queries_history,
+        queries_history_page=queries_history_page,
+        queries_dashboard=queries_dashboard,
         plan_poll=_brief(plans_poll[-1]),
         plan_history=_brief(plans_history[-1]),
         sql_poll=median([_execution_time(plan) for plan in plans_poll]),
@@ -446,7 +471,10 @@ def run(config: SuiteConfig) -> SuiteResult:
             f"{measured.poll_update * 1000:.2f} ms (EXPLAIN ANALYZE of the SELECT "
             f"{measured.sql_poll * 1000:.3f} ms), history SELECT "
             f"{measured.sql_history * 1000:.3f} ms (EXPLAIN ANALYZE); "
-            f"queries: detail {measured.queries_detail}, history {measured.queries_history}",
+            f"queries: detail {measured.queries_detail}, history {measured.queries_history}; "
+            f"pages: /history/ {measured.history_page * 1000:.2f} ms in "
+            f"{measured.queries_history_page} queries, /dashboard/ "
+            f"{measured.dashboard * 1000:.2f} ms in {measured.queries_dashboard} queries",
             flush=True,
         )
     low, high = results
@@ -463,7 +491,16 @@ def run(config: SuiteConfig) -> SuiteResult:
             problems.append(f"at {m.rows}: the poll claim does not use task_poll_due")
         if not any("task_history" in line for line in m.plan_history):
             problems.append(f"at {m.rows}: the history page does not use task_history")
-    if (low.queries_detail, low.queries_history) != (high.queries_detail, high.queries_history):
+
+    def counts(m: Measured) -> tuple[int, ...]:
+        return (
+            m.queries_detail,
+            m.queries_history,
+            m.queries_history_page,
+            m.queries_dashboard,
+        )
+
+    if counts(low) != counts(high):
         problems.append("queries per request differ between the two sizes")
 
     at = f"at {_label(small)}"
@@ -506,5 +543,9 @@ def run(config: SuiteConfig) -> SuiteResult:
         timing("GET /api/v1/tasks/<id>/ (detail)", low.detail, high.detail),
         queries("task detail", low.queries_detail, high.queries_detail),
         queries(f"history page of {PAGE}", low.queries_history, high.queries_history),
+        timing("GET /history/ (page, logged in)", low.history_page, high.history_page),
+        timing("GET /dashboard/ (page, logged in)", low.dashboard, high.dashboard),
+        queries("/history/ page", low.queries_history_page, high.queries_history_page),
+        queries("/dashboard/ page", low.queries_dashboard, high.queries_dashboard),
     ]
     return SuiteResult(rows=rows, ok=not problems, problems=problems)
