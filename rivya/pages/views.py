@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from django import forms
@@ -19,6 +20,9 @@ from billing import selectors as billing
 from rivya import services
 from rivya.errors import DomainError
 from rivya.models import User
+from rivya.money import MICRO
+from tasks import selectors as tasks
+from tasks.models import AIModel, Category
 
 EMAIL_TAKEN = "An account with this email already exists. Log in, or use another email."
 
@@ -38,10 +42,62 @@ class SignupForm(UserCreationForm):
         return email
 
 
+@dataclass(frozen=True)
+class CatalogModel:
+    model: AIModel
+    price_micro: int  # per ``per``
+    per: str
+
+    @property
+    def unit(self) -> str:
+        return "credit" if self.price_micro == MICRO else "credits"
+
+
+@dataclass(frozen=True)
+class CatalogGroup:
+    category: str
+    label: str
+    models: list[CatalogModel]
+
+
+# A per-token price is a few millionths of a credit: quoted per thousand tokens, as is usual.
+TOKENS_QUOTED = 1000
+
+
+def _priced(model: AIModel) -> CatalogModel:
+    kind = model.billing_type
+    if kind == AIModel.BillingType.PER_OUTPUT:
+        per = "per image" if model.category == Category.IMAGE else "per output"
+        return CatalogModel(model, model.price_micro, per)
+    if kind == AIModel.BillingType.PER_OUTPUT_SECOND:
+        return CatalogModel(model, model.price_micro, "per second")
+    if kind == AIModel.BillingType.PER_TOKEN:
+        return CatalogModel(
+            model, model.price_micro * TOKENS_QUOTED, f"per {TOKENS_QUOTED:,} tokens"
+        )
+    return CatalogModel(model, model.price_micro, "per generation")
+
+
+def catalog_groups() -> list[CatalogGroup]:
+    """The enabled models with their prices, grouped by category in the catalog's own order
+    (image, video, audio, chat)."""
+    by_category: dict[str, list[CatalogModel]] = {}
+    for model in tasks.models_enabled():
+        by_category.setdefault(model.category, []).append(_priced(model))
+    return [
+        CatalogGroup(category=value, label=label, models=by_category[value])
+        for value, label in Category.choices
+        if value in by_category
+    ]
+
+
 def home(request: HttpRequest) -> HttpResponse:
-    context: dict[str, Any] = {}
+    """Signed out: what Rivya does, the catalog with prices, sign up / log in. Signed in: a
+    welcome with the credits and the way to each page, then the same catalog."""
+    context: dict[str, Any] = {"catalog": catalog_groups()}
     if request.user.is_authenticated:
         context["credits"] = billing.balance_for_user(user=request.user)
+        context["header_credits"] = context["credits"]  # one read for the header and the page
     return render(request, "pages/home.html", context)
 
 
