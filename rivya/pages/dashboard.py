@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import path
+from django.utils import timezone
 
 from billing import selectors as billing
+from rivya.money import MICRO
 from tasks import selectors as tasks
 from tasks.services import SUBJECT
 
 RECENT_TASKS = 6
 RECENT_ENTRIES = 10
 SPEND_DAYS = 30
+# Younger than this reads "just now" rather than "0 minutes ago".
+JUST_NOW = timedelta(minutes=1)
 
 # The chart's drawing box, in SVG units: the SVG stretches to its container's width.
 CHART_WIDTH = 600
@@ -90,6 +94,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "chart": spend_chart(billing.spend_per_day(user=request.user, days=SPEND_DAYS)),
             "spend_days": SPEND_DAYS,
             "task_subject": SUBJECT,
+            "one_credit": MICRO,
+            "just_now": timezone.now() - JUST_NOW,
         },
     )
 

@@ -6,10 +6,12 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import path
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from billing import selectors as billing
 from notifications import selectors, services
+from rivya.pages.dashboard import JUST_NOW
 
 # The Center shows every unread notification first, then the newest read ones: this many in all.
 CENTER_LIMIT = 100
@@ -29,6 +31,7 @@ def _center_context(request: HttpRequest) -> dict[str, object]:
         "limit": CENTER_LIMIT,
         # The header's bell shows the same count: one read, not two.
         "header_unread": unread,
+        "just_now": timezone.now() - JUST_NOW,
     }
 
 
@@ -56,7 +59,11 @@ def notification_read(request: HttpRequest, notification_id: str) -> HttpRespons
     response = render(
         request,
         "pages/notifications/_read.html",
-        {"n": note, "unread": selectors.unread_count(user=request.user)},
+        {
+            "n": note,
+            "unread": selectors.unread_count(user=request.user),
+            "just_now": timezone.now() - JUST_NOW,
+        },
     )
     response["HX-Trigger"] = CHANGED
     return response
