@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
-from tasks.models import AIModel, Task, TaskEvent, Upload
+from rivya.errors import contains_nul
+from tasks.models import AIModel, Category, Task, TaskEvent, Upload
 
 
 def models_enabled() -> QuerySet[AIModel]:
@@ -29,9 +34,44 @@ def task_get_for_user(*, user: Any, task_id: Any) -> Task | None:
     return Task.objects.filter(pk=pk, user=user, deleted_at__isnull=True).first()
 
 
+HISTORY_SEARCH_MAX = 200  # characters of a prompt search
+
+
+def history_filter_errors(
+    *,
+    status: str | None = None,
+    category: str | None = None,
+    model: str | None = None,
+    q: str | None = None,
+) -> dict[str, list[str]]:
+    """What is wrong with these history filters, by field (empty: usable as they are).
+
+    The API (400) and the History page share these rules: a status or category outside its
+    choices is an error rather than an empty page, and text the database cannot store (NUL,
+    unpaired surrogates) never reaches SQL."""
+    errors: dict[str, list[str]] = {}
+    if status and status.upper() not in Task.Status.values:
+        errors["status"] = [f"One of {', '.join(Task.Status.values)}."]
+    if category and category not in Category.values:
+        errors["category"] = [f"One of {', '.join(Category.values)}."]
+    for name, value in (("model", model), ("q", q)):
+        if value and contains_nul(value):
+            errors[name] = ["Must not contain NUL characters or unpaired surrogates."]
+    if q and len(q) > HISTORY_SEARCH_MAX:
+        errors["q"] = [f"At most {HISTORY_SEARCH_MAX} characters."]
+    return errors
+
+
 def history_for_user(
-    *, user: Any, status: str | None = None, category: str | None = None, model: str | None = None
+    *,
+    user: Any,
+    status: str | None = None,
+    category: str | None = None,
+    model: str | None = None,
+    q: str | None = None,
 ) -> QuerySet[Task]:
+    """The user's visible tasks, newest first (served by the ``task_history`` index); ``q``
+    searches the prompts, case-insensitively. Filters are checked by ``history_filter_errors``."""
     qs = Task.objects.filter(user=user, deleted_at__isnull=True)
     if status:
         qs = qs.filter(status=status.upper())
@@ -39,7 +79,93 @@ def history_for_user(
         qs = qs.filter(category=category)
     if model:
         qs = qs.filter(model_slug=model)
+    if q:
+        qs = qs.filter(prompt__icontains=q)
     return qs.order_by("-created_at", "-id")
+
+
+HISTORY_PAGE_SIZE = 20
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """One page of a history, newest first, with the cursors of its neighbours (None: none)."""
+
+    tasks: list[Task]
+    newer: str | None
+    older: str | None
+
+
+def _cursor(direction: str, task: Task) -> str:
+    raw = f"{direction}|{task.created_at.isoformat()}|{task.pk}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _read_cursor(cursor: str) -> tuple[str, datetime, uuid.UUID] | None:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        direction, at, pk = raw.split("|")
+        when = datetime.fromisoformat(at)
+        if direction not in ("o", "n") or when.tzinfo is None:
+            return None
+        return direction, when, uuid.UUID(pk)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def history_page(
+    *,
+    user: Any,
+    cursor: str | None = None,
+    size: int | None = None,
+    status: str | None = None,
+    category: str | None = None,
+    model: str | None = None,
+    q: str | None = None,
+) -> HistoryPage:
+    """A page of ``history_for_user`` by keyset on (created_at, id): one query, no OFFSET and no
+    COUNT(*), so the thousandth page costs what the first does. ``cursor`` is a neighbour's
+    ``newer`` or ``older``; an unreadable one gives the first page. Tasks arriving meanwhile
+    never shift a page (no duplicates, nothing skipped). ``size``: HISTORY_PAGE_SIZE."""
+    size = size or HISTORY_PAGE_SIZE
+    qs = history_for_user(user=user, status=status, category=category, model=model, q=q)
+    position = _read_cursor(cursor) if cursor else None
+    if position is None:
+        rows = list(qs[: size + 1])
+        return HistoryPage(
+            tasks=rows[:size],
+            newer=None,
+            older=_cursor("o", rows[size - 1]) if len(rows) > size else None,
+        )
+    direction, at, pk = position
+    if direction == "o":  # older than the cursor's task: the index read forwards from it
+        rows = list(
+            qs.filter(created_at__lte=at).filter(Q(created_at__lt=at) | Q(id__lt=pk))[: size + 1]
+        )
+        tasks = rows[:size]
+        return HistoryPage(
+            tasks=tasks,
+            newer=_cursor("n", tasks[0]) if tasks else None,
+            older=_cursor("o", tasks[-1]) if len(rows) > size else None,
+        )
+    # Newer than the cursor's task: the index read backwards, then put newest first again.
+    rows = list(
+        qs.filter(created_at__gte=at)
+        .filter(Q(created_at__gt=at) | Q(id__gt=pk))
+        .order_by("created_at", "id")[: size + 1]
+    )
+    tasks = rows[:size][::-1]
+    return HistoryPage(
+        tasks=tasks,
+        newer=_cursor("n", tasks[0]) if len(rows) > size else None,
+        older=_cursor("o", tasks[-1]) if tasks else None,
+    )
+
+
+def history_filter_models() -> QuerySet[AIModel]:
+    """The models a history can be filtered by: every direct-generation model, disabled ones too
+    (their tasks stay in people's histories)."""
+    return AIModel.objects.filter(direct_generation=True).order_by("category", "name")
 
 
 def task_timeline(*, task: Task) -> QuerySet[TaskEvent]:

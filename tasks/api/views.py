@@ -39,7 +39,7 @@ from tasks.api.serializers import (
     TaskSerializer,
     UploadSerializer,
 )
-from tasks.models import Category, Task
+from tasks.models import Task
 from tasks.providers.base import InvalidSignature, ProviderError
 from tasks.providers.registry import get_provider, known_provider
 
@@ -120,13 +120,7 @@ class TaskListCreateView(APIView):
         """The caller's generations, newest first (cursor-paginated)."""
         q = request.query_params
         status, category, model = q.get("status"), q.get("category"), q.get("model")
-        errors: dict[str, list[str]] = {}
-        if status and status.upper() not in Task.Status.values:
-            errors["status"] = [f"One of {', '.join(Task.Status.values)}."]
-        if category and category not in Category.values:
-            errors["category"] = [f"One of {', '.join(Category.values)}."]
-        if model and contains_nul(model):
-            errors["model"] = ["Must not contain NUL characters or unpaired surrogates."]
+        errors = selectors.history_filter_errors(status=status, category=category, model=model)
         if errors:
             raise ValidationFailed(errors)
         qs = selectors.history_for_user(

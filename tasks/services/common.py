@@ -30,7 +30,9 @@ def _transition(task_id: Any, sources: Sequence[str], target: str, **fields: Any
 
 
 def task_link(task_id: Any) -> str:
-    return f"/history/?task={task_id}"
+    """Where a notification about the task points: its page in History. (Links stored before
+    it had one, ``/history/?task=<id>``, redirect there.)"""
+    return f"/history/{task_id}/"
 
 
 def _notify(task: Task, kind: str, title: str, body: str) -> None:
