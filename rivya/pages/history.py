@@ -500,13 +500,14 @@ def history_row(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
     task = _own_task(request, task_id)
     current = request.headers.get("HX-Current-URL", "")
     back = current[current.find("/history/") :] if "/history/" in current else ""
+    finished_now = request.GET.get("seen") in Task.UNFINISHED and task.status in Task.TERMINAL
     response = render(
         request,
         "pages/history/_row.html",
-        {"item": _one(request, task), "back": _back(request, back)},
+        {"item": _one(request, task), "back": _back(request, back), "finished_now": finished_now},
     )
-    if request.GET.get("seen") in Task.UNFINISHED and task.status in Task.TERMINAL:
-        _changed(response)  # it finished: the header's credits moved
+    if finished_now:
+        _changed(response)  # the header's credits moved
     return response
 
 

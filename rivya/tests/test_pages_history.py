@@ -524,6 +524,12 @@ def test_a_running_row_reports_when_it_finished(history_user: Any, make_generati
     assert listed(row) == [str(task.pk)]
     assert 'class="status SUCCESS"' in row.content.decode()
     assert "rivya:changed" in row["HX-Trigger"]
+    assert '<span id="history-live" hx-swap-oob="innerHTML">“a lighthouse at dusk” — Finished' in (
+        row.content.decode()
+    )
+    still = client.get(f"/history/{task.pk}/row/?seen=SUCCESS", headers=HX)
+    assert "HX-Trigger" not in still
+    assert "history-live" not in still.content.decode()
 
 
 # --- ownership and old links ----------------------------------------------------------------

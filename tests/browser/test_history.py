@@ -146,6 +146,44 @@ def test_a_running_task_page_updates_itself_until_it_finishes(page: Any, signed_
     expect(page.locator("#task-announce")).to_have_text("Finished: your result is ready.")
     assert page.evaluate("window.notReloaded") is True
     assert page.locator("#task-live").get_attribute("hx-trigger") is None
+    assert page.evaluate("document.activeElement === document.body")  # polling took no focus
+
+
+@pytest.mark.usefixtures("e2e")
+def test_cancel_on_the_task_page_by_keyboard(page: Any, signed_up: str) -> None:
+    # given a long generation's page
+    task = generate(signed_up, "a very long night", sandbox_latency_ms=120_000)
+    page.goto(f"/history/{task.pk}/")
+    expect(page.get_by_test_id("header-credits")).to_have_text("9 credits")
+
+    # when the user cancels it with the keyboard
+    page.get_by_role("button", name="Cancel").focus()
+    page.keyboard.press("Enter")
+
+    # then the page says so (announced), keeps focus on the status, and the credit is back
+    expect(page.locator("#task-state .status")).to_have_text("Cancelled")
+    expect(page.locator("#task-announce")).to_have_text("Cancelled. 1 credit returned.")
+    expect(page.locator("#task-state")).to_be_focused()
+    expect(page.get_by_test_id("refunded")).to_have_text("1")
+    expect(page.locator("ol.timeline")).to_contain_text("Cancelled by you.")
+    expect(page.get_by_test_id("header-credits")).to_have_text("10 credits")
+
+
+@pytest.mark.usefixtures("e2e")
+def test_a_running_row_finishes_in_place(page: Any, signed_up: str) -> None:
+    # given a generation that takes a few seconds, seen in History while it runs
+    task = generate(signed_up, "a slow moonrise", sandbox_latency_ms=4000)
+    page.goto("/history/")
+    expect(row(page, task).locator(".status")).to_have_text(re.compile("Waiting|Generating"))
+    page.evaluate("window.notReloaded = true")
+
+    # then it turns into its result without a reload, says so, and the header follows
+    expect(row(page, task).locator(".status")).to_have_text("Success", timeout=30_000)
+    thumb = row(page, task).locator("img.thumb")
+    page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=thumb.element_handle())
+    expect(page.locator("#history-live")).to_contain_text("a slow moonrise")
+    expect(page.get_by_test_id("header-credits")).to_have_text("9 credits")
+    assert page.evaluate("window.notReloaded") is True
 
 
 @pytest.mark.usefixtures("e2e")
