@@ -290,6 +290,10 @@ TASK_UNCONFIRMED_GRACE = env.int("TASK_UNCONFIRMED_GRACE", default=24 * 3600)
 # Attempts at storing a finished job's outputs that never ended (the worker died or hit its time
 # limit, e.g. on a poison output) before the task fails, refunded, instead of looping forever.
 TASK_OUTPUT_MAX_ATTEMPTS = env.int("TASK_OUTPUT_MAX_ATTEMPTS", default=5)
+# The Studio asks to confirm a duplicate run (the same model and prompt already running, or
+# failing again and again) when it is heavy: a video or audio model, or priced over this
+# (micro-credits; default 5 credits).
+STUDIO_HEAVY_PRICE_MICRO = env.int("STUDIO_HEAVY_PRICE_MICRO", default=5_000_000)
 # The storage sweep deletes unreferenced files only once they are this old (s): far longer than
 # any submit or outcome transaction that may be about to reference them (docs/storage.md).
 STORAGE_SWEEP_MIN_AGE = env.int("STORAGE_SWEEP_MIN_AGE", default=24 * 3600)

@@ -6,10 +6,12 @@ import base64
 import binascii
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import Q, QuerySet
+from django.conf import settings
+from django.db.models import Count, Q, QuerySet, Sum
+from django.utils import timezone
 
 from rivya.errors import contains_nul
 from tasks.models import AIModel, Category, Task, TaskEvent, Upload
@@ -175,3 +177,77 @@ def task_timeline(*, task: Task) -> QuerySet[TaskEvent]:
 def upload_get_for_user(*, user: Any, upload_id: Any) -> Upload | None:
     pk = _uuid(upload_id)
     return Upload.objects.filter(pk=pk, user=user).first() if pk else None
+
+
+# --- the Studio's duplicate-run warning ------------------------------------------------------
+
+# A failed request counts towards "failed again and again" for this long, and from this many.
+DUPLICATE_FAILURE_WINDOW = timedelta(hours=6)
+DUPLICATE_FAILURES = 2
+
+
+@dataclass(frozen=True)
+class DuplicateRuns:
+    """The same model and prompt, already running or recently failing, for one user."""
+
+    running: int = 0  # WAITING or GENERATING now
+    failed: int = 0  # FAILED or REJECTED within DUPLICATE_FAILURE_WINDOW
+    failed_reserved_micro: int = 0  # held for those failures
+    failed_refunded_micro: int = 0  # given back for them
+    failed_charged_micro: int = 0  # kept for them (a failure policy that charges)
+
+    @property
+    def is_running(self) -> bool:
+        return self.running > 0
+
+    @property
+    def keeps_failing(self) -> bool:
+        return self.failed >= DUPLICATE_FAILURES
+
+    @property
+    def is_duplicate(self) -> bool:
+        return self.is_running or self.keeps_failing
+
+    @property
+    def failures_refunded(self) -> bool:
+        """Whether those failures cost nothing (refunded in full, or never held)."""
+        return self.failed_charged_micro == 0
+
+
+def duplicate_runs_for_user(*, user: Any, model_slug: str, prompt: str) -> DuplicateRuns:
+    """The user's runs of exactly this model and prompt that make another one look like a
+    mistake: unfinished ones, and failures (FAILED/REJECTED) finished within the last
+    ``DUPLICATE_FAILURE_WINDOW``. The prompt is compared as the submit stores it (stripped).
+    Tasks the user deleted from History are not counted. One query."""
+    since = timezone.now() - DUPLICATE_FAILURE_WINDOW
+    unfinished = Q(status__in=Task.UNFINISHED)
+    failed = Q(status__in=(Task.Status.FAILED, Task.Status.REJECTED), finished_at__gte=since)
+    row = Task.objects.filter(
+        unfinished | failed,
+        user=user,
+        deleted_at__isnull=True,
+        model_slug=model_slug,
+        prompt=(prompt or "").strip(),
+    ).aggregate(
+        running=Count("pk", filter=unfinished),
+        failed=Count("pk", filter=failed),
+        reserved=Sum("reserved_micro", filter=failed, default=0),
+        refunded=Sum("refunded_micro", filter=failed, default=0),
+        charged=Sum("charged_micro", filter=failed, default=0),
+    )
+    return DuplicateRuns(
+        running=row["running"],
+        failed=row["failed"],
+        failed_reserved_micro=row["reserved"],
+        failed_refunded_micro=row["refunded"],
+        failed_charged_micro=row["charged"],
+    )
+
+
+def run_is_heavy(*, model: AIModel, price_micro: int) -> bool:
+    """A run worth a second thought before repeating it: a video or audio model, or any
+    request priced over ``STUDIO_HEAVY_PRICE_MICRO``."""
+    return (
+        model.category in (Category.VIDEO, Category.AUDIO)
+        or price_micro > settings.STUDIO_HEAVY_PRICE_MICRO
+    )

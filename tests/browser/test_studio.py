@@ -1,0 +1,165 @@
+"""The Studio in Chromium, against the live server, the real worker and beat, and the sandbox
+as the provider (its knobs set through the form's Testing section)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("e2e")
+
+# Resolves with the media element's duration once its metadata has loaded; rejects with the
+# media error if the file cannot be played.
+MEDIA_DURATION = """el => new Promise((resolve, reject) => {
+  const done = () => resolve(el.duration);
+  if (el.readyState >= 1) { done(); return; }
+  el.addEventListener("loadedmetadata", done, {once: true});
+  el.addEventListener("error", () => reject(new Error("media error " + el.error.code)), {once: true});
+  if (el.networkState === HTMLMediaElement.NETWORK_EMPTY) el.load();
+})"""
+
+
+def set_knobs(page: Any, **knobs: str) -> None:
+    """Open the collapsed Testing (sandbox) section and set its knobs."""
+    details = page.locator("details.testing")
+    if details.get_attribute("open") is None:
+        details.locator("summary").click()
+    for name, value in knobs.items():
+        control = page.locator(f"#id_param_sandbox_{name}")
+        if control.evaluate("el => el.tagName") == "SELECT":
+            control.select_option(value)
+        else:
+            control.fill(value)
+
+
+def pick(page: Any, category: str, slug: str) -> None:
+    """Choose a category, then one of its models; the form is swapped in place."""
+    page.locator(f"#cat-{category}").click()
+    page.locator(f"#pick-{slug}").click()
+    page.wait_for_selector(f"[data-testid=studio-form-card][data-model={slug}]")
+
+
+def submit(page: Any, prompt: str) -> None:
+    page.fill("#id_prompt", prompt)
+    page.get_by_test_id("submit").click()
+
+
+def run_card(page: Any, prompt: str, status: str | None = None) -> Any:
+    cards = page.locator("[data-testid=task]", has_text=prompt)
+    if status:
+        cards = page.locator(f"[data-testid=task][data-status={status}]", has_text=prompt)
+    return cards.first
+
+
+def test_an_image_is_submitted_and_finishes_without_a_reload(
+    page: Any, signed_up: str, shoot: Any
+) -> None:
+    page.goto("/studio/")
+    assert page.get_by_test_id("studio-form-card").get_attribute("data-model") == "sandbox-image"
+    assert page.get_by_label("Prompt").is_visible()
+    assert not page.locator("#id_param_sandbox_outcome").is_visible()  # collapsed
+    shoot(page, "studio")
+    page.fill("#id_param_num_outputs", "2")
+    page.locator("#id_param_num_outputs").dispatch_event("change")
+    page.wait_for_function(
+        "document.querySelector('[data-testid=price]').textContent.trim() === '2 credits'"
+    )
+    page.evaluate("window.__sameDocument = true")
+
+    submit(page, "a red fox in fresh snow")
+
+    card = run_card(page, "a red fox in fresh snow")
+    card.wait_for()
+    card.locator("img").first.wait_for(timeout=30_000)
+    page.wait_for_function(
+        "[...document.querySelectorAll('[data-testid=task][data-status=SUCCESS] img')]"
+        ".every(img => img.complete && img.naturalWidth > 0)"
+    )
+    assert page.evaluate("window.__sameDocument") is True  # no reload
+    assert run_card(page, "a red fox in fresh snow").get_attribute("data-status") == "SUCCESS"
+    assert card.locator("img").count() == 2
+    assert card.get_by_role("link", name="Download 1").get_attribute("download")
+    page.wait_for_function(
+        "document.querySelector('[data-testid=header-credits]').textContent.trim() === '8 credits'"
+    )
+    shoot(page, "studio-result")
+
+
+def test_a_failing_generation_shows_whose_fault_and_its_refund(page: Any, signed_up: str) -> None:
+    page.goto("/studio/")
+    set_knobs(page, outcome="fail")
+
+    submit(page, "a generation that fails")
+
+    card = run_card(page, "a generation that fails", "FAILED")
+    card.wait_for(timeout=30_000)
+    assert "Cause: the provider failed." in card.get_by_test_id("fault").inner_text()
+    assert card.get_by_test_id("refund").inner_text() == "1 credit refunded."
+    page.wait_for_function(
+        "document.querySelector('[data-testid=header-credits]').textContent.trim() === '10 credits'"
+    )
+
+
+def test_a_running_task_is_cancelled_from_the_studio(page: Any, signed_up: str) -> None:
+    page.goto("/studio/")
+    set_knobs(page, latency_ms="60000")
+
+    submit(page, "a very slow painting")
+    run_card(page, "a very slow painting", "GENERATING").wait_for(timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('[data-testid=header-credits]').textContent.trim() === '9 credits'"
+    )
+    run_card(page, "a very slow painting").get_by_test_id("cancel").click()
+
+    card = run_card(page, "a very slow painting", "CANCELLED")
+    card.wait_for()
+    assert card.get_by_test_id("refund").inner_text() == "1 credit refunded."
+    assert card.get_by_test_id("cancel").count() == 0
+    page.wait_for_function(
+        "document.querySelector('[data-testid=header-credits]').textContent.trim() === '10 credits'"
+    )
+
+
+def test_a_heavy_duplicate_run_asks_for_confirmation(page: Any, signed_up: str) -> None:
+    page.goto("/studio/")
+    pick(page, "video", "sandbox-video")
+    set_knobs(page, latency_ms="60000")
+    submit(page, "waves on a long beach")
+    run_card(page, "waves on a long beach").wait_for()
+
+    page.get_by_test_id("submit").click()
+
+    warning = page.get_by_test_id("duplicate-warning")
+    warning.wait_for()
+    assert "already running" in warning.inner_text()
+    assert page.locator("[data-testid=task]", has_text="waves on a long beach").count() == 1
+    warning.get_by_role("button", name="Run it anyway").click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('[data-testid=task]')]"
+        ".filter(el => el.textContent.includes('waves on a long beach')).length === 2"
+    )
+    assert page.get_by_test_id("duplicate-warning").count() == 0
+    for _ in range(2):  # leave nothing running
+        run_card(page, "waves on a long beach", "GENERATING").get_by_test_id("cancel").click()
+        page.wait_for_timeout(300)
+    page.wait_for_function(
+        "document.querySelectorAll('[data-testid=task][data-status=CANCELLED]').length === 2"
+    )
+
+
+def test_audio_and_video_results_play(page: Any, signed_up: str) -> None:
+    page.goto("/studio/")
+    pick(page, "audio", "sandbox-speech")
+    submit(page, "hello from the sandbox")
+    audio = run_card(page, "hello from the sandbox", "SUCCESS").locator("audio")
+    audio.wait_for(timeout=30_000)
+    audio.scroll_into_view_if_needed()
+    assert audio.evaluate(MEDIA_DURATION) > 0
+
+    pick(page, "video", "sandbox-video")
+    submit(page, "a short clip of the sea")
+    video = run_card(page, "a short clip of the sea", "SUCCESS").locator("video")
+    video.wait_for(timeout=30_000)
+    video.scroll_into_view_if_needed()
+    assert video.evaluate(MEDIA_DURATION) > 0
