@@ -36,6 +36,9 @@ FAULT = {
     "provider": "the provider failed",
     "infra": "our side",
 }
+# The testing knobs people reach for first come first (JSON columns do not keep the schema's
+# key order); the others follow by name.
+TESTING_FIRST = ("sandbox_outcome", "sandbox_latency_ms")
 # What one unit of a per-output price buys, per category.
 OUTPUT_NOUN = {Category.IMAGE: "image", Category.VIDEO: "video", Category.AUDIO: "clip"}
 
@@ -208,7 +211,13 @@ def _workspace(
     rules = model.file_rules if isinstance(model.file_rules, dict) else {}
     context.update(
         fields=[f for f in fields if not f.testing],
-        testing_fields=[f for f in fields if f.testing],
+        testing_fields=sorted(
+            (f for f in fields if f.testing),
+            key=lambda f: (
+                TESTING_FIRST.index(f.name) if f.name in TESTING_FIRST else len(TESTING_FIRST),
+                f.name,
+            ),
+        ),
         prompt_slot=forms.error_slot("prompt"),
         prompt_errors=slots[forms.error_slot("prompt")],
         files_slot=forms.error_slot("files"),

@@ -701,6 +701,21 @@ def test_rerun_of_another_users_task_is_ignored(studio_user: Any, make_generatio
     assert 'data-model="sandbox-image"' in page
 
 
+def test_rerun_of_a_task_whose_model_is_gone_opens_the_default(
+    studio_user: Any, make_generation: Any
+) -> None:
+    from tasks.models import AIModel
+
+    some_user = studio_user(10)
+    task = make_generation(some_user, prompt="old waves", slug="sandbox-video")
+    AIModel.objects.filter(slug="sandbox-video").update(enabled=False)
+
+    page = logged_in(some_user).get(f"/studio/?rerun={task.pk}").content.decode()
+
+    assert 'data-model="sandbox-image"' in page
+    assert 'id="cat-video"' not in page
+
+
 def test_rerun_of_a_task_with_a_reference_file_offers_to_reuse_it(
     studio_user: Any, studio_queued: dict[str, list[str]], settings: Any, tmp_path: Any
 ) -> None:

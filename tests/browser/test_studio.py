@@ -15,7 +15,8 @@ MEDIA_DURATION = """el => new Promise((resolve, reject) => {
   const done = () => resolve(el.duration);
   if (el.readyState >= 1) { done(); return; }
   el.addEventListener("loadedmetadata", done, {once: true});
-  el.addEventListener("error", () => reject(new Error("media error " + el.error.code)), {once: true});
+  const failed = () => reject(new Error("media error " + el.error.code));
+  el.addEventListener("error", failed, {once: true});
   if (el.networkState === HTMLMediaElement.NETWORK_EMPTY) el.load();
 })"""
 
@@ -110,15 +111,43 @@ def test_a_running_task_is_cancelled_from_the_studio(page: Any, signed_up: str) 
     page.wait_for_function(
         "document.querySelector('[data-testid=header-credits]').textContent.trim() === '9 credits'"
     )
-    run_card(page, "a very slow painting").get_by_test_id("cancel").click()
+    cancel = run_card(page, "a very slow painting").get_by_test_id("cancel")
+    cancel.focus()
+    page.keyboard.press("Enter")  # by keyboard
 
     card = run_card(page, "a very slow painting", "CANCELLED")
     card.wait_for()
     assert card.get_by_test_id("refund").inner_text() == "1 credit refunded."
     assert card.get_by_test_id("cancel").count() == 0
+    # The focus moves from the Cancel button to the run's new status, not to the page's top.
+    assert page.evaluate("document.activeElement.dataset.testid") == "task-status"
     page.wait_for_function(
         "document.querySelector('[data-testid=header-credits]').textContent.trim() === '10 credits'"
     )
+
+
+def test_too_few_credits_say_so_and_disable_the_submit(page: Any, signed_up: str) -> None:
+    page.goto("/studio/")
+    set_knobs(page, latency_ms="60000")
+    page.fill("#id_param_num_outputs", "4")
+    for prompt in ("the first of two big runs", "the second of two big runs"):
+        submit(page, prompt)
+        run_card(page, prompt).wait_for()
+    page.wait_for_function(  # 8 of the 10 credits are held now
+        "document.querySelector('[data-testid=price-available]').textContent.trim() === '2 credits'"
+    )
+
+    page.fill("#id_param_num_outputs", "3")
+
+    page.get_by_test_id("short").wait_for()
+    assert "Not enough credits" in page.get_by_test_id("short").inner_text()
+    assert page.get_by_test_id("submit").is_disabled()
+    page.fill("#id_param_num_outputs", "2")
+    page.wait_for_function("!document.querySelector('[data-testid=submit]').disabled")
+    assert page.get_by_test_id("short").count() == 0
+    for prompt in ("the first of two big runs", "the second of two big runs"):
+        run_card(page, prompt).get_by_test_id("cancel").click()
+        run_card(page, prompt, "CANCELLED").wait_for()
 
 
 def test_a_heavy_duplicate_run_asks_for_confirmation(page: Any, signed_up: str) -> None:
