@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PG_URL ?= postgres://postgres@127.0.0.1:5432/rivya
 export TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: run test bench lint install smoke schema
+.PHONY: run test bench lint install smoke schema screenshots
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "needs $(PY)"; exit 1; }
@@ -45,3 +45,12 @@ smoke: $(STAMP)
 schema: $(STAMP)
 	DATABASE_URL=$(PG_URL) SECRET_KEY=schema $(BIN)/python manage.py spectacular --validate \
 		--fail-on-warn --file docs/openapi.yaml
+
+# Browser tests save screenshots of every page (desktop and mobile) under var/screenshots/;
+# this runs them and copies the ones the README shows into docs/screenshots/.
+SHOWN := studio-result history task dashboard
+screenshots: $(STAMP)
+	$(MAKE) test PYTEST_ARGS="tests/browser -q"
+	mkdir -p docs/screenshots
+	for name in $(SHOWN); do for size in desktop mobile; do \
+		cp var/screenshots/$$name-$$size.png docs/screenshots/; done; done
