@@ -500,7 +500,7 @@ def test_a_running_task_page_polls_until_it_finishes(
     done = client.get(f"/history/{task.pk}/live/?seen=GENERATING", headers=HX)
 
     assert f'hx-get="/history/{task.pk}/live/?seen=GENERATING" hx-trigger="every 2s"' in page
-    assert 'id="task-announce" class="sr-only" aria-live="polite"' in page
+    assert 'id="task-announce" class="visually-hidden" aria-live="polite"' in page
     assert 'hx-trigger="every 2s"' in still.content.decode()
     assert "HX-Trigger" not in still
     assert "hx-swap-oob" not in still.content.decode()
