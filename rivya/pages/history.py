@@ -8,7 +8,6 @@ timeline told as sentences a person understands.
 from __future__ import annotations
 
 import contextlib
-import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,21 +22,14 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.cache import patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.text import capfirst
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from rivya.errors import NotFound, TaskFinished
 from rivya.money import format_credits
+from rivya.pages.common import FAULT, fault, is_htmx, mark_changed
 from tasks import selectors, services
 from tasks.models import AIModel, Category, Task, TaskEvent
-
-HX_CHANGED = "rivya:changed"  # the header refreshes its credits and unread count on this
-
-ERROR_KINDS = {
-    "user": "A problem with the request",
-    "provider": "The provider failed",
-    "infra": "On our side",
-}
-
 
 # --- presentation -------------------------------------------------------------------------
 
@@ -138,7 +130,7 @@ class Shown:
         task = self.task
         if task.status == Task.Status.CANCELLED or not task.error_code:
             return ""
-        return ERROR_KINDS.get(task.error_kind, "")
+        return capfirst(fault(task.error_kind))
 
     @property
     def when(self) -> str:
@@ -414,18 +406,6 @@ def _back(request: HttpRequest, value: str | None) -> str:
     return reverse("history")
 
 
-def _is_htmx(request: HttpRequest) -> bool:
-    return request.headers.get("HX-Request") == "true" and not request.headers.get(
-        "HX-History-Restore-Request"
-    )
-
-
-def _changed(response: HttpResponse, message: str = "") -> HttpResponse:
-    """Tell the page (its header) that credits or the task list changed."""
-    response["HX-Trigger"] = json.dumps({HX_CHANGED: message} if message else {HX_CHANGED: True})
-    return response
-
-
 def _model_name(task: Task) -> str:
     name = AIModel.objects.filter(pk=task.model_id).values_list("name", flat=True).first()
     return name or task.model_slug
@@ -485,7 +465,7 @@ def history(request: HttpRequest) -> HttpResponse:
         "back": request.get_full_path(),
         "cursor": request.GET.get("cursor") or "",
     }
-    partial = _is_htmx(request) and request.headers.get("HX-Target") == "history-results"
+    partial = is_htmx(request) and request.headers.get("HX-Target") == "history-results"
     context["partial"] = partial
     template = "pages/history/_results.html" if partial else "pages/history.html"
     response = render(request, template, context, status=400 if errors else 200)
@@ -507,7 +487,7 @@ def history_row(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
         {"item": _one(request, task), "back": _back(request, back), "finished_now": finished_now},
     )
     if finished_now:
-        _changed(response)  # the header's credits moved
+        mark_changed(response)  # the header's credits moved
     return response
 
 
@@ -518,7 +498,7 @@ def _task_context(request: HttpRequest, task: Task) -> dict[str, Any]:
     return {
         "item": _one(request, task),
         "steps": timeline_steps(selectors.task_timeline(task=task)),
-        "error_kinds": ERROR_KINDS,
+        "error_kinds": {kind: capfirst(words) for kind, words in FAULT.items()},
     }
 
 
@@ -542,7 +522,7 @@ def task_live(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
     context["announce"] = seen != task.status and seen in Task.Status.values
     response = render(request, "pages/history/_task_live.html", context)
     if context["announce"] and task.status in Task.TERMINAL:
-        _changed(response)
+        mark_changed(response)
     return response
 
 
@@ -561,7 +541,7 @@ def task_cancel(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
     except TaskFinished:
         task.refresh_from_db()
         note, ok = f"It had already finished ({task.get_status_display().lower()}).", False
-    if _is_htmx(request):
+    if is_htmx(request):
         where = request.POST.get("from")
         if where == "page":
             context = _task_context(request, task)
@@ -577,7 +557,7 @@ def task_cancel(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
                     "note": note,
                 },
             )
-        return _changed(response)
+        return mark_changed(response)
     (messages.success if ok else messages.warning)(request, note)
     return redirect(
         _back(request, request.POST.get("next") or reverse("history-task", args=[task.pk]))
@@ -600,9 +580,9 @@ def task_delete(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
     with contextlib.suppress(NotFound):
         services.task_delete(user=request.user, task_id=task.pk)
     note = "Deleted from your history."
-    if _is_htmx(request):
+    if is_htmx(request):
         response = render(request, "pages/history/_deleted.html", {"note": note})
-        return _changed(response)
+        return mark_changed(response)
     messages.success(request, note)
     back = _back(request, request.POST.get("next"))
     if back.startswith(reverse("history-task", args=[task.pk])):

@@ -11,12 +11,11 @@ from django.views.decorators.http import require_POST
 
 from billing import selectors as billing
 from notifications import selectors, services
+from rivya.pages.common import is_htmx, mark_changed
 from rivya.pages.dashboard import JUST_NOW
 
 # The Center shows every unread notification first, then the newest read ones: this many in all.
 CENTER_LIMIT = 100
-# Tells the page (the header's bell and credits) that something changed: htmx refreshes it.
-CHANGED = "rivya:changed"
 
 
 def _center_context(request: HttpRequest) -> dict[str, object]:
@@ -40,10 +39,6 @@ def notifications(request: HttpRequest) -> HttpResponse:
     return render(request, "pages/notifications.html", _center_context(request))
 
 
-def _is_htmx(request: HttpRequest) -> bool:
-    return request.headers.get("HX-Request") == "true"
-
-
 @login_required
 @require_POST
 def notification_read(request: HttpRequest, notification_id: str) -> HttpResponse:
@@ -53,7 +48,7 @@ def notification_read(request: HttpRequest, notification_id: str) -> HttpRespons
     if note is None:
         raise Http404("No such notification.")
     services.notification_mark_read(user=request.user, notification_id=note.pk)
-    if not _is_htmx(request):
+    if not is_htmx(request):
         return redirect("notifications")
     note = selectors.notification_get_for_user(user=request.user, notification_id=note.pk)
     response = render(
@@ -65,7 +60,7 @@ def notification_read(request: HttpRequest, notification_id: str) -> HttpRespons
             "just_now": timezone.now() - JUST_NOW,
         },
     )
-    response["HX-Trigger"] = CHANGED
+    mark_changed(response)
     return response
 
 
@@ -74,12 +69,12 @@ def notification_read(request: HttpRequest, notification_id: str) -> HttpRespons
 def notifications_read_all(request: HttpRequest) -> HttpResponse:
     """Mark all of the user's notifications read; htmx gets the refreshed Center body."""
     services.notification_mark_all_read(user=request.user)
-    if not _is_htmx(request):
+    if not is_htmx(request):
         return redirect("notifications")
     context = _center_context(request)
     context["status_message"] = "All notifications are marked as read."
     response = render(request, "pages/notifications/_center.html", context)
-    response["HX-Trigger"] = CHANGED
+    mark_changed(response)
     return response
 
 

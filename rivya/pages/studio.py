@@ -21,6 +21,7 @@ from billing import selectors as billing
 from rivya.errors import CapacityExceeded, TaskFinished, ValidationFailed
 from rivya.money import format_credits
 from rivya.pages import forms
+from rivya.pages.common import fault, is_htmx, mark_changed
 from tasks import selectors, services
 from tasks.models import AIModel, Category, Task
 from tasks.pricing import output_count, task_price
@@ -28,14 +29,6 @@ from tasks.uploads import upload_too_large
 from tasks.validation import normalize_params
 
 RECENT_RUNS = 3
-CHANGED = "rivya:changed"  # the header (credits, bell) refreshes on this event
-
-# Whose fault a failure was, by the error's kind, in the user's words.
-FAULT = {
-    "user": "a problem with your request",
-    "provider": "the provider failed",
-    "infra": "our side",
-}
 # The testing knobs people reach for first come first (JSON columns do not keep the schema's
 # key order); the others follow by name.
 TESTING_FIRST = ("sandbox_outcome", "sandbox_latency_ms")
@@ -266,7 +259,7 @@ def _card(task: Task, *, note: str = "") -> dict[str, Any]:
     return {
         "task": task,
         "results": results,
-        "fault": FAULT.get(task.error_kind, ""),
+        "fault": fault(task.error_kind),
         "note": note,
         "reserved": _credits(task.reserved_micro),
         "charged": _credits(task.charged_micro),
@@ -282,10 +275,6 @@ def _page(request: HttpRequest, context: dict[str, Any], *, status: int = 200) -
     runs = selectors.history_for_user(user=request.user).select_related("model")[:RECENT_RUNS]
     context.setdefault("runs", [_card(t) for t in runs])
     return render(request, "pages/studio.html", context, status=status)
-
-
-def _is_htmx(request: HttpRequest) -> bool:
-    return request.headers.get("HX-Request") == "true"
 
 
 def _studio_url(model: AIModel) -> str:
@@ -337,7 +326,7 @@ def studio_form(request: HttpRequest) -> HttpResponse:
     models = _studio_models()
     model = _pick(models, slug=request.GET.get("model"), category=request.GET.get("category"))
     context = _workspace(request, models, model, prompt=request.GET.get("prompt", ""))
-    if not _is_htmx(request):
+    if not is_htmx(request):
         return _page(request, context)
     response = render(request, "pages/studio/_workspace.html", context)
     if model is not None:
@@ -460,7 +449,7 @@ def _answer(
         "short_of_credits": short_of_credits,
         "new_run": _card(task) if task else None,
     }
-    if _is_htmx(request):
+    if is_htmx(request):
         context["slots"] = sorted(slots.items())
         response = render(request, "pages/studio/_submitted.html", context)
     else:
@@ -472,7 +461,7 @@ def _answer(
         )
         response = _page(request, context, status=400 if errors else 200)
     if changed:
-        response["HX-Trigger"] = CHANGED
+        mark_changed(response)
     return response
 
 
@@ -490,7 +479,7 @@ def studio_task(request: HttpRequest, pk: str) -> HttpResponse:
         return HttpResponse(status=204)
     response = _render_card(request, task)
     if task.is_finished and seen in Task.UNFINISHED:
-        response["HX-Trigger"] = CHANGED
+        mark_changed(response)
     return response
 
 
@@ -507,10 +496,10 @@ def studio_cancel(request: HttpRequest, pk: str) -> HttpResponse:
     except TaskFinished:
         task.refresh_from_db()
         note = "It had already finished."
-    if not _is_htmx(request):
+    if not is_htmx(request):
         return redirect("studio")
     response = _render_card(request, task, note=note)
-    response["HX-Trigger"] = CHANGED
+    mark_changed(response)
     return response
 
 

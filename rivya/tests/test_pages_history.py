@@ -417,7 +417,7 @@ def test_the_task_page_says_whose_side_a_failure_was_on(
     cases = {
         "user": "A problem with the request",
         "provider": "The provider failed",
-        "infra": "On our side",
+        "infra": "A problem on our side",
     }
     for kind, words in cases.items():
         task = make_generation(user, "waiting")

@@ -4,6 +4,7 @@ run, the duplicate-run warning, and the schema→form module (``rivya.pages.form
 from __future__ import annotations
 
 import io
+import json
 import re
 from datetime import timedelta
 from html.parser import HTMLParser
@@ -309,7 +310,7 @@ def test_a_submit_creates_the_task_and_shows_it_running(
     assert task.params["sandbox_latency_ms"] == 5000
     assert task.params["sandbox_outcome"] == "fail"
     assert studio_queued["submit"] == [str(task.pk)]
-    assert response["HX-Trigger"] == "rivya:changed"
+    assert json.loads(response["HX-Trigger"]) == {"rivya:changed": True}
     page = response.content.decode()
     assert 'hx-swap-oob="afterbegin:#studio-runs"' in page
     assert f'id="task-{task.pk}"' in page
@@ -382,7 +383,8 @@ def test_a_submit_short_of_credits_says_so_and_records_the_refusal(
     assert "Get more credits" in response.content.decode()
     task = Task.objects.get(user=some_user)
     assert (task.status, task.error_code) == (Task.Status.FAILED, "insufficient_credits")
-    assert response["HX-Trigger"] == "rivya:changed"  # the bell has a new notification
+    # the bell has a new notification
+    assert json.loads(response["HX-Trigger"]) == {"rivya:changed": True}
     assert studio_queued["submit"] == []
 
 
@@ -584,7 +586,7 @@ def test_a_run_that_has_just_finished_stops_polling_and_refreshes_the_header(
 
     page = response.content.decode()
     assert "hx-trigger" not in page
-    assert response["HX-Trigger"] == "rivya:changed"
+    assert json.loads(response["HX-Trigger"]) == {"rivya:changed": True}
     assert f'<img src="/api/v1/tasks/{task.pk}/results/0/"' in page
     assert f'download="{task.pk}-1.png"' in page
     assert "Charged 2 credits" in page
@@ -656,7 +658,7 @@ def test_cancelling_a_run_refunds_it_and_refreshes_the_header(
     assert 'data-status="CANCELLED"' in page
     assert "hx-trigger" not in page
     assert re.search(r'data-testid="refund">1 credit refunded\.<', page)
-    assert response["HX-Trigger"] == "rivya:changed"
+    assert json.loads(response["HX-Trigger"]) == {"rivya:changed": True}
     assert again.status_code == 200
     assert billing.balance_for_user(user=some_user).available == 10 * C
 

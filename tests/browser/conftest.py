@@ -3,7 +3,8 @@ downloaded browser) against the live server, with the real Celery worker and bea
 sandbox process of ``tests/e2e.py``.
 
 Fixtures: ``browser`` (one Chromium per session), ``page`` (a fresh context per test, desktop
-size), ``signed_up`` (a new user signed up through the signup page, returning its username),
+size), ``sign_up(page, name)`` and ``signed_up`` (a new user signed up through the signup page,
+returning its username),
 and ``shoot(page, name)`` which saves a full-page screenshot at desktop and mobile widths under
 ``var/screenshots/`` (``make screenshots`` copies the chosen ones into ``docs/screenshots/``).
 """
@@ -63,16 +64,26 @@ def page(browser: Any, e2e: Any, live_server: Any) -> Iterator[Any]:
 
 
 @pytest.fixture
-def signed_up(page: Any) -> str:
-    """Sign a new user up through the signup page; the page is then logged in."""
+def sign_up() -> Callable[[Any, str], None]:
+    """Sign ``name`` up on ``page`` through the signup page (10 credits); it is then logged in."""
+
+    def sign(page: Any, name: str) -> None:
+        page.goto("/signup/")
+        page.fill("#id_username", name)
+        page.fill("#id_email", f"{name}@example.com")
+        page.fill("#id_password1", "a-Long-pass-123")
+        page.fill("#id_password2", "a-Long-pass-123")
+        page.get_by_role("button", name="Create account").click()
+        page.wait_for_url(lambda url: "/signup/" not in url)
+
+    return sign
+
+
+@pytest.fixture
+def signed_up(page: Any, sign_up: Callable[[Any, str], None]) -> str:
+    """A new user signed up through the signup page; the page is then logged in."""
     name = f"browser{os.getpid()}x{next(_users)}"
-    page.goto("/signup/")
-    page.fill("#id_username", name)
-    page.fill("#id_email", f"{name}@example.com")
-    page.fill("#id_password1", "a-Long-pass-123")
-    page.fill("#id_password2", "a-Long-pass-123")
-    page.get_by_role("button", name="Create account").click()
-    page.wait_for_url(lambda url: "/signup/" not in url)
+    sign_up(page, name)
     return name
 
 

@@ -34,16 +34,6 @@ def status_of(task: Task) -> str:
     return Task.objects.values_list("status", flat=True).get(pk=task.pk)
 
 
-def signup(page: Any, name: str) -> None:
-    page.goto("/signup/")
-    page.fill("#id_username", name)
-    page.fill("#id_email", f"{name}@example.com")
-    page.fill("#id_password1", "a-Long-pass-123")
-    page.fill("#id_password2", "a-Long-pass-123")
-    page.get_by_role("button", name="Create account").click()
-    page.wait_for_url(lambda url: "/signup/" not in url)
-
-
 def row(page: Any, task: Task) -> Any:
     return page.locator(f"#task-{task.pk}")
 
@@ -244,9 +234,11 @@ def test_delete_asks_first_and_then_removes_the_task(page: Any, signed_up: str) 
 
 
 @pytest.mark.usefixtures("e2e")
-def test_another_users_task_is_a_404(page: Any, browser: Any, live_server: Any) -> None:
+def test_another_users_task_is_a_404(
+    page: Any, browser: Any, live_server: Any, sign_up: Any
+) -> None:
     # given a task of one user
-    signup(page, "owner_of_fox")
+    sign_up(page, "owner_of_fox")
     task = generate("owner_of_fox", "the owner's private fox")
     assert page.goto(f"/history/{task.pk}/").status == 200
 
@@ -254,7 +246,7 @@ def test_another_users_task_is_a_404(page: Any, browser: Any, live_server: Any) 
     context = browser.new_context(base_url=live_server.url)
     try:
         other = context.new_page()
-        signup(other, "someone_else")
+        sign_up(other, "someone_else")
         response = other.goto(f"/history/{task.pk}/")
 
         # then it is the styled 404, with nothing of the task

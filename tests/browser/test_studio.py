@@ -188,7 +188,15 @@ def test_audio_and_video_results_play(page: Any, signed_up: str) -> None:
 
     pick(page, "video", "sandbox-video")
     submit(page, "a short clip of the sea")
-    video = run_card(page, "a short clip of the sea", "SUCCESS").locator("video")
-    video.wait_for(timeout=30_000)
+    # Finished one way or the other (encoding WebM takes the sandbox a few seconds on a busy
+    # machine); a failure must say what it was, not time out
+    finished = page.locator(
+        "[data-testid=task]:not([data-status=WAITING]):not([data-status=GENERATING])",
+        has_text="a short clip of the sea",
+    ).first
+    finished.wait_for(timeout=60_000)
+    assert finished.get_attribute("data-status") == "SUCCESS", finished.inner_text()
+    video = finished.locator("video")
+    video.wait_for()
     video.scroll_into_view_if_needed()
     assert video.evaluate(MEDIA_DURATION) > 0
