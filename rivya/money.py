@@ -19,6 +19,12 @@ def format_credits(micro: int) -> str:
     return f"{sign}{whole}.{frac:06d}".rstrip("0")
 
 
+def credits_phrase(micro: int) -> str:
+    """An amount in words, singular when it is one: "1 credit", "0.5 credits", "12 credits"."""
+    amount = format_credits(micro)
+    return f"{amount} credit" if amount == "1" else f"{amount} credits"
+
+
 def parse_credits(
     text: str | int | Decimal, *, allow_negative: bool = False, allow_zero: bool = False
 ) -> int:

@@ -241,6 +241,13 @@ class Task(models.Model):
     def is_finished(self) -> bool:
         return self.status in self.TERMINAL
 
+    @property
+    def results_available(self) -> bool:
+        """Its result files can be shown and served: a SUCCESS not purged yet. The purge
+        (``results_expire_due``, every 20 s) sets ``results_expired_at`` once ``expires_at``
+        has passed; until then the files are served, as the results API does."""
+        return self.status == self.Status.SUCCESS and self.results_expired_at is None
+
 
 class TaskEvent(models.Model):
     """The task's timeline: every transition, submission, callback, poll and ledger operation."""

@@ -6,7 +6,7 @@ import base64
 import binascii
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -98,6 +98,10 @@ class HistoryPage:
     older: str | None
 
 
+MIN_CURSOR_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_CURSOR_TIME = datetime(9000, 1, 1, tzinfo=UTC)
+
+
 def _cursor(direction: str, task: Task) -> str:
     raw = f"{direction}|{task.created_at.isoformat()}|{task.pk}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
@@ -110,8 +114,13 @@ def _read_cursor(cursor: str) -> tuple[str, datetime, uuid.UUID] | None:
         when = datetime.fromisoformat(at)
         if direction not in ("o", "n") or when.tzinfo is None:
             return None
+        # In UTC, and within what the database can compare (a crafted offset such as +23:59
+        # on year 1 is out of PostgreSQL's range).
+        when = when.astimezone(UTC)
+        if not MIN_CURSOR_TIME <= when <= MAX_CURSOR_TIME:
+            return None
         return direction, when, uuid.UUID(pk)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
         return None
 
 
@@ -184,6 +193,8 @@ def upload_get_for_user(*, user: Any, upload_id: Any) -> Upload | None:
 # A failed request counts towards "failed again and again" for this long, and from this many.
 DUPLICATE_FAILURE_WINDOW = timedelta(hours=6)
 DUPLICATE_FAILURES = 2
+# How much earlier than the window a failure may have been created (it finished in the window).
+DUPLICATE_CREATED_SLACK = timedelta(days=2)
 
 
 @dataclass(frozen=True)
@@ -218,29 +229,36 @@ def duplicate_runs_for_user(*, user: Any, model_slug: str, prompt: str) -> Dupli
     """The user's runs of exactly this model and prompt that make another one look like a
     mistake: unfinished ones, and failures (FAILED/REJECTED) finished within the last
     ``DUPLICATE_FAILURE_WINDOW``. The prompt is compared as the submit stores it (stripped).
-    Tasks the user deleted from History are not counted. One query."""
+    Tasks the user deleted from History are not counted.
+
+    Two queries, each on an index, so the cost does not grow with the user's history: the
+    unfinished tasks (``task_unfinished_by_user``), and the failures among the tasks created in
+    the window widened by ``DUPLICATE_CREATED_SLACK`` (``task_history``; a task finishes at the
+    latest a day after its timeout, see TASK_UNCONFIRMED_GRACE)."""
+    prompt = (prompt or "").strip()
+    if contains_nul(prompt):
+        return DuplicateRuns(running=0, failed=0)  # no stored prompt has one; submit refuses it
     since = timezone.now() - DUPLICATE_FAILURE_WINDOW
-    unfinished = Q(status__in=Task.UNFINISHED)
-    failed = Q(status__in=(Task.Status.FAILED, Task.Status.REJECTED), finished_at__gte=since)
-    row = Task.objects.filter(
-        unfinished | failed,
-        user=user,
-        deleted_at__isnull=True,
-        model_slug=model_slug,
-        prompt=(prompt or "").strip(),
+    same = Task.objects.filter(
+        user=user, deleted_at__isnull=True, model_slug=model_slug, prompt=prompt
+    )
+    running = same.filter(status__in=Task.UNFINISHED).count()
+    failed = same.filter(
+        status__in=(Task.Status.FAILED, Task.Status.REJECTED),
+        created_at__gte=since - DUPLICATE_CREATED_SLACK,
+        finished_at__gte=since,
     ).aggregate(
-        running=Count("pk", filter=unfinished),
-        failed=Count("pk", filter=failed),
-        reserved=Sum("reserved_micro", filter=failed, default=0),
-        refunded=Sum("refunded_micro", filter=failed, default=0),
-        charged=Sum("charged_micro", filter=failed, default=0),
+        failed=Count("pk"),
+        reserved=Sum("reserved_micro", default=0),
+        refunded=Sum("refunded_micro", default=0),
+        charged=Sum("charged_micro", default=0),
     )
     return DuplicateRuns(
-        running=row["running"],
-        failed=row["failed"],
-        failed_reserved_micro=row["reserved"],
-        failed_refunded_micro=row["refunded"],
-        failed_charged_micro=row["charged"],
+        running=running,
+        failed=failed["failed"],
+        failed_reserved_micro=failed["reserved"],
+        failed_refunded_micro=failed["refunded"],
+        failed_charged_micro=failed["charged"],
     )
 
 

@@ -7,6 +7,9 @@ import json
 
 from django.http import HttpRequest, HttpResponse
 
+from rivya.money import credits_phrase
+from tasks.models import AIModel, Category
+
 # The header (credits and the bell) refreshes itself when a response triggers this event.
 HX_CHANGED = "rivya:changed"
 
@@ -35,3 +38,25 @@ def mark_changed(response: HttpResponse, message: str = "") -> HttpResponse:
     """Tell the page that credits, notifications or tasks changed: its header refreshes."""
     response["HX-Trigger"] = json.dumps({HX_CHANGED: message or True})
     return response
+
+
+# What one unit of a per-output price buys, per category.
+OUTPUT_NOUN = {Category.IMAGE: "image", Category.VIDEO: "video", Category.AUDIO: "clip"}
+# A per-token price is a few millionths of a credit: quoted per thousand tokens, as is usual.
+TOKENS_QUOTED = 1000
+
+
+def price_label(model: AIModel) -> str:
+    """A catalog model's price in words, the same on every page: "1 credit per image",
+    "0.5 credits per second", "2 credits per 1,000 tokens", "Free"."""
+    if not model.price_micro:
+        return "Free"
+    kind = model.billing_type
+    if kind == AIModel.BillingType.PER_TOKEN:
+        return f"{credits_phrase(model.price_micro * TOKENS_QUOTED)} per {TOKENS_QUOTED:,} tokens"
+    amount = credits_phrase(model.price_micro)
+    if kind == AIModel.BillingType.PER_OUTPUT:
+        return f"{amount} per {OUTPUT_NOUN.get(model.category, 'output')}"
+    if kind == AIModel.BillingType.PER_OUTPUT_SECOND:
+        return f"{amount} per second"
+    return f"{amount} per run"

@@ -12,7 +12,6 @@ from django.urls import path
 from django.utils import timezone
 
 from billing import selectors as billing
-from rivya.money import MICRO
 from tasks import selectors as tasks
 from tasks.services import SUBJECT
 
@@ -94,7 +93,6 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "chart": spend_chart(billing.spend_per_day(user=request.user, days=SPEND_DAYS)),
             "spend_days": SPEND_DAYS,
             "task_subject": SUBJECT,
-            "one_credit": MICRO,
             "just_now": timezone.now() - JUST_NOW,
         },
     )

@@ -19,9 +19,9 @@ from django.views.decorators.http import require_GET, require_POST
 
 from billing import selectors as billing
 from rivya.errors import CapacityExceeded, TaskFinished, ValidationFailed
-from rivya.money import format_credits
+from rivya.money import credits_phrase, format_credits
 from rivya.pages import forms
-from rivya.pages.common import fault, is_htmx, mark_changed
+from rivya.pages.common import OUTPUT_NOUN, fault, is_htmx, mark_changed, price_label
 from tasks import selectors, services
 from tasks.models import AIModel, Category, Task
 from tasks.pricing import output_count, task_price
@@ -32,8 +32,6 @@ RECENT_RUNS = 3
 # The testing knobs people reach for first come first (JSON columns do not keep the schema's
 # key order); the others follow by name.
 TESTING_FIRST = ("sandbox_outcome", "sandbox_latency_ms")
-# What one unit of a per-output price buys, per category.
-OUTPUT_NOUN = {Category.IMAGE: "image", Category.VIDEO: "video", Category.AUDIO: "clip"}
 
 
 # --- what the page shows ---------------------------------------------------------------------
@@ -45,24 +43,6 @@ def _studio_models() -> list[AIModel]:
     return list(
         selectors.models_enabled().filter(direct_generation=True, runtime=AIModel.Runtime.ASYNC)
     )
-
-
-def _credits(micro: int) -> str:
-    amount = format_credits(micro)
-    return f"{amount} credit" + ("" if amount == "1" else "s")
-
-
-def price_label(model: AIModel) -> str:
-    """The catalog price in words: "1 credit per image", "0.5 credits per second"."""
-    if not model.price_micro:
-        return "Free"
-    amount = _credits(model.price_micro)
-    kind = model.billing_type
-    if kind == AIModel.BillingType.PER_OUTPUT:
-        return f"{amount} per {OUTPUT_NOUN.get(model.category, 'output')}"
-    if kind == AIModel.BillingType.PER_OUTPUT_SECOND:
-        return f"{amount} per second"
-    return f"{amount} per run"
 
 
 @dataclass(frozen=True)
@@ -80,15 +60,15 @@ class Quote:
 
     @property
     def price(self) -> str:
-        return _credits(self.price_micro or 0) if self.price_micro else "Free"
+        return credits_phrase(self.price_micro or 0) if self.price_micro else "Free"
 
     @property
     def available(self) -> str:
-        return _credits(self.available_micro)
+        return credits_phrase(self.available_micro)
 
     @property
     def short_by(self) -> str:
-        return _credits(max(0, (self.price_micro or 0) - self.available_micro))
+        return credits_phrase(max(0, (self.price_micro or 0) - self.available_micro))
 
 
 def _quote(*, user: Any, model: AIModel, params: dict[str, Any]) -> Quote:
@@ -242,7 +222,7 @@ class Result:
 def _card(task: Task, *, note: str = "") -> dict[str, Any]:
     """One run as the Studio shows it."""
     results = []
-    if task.status == Task.Status.SUCCESS and task.results_expired_at is None:
+    if task.results_available:
         for n, r in enumerate(task.results):
             mime = str(r.get("mime") or "application/octet-stream")
             kind = mime.split("/")[0]
@@ -261,9 +241,9 @@ def _card(task: Task, *, note: str = "") -> dict[str, Any]:
         "results": results,
         "fault": fault(task.error_kind),
         "note": note,
-        "reserved": _credits(task.reserved_micro),
-        "charged": _credits(task.charged_micro),
-        "refunded": _credits(task.refunded_micro),
+        "reserved": credits_phrase(task.reserved_micro),
+        "charged": credits_phrase(task.charged_micro),
+        "refunded": credits_phrase(task.refunded_micro),
     }
 
 

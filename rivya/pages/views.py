@@ -18,9 +18,9 @@ from django.views.decorators.http import require_http_methods
 
 from billing import selectors as billing
 from rivya import services
-from rivya.errors import DomainError
+from rivya.errors import DomainError, contains_nul
 from rivya.models import User
-from rivya.money import MICRO
+from rivya.pages.common import price_label
 from tasks import selectors as tasks
 from tasks.models import AIModel, Category
 
@@ -45,12 +45,7 @@ class SignupForm(UserCreationForm):
 @dataclass(frozen=True)
 class CatalogModel:
     model: AIModel
-    price_micro: int  # per ``per``
-    per: str
-
-    @property
-    def unit(self) -> str:
-        return "credit" if self.price_micro == MICRO else "credits"
+    price: str  # in words (rivya.pages.common.price_label)
 
 
 @dataclass(frozen=True)
@@ -60,30 +55,14 @@ class CatalogGroup:
     models: list[CatalogModel]
 
 
-# A per-token price is a few millionths of a credit: quoted per thousand tokens, as is usual.
-TOKENS_QUOTED = 1000
-
-
-def _priced(model: AIModel) -> CatalogModel:
-    kind = model.billing_type
-    if kind == AIModel.BillingType.PER_OUTPUT:
-        per = "per image" if model.category == Category.IMAGE else "per output"
-        return CatalogModel(model, model.price_micro, per)
-    if kind == AIModel.BillingType.PER_OUTPUT_SECOND:
-        return CatalogModel(model, model.price_micro, "per second")
-    if kind == AIModel.BillingType.PER_TOKEN:
-        return CatalogModel(
-            model, model.price_micro * TOKENS_QUOTED, f"per {TOKENS_QUOTED:,} tokens"
-        )
-    return CatalogModel(model, model.price_micro, "per generation")
-
-
 def catalog_groups() -> list[CatalogGroup]:
     """The enabled models with their prices, grouped by category in the catalog's own order
     (image, video, audio, chat)."""
     by_category: dict[str, list[CatalogModel]] = {}
     for model in tasks.models_enabled():
-        by_category.setdefault(model.category, []).append(_priced(model))
+        by_category.setdefault(model.category, []).append(
+            CatalogModel(model=model, price=price_label(model))
+        )
     return [
         CatalogGroup(category=value, label=label, models=by_category[value])
         for value, label in Category.choices
@@ -139,6 +118,10 @@ def account(request: HttpRequest) -> HttpResponse:
     new_key = None
     if request.method == "POST":
         action = request.POST.get("action")
+        if any(contains_nul(value) for value in request.POST.values()):
+            # PostgreSQL cannot store NUL characters: refuse them as bad input, not a 500.
+            messages.error(request, "Names cannot contain NUL characters.")
+            return redirect("account")
         if action == "create_key":
             new_key = services.api_key_create(
                 user=request.user, name=request.POST.get("name", "")[:100]

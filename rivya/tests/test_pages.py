@@ -438,3 +438,29 @@ def test_ledger_admin_has_no_add_change_or_delete(staff: Any, user: Any, model: 
     assert client.get(f"{base}{pk}/change/").status_code == 200  # read-only view
     assert Account.objects.get(user=user).balance == 10 * C
     assert Hold.objects.get(pk=hold.pk).status == Hold.Status.OPEN
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("field", ["name", "prefix"])
+def test_account_posts_with_nul_characters_are_refused_not_500(
+    client: Any, user: Any, field: str
+) -> None:
+    client.force_login(user)
+    action = "create_key" if field == "name" else "revoke_key"
+
+    response = client.post("/account/", {"action": action, field: "bad\x00name"})
+
+    assert response.status_code == 302
+    assert not user.api_keys.exists()
+
+
+@pytest.mark.django_db
+def test_a_form_without_its_csrf_token_gets_the_styled_page(user: Any) -> None:
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+
+    response = client.post("/account/", {"action": "create_key", "name": "x"})
+
+    assert response.status_code == 403
+    assert "Please try that again" in response.content.decode()
+    assert not user.api_keys.exists()

@@ -512,6 +512,36 @@ def test_a_heavy_duplicate_asks_to_confirm_and_confirming_runs_it(
     assert Task.objects.filter(user=some_user).count() == 2
 
 
+def test_a_nul_in_a_heavy_runs_prompt_is_a_field_error_not_a_500(
+    studio_user: Any, studio_queued: dict[str, list[str]]
+) -> None:
+    some_user = studio_user(10)
+
+    response = logged_in(some_user).post(
+        "/studio/submit/", submit_data(model="sandbox-video", prompt="a\x00b"), **HX
+    )
+
+    assert response.status_code == 200  # htmx swaps only 2xx: the errors come out of band
+    assert "NUL" in oob_slot(response.content, "err-prompt")
+    assert not Task.objects.filter(user=some_user).exists()
+
+
+def test_the_duplicate_check_reads_by_index_whatever_the_history(
+    studio_user: Any, make_generation: Any, django_assert_num_queries: Any
+) -> None:
+    from tasks.selectors import duplicate_runs_for_user
+
+    some_user = studio_user(10)
+    make_generation(some_user, outcome="failed", slug="sandbox-video", prompt="waves")
+
+    with django_assert_num_queries(2) as captured:
+        runs = duplicate_runs_for_user(user=some_user, model_slug="sandbox-video", prompt="waves")
+
+    assert (runs.running, runs.failed) == (0, 1)
+    failures = captured.captured_queries[1]["sql"]
+    assert "created_at" in failures  # bounded to the window, so the task_history index serves it
+
+
 def test_the_warning_after_repeated_failures_says_they_were_refunded(
     studio_user: Any, make_generation: Any
 ) -> None:
@@ -611,11 +641,13 @@ def test_video_and_audio_results_get_players(studio_user: Any, make_generation: 
         players[slug] = client.get(f"/studio/tasks/{task.pk}/", **HX).content.decode()
 
     assert re.search(
-        r'<video controls preload="metadata" src="/api/v1/tasks/[^"]+/results/0/">',
+        r'<video controls preload="metadata" src="/api/v1/tasks/[^"]+/results/0/"'
+        r' aria-label="Video result 1">',
         players["sandbox-video"],
     )
     assert re.search(
-        r'<audio controls preload="metadata" src="/api/v1/tasks/[^"]+/results/0/">',
+        r'<audio controls preload="metadata" src="/api/v1/tasks/[^"]+/results/0/"'
+        r' aria-label="Audio result 1">',
         players["sandbox-speech"],
     )
 
