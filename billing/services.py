@@ -521,3 +521,110 @@ def idempotency_purge_expired(*, now: Any = None) -> int:
     """Delete records past their 24 h; returns how many."""
     deleted, _ = IdempotencyRecord.objects.filter(expires_at__lt=now or timezone.now()).delete()
     return deleted
+
+
+# --- refunds of a charge (support) ----------------------------------------------------------
+
+
+def capture_refund(
+    *,
+    capture: LedgerTransaction | int,
+    amount: int | None,
+    actor: Any,
+    reason: str,
+    idempotency_key: str = "",
+) -> LedgerTransaction:
+    """Give back all or part of a charge (a ``capture`` transaction), once per key.
+
+    The whole charge, when nothing of it was refunded yet, is its reversal (``reverse``: the
+    exact opposite, at most once). A part is a staff ``adjustment`` from revenue to the charged
+    account, naming the charge's subject (the task), with the actor and the reason. Together the
+    refunds of a charge never exceed it: they are decided under a lock on the charge's hold, so
+    two concurrent refunds cannot both pass the check.
+
+    Before: ``capture`` is a capture; ``amount`` (None: all that is left) > 0; actor and reason.
+    After: the charged account's balance is higher by ``amount``; revenue lower by as much.
+    Raises NotReversible (not a charge, or nothing left of it), InvalidAmount (more than what
+    is left), ReasonRequired, IdempotencyKeyReused.
+    """
+    reason = _required_reason(reason)
+    if actor is None:
+        raise InvalidAmount("A refund needs the staff member who makes it.", code="actor_required")
+    capture_id = capture if isinstance(capture, int) else capture.pk
+    with transaction.atomic():
+        original = LedgerTransaction.objects.filter(pk=capture_id).first()
+        if original is None or original.kind != LedgerTransaction.Kind.CAPTURE:
+            raise NotReversible("Only a charge can be refunded.")
+        hold = Hold.objects.select_for_update().get(pk=original.hold_id)
+        if idempotency_key:
+            # After the lock: a concurrent twin has committed by now, and we see its result.
+            first = LedgerTransaction.objects.filter(
+                idempotency_key=idempotency_key,
+                idempotency_scope__in=["reversal", f"account:{hold.account_id}"],
+            ).first()
+            if first is not None:
+                if first.subject_id != original.subject_id or first.actor_id != actor.pk:
+                    raise IdempotencyKeyReused()
+                return first
+        left = hold.captured - capture_refunded(capture=original)
+        if left <= 0:
+            raise NotReversible("This charge was already refunded in full.")
+        amount = left if amount is None else check_micro(amount)
+        if amount > left:
+            raise InvalidAmount(
+                f"At most {format_credits(left)} credits of this charge are left to refund.",
+                code="refund_too_large",
+                extra={"left_micro": left},
+            )
+        if amount == hold.captured:
+            return reverse(
+                txn=original, actor=actor, reason=reason, idempotency_key=idempotency_key
+            )
+        scope = f"account:{hold.account_id}"
+        fingerprint = _fingerprint(
+            op="capture_refund", capture=capture_id, amount=amount, reason=reason, actor=actor.pk
+        )
+
+        def post() -> LedgerTransaction:
+            txn = _new_txn(
+                LedgerTransaction.Kind.ADJUSTMENT,
+                reason=reason,
+                actor=actor,
+                scope=scope,
+                key=idempotency_key,
+                fingerprint=fingerprint,
+                subject_type=original.subject_type,
+                subject_id=original.subject_id,
+            )
+            Account.objects.filter(pk=hold.account_id).update(balance=F("balance") + amount)
+            _entries(
+                txn,
+                [(system_account_id(Account.Kind.REVENUE), -amount), (hold.account_id, amount)],
+            )
+            return txn
+
+        return _once(scope, idempotency_key, fingerprint, post)
+
+
+def capture_refunded(*, capture: LedgerTransaction) -> int:
+    """Micro-credits of a charge given back so far: its reversal, or the partial refunds of
+    its subject (``capture_refund``'s adjustments from revenue)."""
+    revenue = system_account_id(Account.Kind.REVENUE)
+    total = 0
+    for txn_id in LedgerTransaction.objects.filter(reversal_of=capture).values_list(
+        "pk", flat=True
+    ):
+        total += -sum(
+            Entry.objects.filter(transaction_id=txn_id, account_id=revenue).values_list(
+                "amount", flat=True
+            )
+        )
+    total += -sum(
+        Entry.objects.filter(
+            transaction__kind=LedgerTransaction.Kind.ADJUSTMENT,
+            transaction__subject_type=capture.subject_type,
+            transaction__subject_id=capture.subject_id,
+            account_id=revenue,
+        ).values_list("amount", flat=True)
+    )
+    return total

@@ -1,0 +1,70 @@
+"""``capture_refund``: a charge given back whole (its reversal) or in parts, never more than
+was charged, once per key, with the actor and the reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from billing import selectors, services
+from billing.models import LedgerTransaction
+from billing.tests.helpers import assert_ledger_ok
+from rivya.errors import InvalidAmount, NotReversible
+
+pytestmark = pytest.mark.django_db
+C = 1_000_000
+
+
+def charged(user: Any, amount: int = 10 * C) -> LedgerTransaction:
+    services.grant(user=user, amount=20 * C, reason="funds")
+    hold = services.hold_create(
+        user=user, amount=amount, subject_type="tasks.task", subject_id="t1"
+    )
+    services.hold_capture(hold=hold)
+    return LedgerTransaction.objects.get(hold=hold)
+
+
+def test_partial_refunds_add_up_to_the_charge_and_no_further(user: Any, staff: Any) -> None:
+    capture = charged(user)
+
+    first = services.capture_refund(
+        capture=capture, amount=3 * C, actor=staff, reason="slow", idempotency_key="k1"
+    )
+    again = services.capture_refund(
+        capture=capture, amount=3 * C, actor=staff, reason="slow", idempotency_key="k1"
+    )
+    rest = services.capture_refund(capture=capture, amount=None, actor=staff, reason="rest")
+
+    assert again.pk == first.pk
+    assert first.kind == LedgerTransaction.Kind.ADJUSTMENT
+    assert (first.actor_id, first.reason, first.subject_id) == (staff.pk, "slow", "t1")
+    assert services.capture_refunded(capture=capture) == 10 * C
+    assert rest.kind == LedgerTransaction.Kind.ADJUSTMENT  # a part left: not a reversal
+    assert selectors.balance_for_user(user=user).balance == 20 * C
+    with pytest.raises(NotReversible):
+        services.capture_refund(capture=capture, amount=C, actor=staff, reason="more")
+    assert_ledger_ok()
+
+
+def test_a_whole_refund_is_the_reversal(user: Any, staff: Any) -> None:
+    capture = charged(user)
+
+    txn = services.capture_refund(capture=capture, amount=None, actor=staff, reason="lost")
+
+    assert txn.kind == LedgerTransaction.Kind.REVERSAL
+    assert txn.reversal_of_id == capture.pk
+    assert selectors.balance_for_user(user=user).balance == 20 * C
+    assert_ledger_ok()
+
+
+def test_refund_beyond_what_is_left_is_refused(user: Any, staff: Any) -> None:
+    capture = charged(user)
+    services.capture_refund(capture=capture, amount=8 * C, actor=staff, reason="part")
+
+    with pytest.raises(InvalidAmount) as err:
+        services.capture_refund(capture=capture, amount=3 * C, actor=staff, reason="too much")
+
+    assert err.value.code == "refund_too_large"
+    assert selectors.balance_for_user(user=user).balance == 18 * C
+    assert_ledger_ok()
