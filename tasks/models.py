@@ -179,6 +179,15 @@ class Task(models.Model):
 
     class Meta:
         db_table = "ai_task"
+        # Support's actions on the task page (issue 15); ``manage.py setup_roles`` gives them
+        # to the Support and Billing groups.
+        permissions = [
+            ("recheck_task", "Can re-check a task upstream"),
+            ("cancel_task", "Can cancel a task"),
+            ("resubmit_task", "Can resubmit a failed task (the user pays)"),
+            ("refund_task", "Can mark a task failed with a refund, and refund a charged task"),
+            ("resubmit_task_free", "Can resubmit a failed task at our cost"),
+        ]
         constraints = [
             models.CheckConstraint(
                 name="task_money_consistent",

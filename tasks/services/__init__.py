@@ -30,6 +30,16 @@ from tasks.services.outcomes import StoredOutput, task_fail, task_succeed
 from tasks.services.refresh import poll_claim_due, task_refresh
 from tasks.services.storage import SweepReport, storage_sweep
 from tasks.services.submit import SubmitOutcome, task_submit
+from tasks.services.support import (
+    ActionRefused,
+    SupportOutcome,
+    task_refundable,
+    task_support_cancel,
+    task_support_fail,
+    task_support_recheck,
+    task_support_refund,
+    task_support_resubmit,
+)
 from tasks.services.uploads import upload_create
 from tasks.services.upstream import (
     callback_url,
@@ -42,10 +52,12 @@ from tasks.services.upstream import (
 )
 
 __all__ = [
+    "ActionRefused",
     "CALLBACK_MAX_ATTEMPTS",
     "SUBJECT",
     "StoredOutput",
     "SubmitOutcome",
+    "SupportOutcome",
     "SweepReport",
     "callback_process",
     "callback_receive",
@@ -65,12 +77,18 @@ __all__ = [
     "task_fail",
     "task_link",
     "task_refresh",
+    "task_refundable",
     "task_send_upstream",
     "task_submit",
     "task_submit_attempt_failed",
     "task_submit_attempts",
     "task_submit_failed",
     "task_succeed",
+    "task_support_cancel",
+    "task_support_fail",
+    "task_support_recheck",
+    "task_support_refund",
+    "task_support_resubmit",
     "upload_create",
     "waiting_due_for_resubmit",
 ]
