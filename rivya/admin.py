@@ -43,7 +43,7 @@ class RivyaUserAdmin(UserAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[User]:
         return super().get_queryset(request).select_related("credit_account")
 
-    @admin.display(description="available credits", ordering="credit_account__balance")
+    @admin.display(description="available credits")
     def available_credits(self, obj: User) -> SafeString | str:
         account = _account(obj)
         return credits_html(account.available) if account else "-"

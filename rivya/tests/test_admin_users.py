@@ -50,14 +50,23 @@ def customer(make_user: Any, studio_queued: Any, seeded_catalog: None, settings:
 
 def test_user_page_shows_balance_held_and_available(staff: Any, customer: Any) -> None:
     alice, _ = customer(tasks=3)
+    customer(tasks=1)  # someone else's hold and entries
+    client = logged_in(staff)
 
-    content = logged_in(staff).get(user_url(alice)).content.decode()
+    content = client.get(user_url(alice)).content.decode()
 
     assert 'title="100000000 micro-credits">100<' in content  # balance
     assert 'title="3000000 micro-credits">3<' in content  # held
     assert 'title="97000000 micro-credits">97<' in content  # available
     assert "/admin/billing/account/" in content
     assert "Adjust credits" in content
+    account = alice.credit_account
+    holds = client.get(f"/admin/billing/hold/?account__id__exact={account.pk}")
+    entries = client.get(f"/admin/billing/entry/?account__id__exact={account.pk}")
+    assert f"/admin/billing/hold/?account__id__exact={account.pk}" in content
+    assert {h.account_id for h in holds.context["cl"].result_list} == {account.pk}
+    assert len(holds.context["cl"].result_list) == 3
+    assert {e.account_id for e in entries.context["cl"].result_list} == {account.pk}
 
 
 def test_user_page_lists_recent_tasks_and_entries_with_links(staff: Any, customer: Any) -> None:
