@@ -9,6 +9,7 @@ import pytest
 
 from billing import selectors, services
 from billing.models import LedgerTransaction
+from billing.tests.concurrency import run_concurrently
 from billing.tests.helpers import assert_ledger_ok
 from rivya.errors import InvalidAmount, NotReversible
 
@@ -67,4 +68,42 @@ def test_refund_beyond_what_is_left_is_refused(user: Any, staff: Any) -> None:
 
     assert err.value.code == "refund_too_large"
     assert selectors.balance_for_user(user=user).balance == 18 * C
+    assert_ledger_ok()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_refunds_never_add_up_beyond_the_charge(user: Any, staff: Any) -> None:
+    # Given a charge of 10 credits; when 8 staff refund 3 credits each at the same moment
+    capture = charged(user)
+    results = run_concurrently(
+        [
+            lambda n=n: services.capture_refund(
+                capture=capture.pk, amount=3 * C, actor=staff, reason=f"refund {n}"
+            )
+            for n in range(8)
+        ]
+    )
+
+    # Then exactly three pass (9 of 10 credits), the rest are refused as too large
+    done = [r for r in results if isinstance(r, LedgerTransaction)]
+    assert len(done) == 3, results
+    assert all(isinstance(r, InvalidAmount) for r in results if r not in done)
+    assert services.capture_refunded(capture=capture) == 9 * C
+    assert_ledger_ok()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_replays_of_one_refund_key_take_effect_once(user: Any, staff: Any) -> None:
+    capture = charged(user)
+    results = run_concurrently(
+        [
+            lambda: services.capture_refund(
+                capture=capture.pk, amount=C, actor=staff, reason="r", idempotency_key="same"
+            )
+            for _ in range(6)
+        ]
+    )
+
+    assert {r.pk for r in results} == {results[0].pk}, results
+    assert services.capture_refunded(capture=capture) == C
     assert_ledger_ok()
