@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from django.db.models import Q, QuerySet, Sum
+from django.db.models import Exists, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
@@ -93,3 +93,26 @@ def spend_per_day(*, user: Any, days: int = 30, now: datetime | None = None) -> 
         DaySpend(day=day, micro=spent.get(day, 0))
         for day in (first + timedelta(days=n) for n in range(days))
     ]
+
+
+def entries_for_subject(*, subject_type: str, subject_id: Any) -> QuerySet[Entry]:
+    """Every ledger entry of the transactions about a subject (its capture, reversals,
+    adjustments naming it), with their transaction and account (and the account's user),
+    oldest first. One query."""
+    return (
+        Entry.objects.filter(
+            transaction__subject_type=subject_type, transaction__subject_id=str(subject_id)
+        )
+        .select_related("transaction", "account__user")
+        .order_by("created_at", "id")
+    )
+
+
+def open_hold_exists(*, subject_type: str, subject_id: Any) -> Exists:
+    """An EXISTS over billing's holds: the subject (an expression, e.g. the outer row's id cast
+    to text) has a hold still open. For filters of other apps that must stay one query."""
+    return Exists(
+        Hold.objects.filter(
+            subject_type=subject_type, subject_id=subject_id, status=Hold.Status.OPEN
+        )
+    )

@@ -38,3 +38,10 @@ def notifications_center(*, user: Any, limit: int = 100) -> tuple[list[Notificat
     room = limit - len(unread)
     read = list(notifications_for_user(user=user).filter(read_at__isnull=False)[: room + 1])
     return unread + read[:room], len(read) > room
+
+
+def notifications_for_subject(*, subject_type: str, subject_id: Any) -> QuerySet[Notification]:
+    """Every notification about a subject (any user's), oldest first. One query."""
+    return Notification.objects.filter(
+        subject_type=subject_type, subject_id=str(subject_id)
+    ).order_by("created_at", "id")

@@ -10,11 +10,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db import connection
+from django.db.models import (
+    Aggregate,
+    Avg,
+    Count,
+    DurationField,
+    ExpressionWrapper,
+    F,
+    Q,
+    QuerySet,
+    Sum,
+)
 from django.utils import timezone
 
 from rivya.errors import contains_nul
-from tasks.models import AIModel, Category, Task, TaskEvent, Upload
+from rivya.money import credits_phrase, format_credits
+from tasks.models import AIModel, CallbackDelivery, Category, Task, TaskEvent, Upload
 
 
 def models_enabled() -> QuerySet[AIModel]:
@@ -269,3 +281,469 @@ def run_is_heavy(*, model: AIModel, price_micro: int) -> bool:
         model.category in (Category.VIDEO, Category.AUDIO)
         or price_micro > settings.STUDIO_HEAVY_PRICE_MICRO
     )
+
+
+# --- support: one task's whole story and a diagnosis of it (issue 15) -------------------------
+
+TASK_SUBJECT = "tasks.task"  # how billing and notifications refer to a task
+RECENT_SUCCESSES = 50  # the successes a model's typical run time is taken from
+
+
+@dataclass(frozen=True)
+class TimelineItem:
+    """One thing that happened to a task, from any source, for support's timeline.
+
+    ``source``: "event" (a TaskEvent: transitions, submissions, errors), "poll" (a ``polled`` or
+    ``poll_failed`` event), "support" (a ``support_*`` event written by a staff action),
+    "callback" (a stored provider delivery), "hold" (credits held / resolved), "ledger" (an
+    entry of a ledger transaction about the task) or "notification". ``ref`` is the primary key
+    of the row it comes from (admin links are built from it); ``data`` its details."""
+
+    at: datetime
+    source: str
+    kind: str
+    title: str
+    detail: str = ""
+    data: dict[str, Any] | None = None
+    ref: Any = None
+
+    @property
+    def sort_key(self) -> tuple[datetime, int, str]:
+        return (self.at, _SOURCE_ORDER.get(self.source, 9), str(self.ref))
+
+
+# Within one instant: what the task recorded first, the money after it, the user's notice last.
+_SOURCE_ORDER = {
+    "callback": 0,
+    "event": 1,
+    "poll": 1,
+    "support": 1,
+    "hold": 2,
+    "ledger": 3,
+    "notification": 4,
+}
+
+
+def _event_item(event: TaskEvent) -> TimelineItem:
+    if event.kind in ("polled", "poll_failed"):
+        source = "poll"
+    elif event.kind.startswith("support_"):
+        source = "support"
+    else:
+        source = "event"
+    return TimelineItem(
+        at=event.created_at,
+        source=source,
+        kind=event.kind,
+        title=event.kind.replace("_", " "),
+        detail=event.message,
+        data=event.data or {},
+        ref=event.pk,
+    )
+
+
+def _hold_items(hold: Any) -> list[TimelineItem]:
+    data = {
+        "amount_micro": hold.amount,
+        "captured_micro": hold.captured,
+        "status": hold.status,
+        "created_at": hold.created_at,
+        "resolved_at": hold.resolved_at,
+        "account": hold.account_id,
+    }
+    items = [
+        TimelineItem(
+            at=hold.created_at,
+            source="hold",
+            kind="hold_opened",
+            title="hold opened",
+            detail=f"{credits_phrase(hold.amount)} held",
+            data=data,
+            ref=hold.pk,
+        )
+    ]
+    if hold.resolved_at is not None:
+        detail = (
+            f"{credits_phrase(hold.captured)} captured, "
+            f"{credits_phrase(hold.amount - hold.captured)} released"
+            if hold.status == "captured"
+            else "released in full"
+        )
+        items.append(
+            TimelineItem(
+                at=hold.resolved_at,
+                source="hold",
+                kind=f"hold_{hold.status}",
+                title=f"hold {hold.status}",
+                detail=detail,
+                data=data,
+                ref=hold.pk,
+            )
+        )
+    return items
+
+
+def _entry_item(entry: Any) -> TimelineItem:
+    txn = entry.transaction
+    account = entry.account
+    owner = account.user.username if account.user_id else account.kind
+    return TimelineItem(
+        at=entry.created_at,
+        source="ledger",
+        kind=txn.kind,
+        title=f"ledger {txn.get_kind_display().lower()}",
+        detail=f"{format_credits(entry.amount)} credits on {owner}"
+        + (f" — {txn.reason}" if txn.reason else ""),
+        data={
+            "amount_micro": entry.amount,
+            "account": owner,
+            "account_id": account.pk,
+            "user_leg": account.user_id is not None,
+            "transaction_id": txn.pk,
+            "reason": txn.reason,
+            "idempotency_key": txn.idempotency_key,
+            "actor": txn.actor_id,
+            "reversal_of": txn.reversal_of_id,
+        },
+        ref=entry.pk,
+    )
+
+
+def task_support_timeline(*, task: Task) -> list[TimelineItem]:
+    """Everything that happened to ``task``, oldest first: its events (transitions, submissions,
+    polls, support actions), provider callbacks (stored only once their signature verified),
+    its credit hold, the ledger entries about it and the notifications about it.
+
+    Five queries whatever the task's history (one per source), so support's page stays as fast
+    for a task polled a thousand times."""
+    from billing import selectors as billing_selectors
+    from notifications import selectors as notification_selectors
+
+    items = [_event_item(e) for e in TaskEvent.objects.filter(task=task).order_by("created_at")]
+    items.extend(
+        TimelineItem(
+            at=delivery.received_at,
+            source="callback",
+            kind=f"callback_{delivery.status}",
+            title=f"callback {delivery.event_id}",
+            detail=(
+                f"signature verified; {delivery.get_status_display().lower()}, "
+                f"{delivery.attempts} attempt{'s' if delivery.attempts != 1 else ''}"
+                + (f", processed {delivery.processed_at:%H:%M:%S}" if delivery.processed_at else "")
+            ),
+            data={
+                "event_id": delivery.event_id,
+                "status": delivery.status,
+                "attempts": delivery.attempts,
+                "processed_at": delivery.processed_at,
+                "payload": delivery.payload,
+            },
+            ref=delivery.pk,
+        )
+        for delivery in CallbackDelivery.objects.filter(task=task).order_by("received_at")
+    )
+    hold = billing_selectors.hold_for_subject(subject_type=TASK_SUBJECT, subject_id=str(task.pk))
+    if hold is not None:
+        items.extend(_hold_items(hold))
+    items.extend(
+        _entry_item(entry)
+        for entry in billing_selectors.entries_for_subject(
+            subject_type=TASK_SUBJECT, subject_id=task.pk
+        )
+    )
+    items.extend(
+        TimelineItem(
+            at=n.created_at,
+            source="notification",
+            kind=n.kind,
+            title=f"notification: {n.title}",
+            detail=n.body,
+            data={"user": n.user_id, "read_at": n.read_at, "link": n.link},
+            ref=n.pk,
+        )
+        for n in notification_selectors.notifications_for_subject(
+            subject_type=TASK_SUBJECT, subject_id=task.pk
+        )
+    )
+    items.sort(key=lambda item: item.sort_key)
+    return items
+
+
+class _Median(Aggregate):
+    function = "PERCENTILE_CONT"
+    template = "%(function)s(0.5) WITHIN GROUP (ORDER BY %(expressions)s)"
+
+
+def model_typical_run(*, model_slug: str, exclude: Any = None) -> timedelta | None:
+    """How long this model's last ``RECENT_SUCCESSES`` successes ran (sent to finished): the
+    median on PostgreSQL, the mean elsewhere; None without any. One aggregate query."""
+    recent = (
+        Task.objects.filter(
+            model_slug=model_slug,
+            status=Task.Status.SUCCESS,
+            submitted_at__isnull=False,
+        )
+        .exclude(pk=exclude)
+        .order_by("-finished_at")
+        .annotate(
+            run=ExpressionWrapper(
+                F("finished_at") - F("submitted_at"), output_field=DurationField()
+            )
+        )
+        .values("run")[:RECENT_SUCCESSES]
+    )
+    if connection.vendor == "postgresql":
+        typical: Any = _Median("run", output_field=DurationField())
+    else:
+        typical = Avg("run", output_field=DurationField())
+    return recent.aggregate(typical=typical)["typical"]
+
+
+@dataclass(frozen=True)
+class DiagnosisLine:
+    """One support-checklist item, in words. ``alarm``: something support must act on."""
+
+    item: str  # type, credits, provider, callbacks, polling, duration, outcome, correctable, refund
+    text: str
+    alarm: bool = False
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    lines: list[DiagnosisLine]
+
+    def text(self, item: str) -> str:
+        return next((line.text for line in self.lines if line.item == item), "")
+
+    @property
+    def summary(self) -> str:
+        return "; ".join(line.text for line in self.lines)
+
+
+_FLAG_WORDS = (
+    ("submit_ambiguous_at", "submit ambiguous"),
+    ("submit_unconfirmed_at", "submit unconfirmed"),
+    ("submit_stuck_at", "submit stuck"),
+    ("timeout_unconfirmed_at", "past timeout, unconfirmed"),
+    ("cancel_requested_at", "cancel requested"),
+)
+_TYPES = {
+    Category.IMAGE: "image generation",
+    Category.VIDEO: "video generation",
+    Category.AUDIO: "audio generation",
+    Category.CHAT: "chat turn",
+}
+
+
+def clock(at: datetime, *, now: datetime | None = None) -> str:
+    """A time as support reads it: the hour today, the date too otherwise (current timezone)."""
+    local = timezone.localtime(at)
+    if local.date() == timezone.localtime(now or timezone.now()).date():
+        return f"{local:%H:%M:%S}"
+    return f"{local:%Y-%m-%d %H:%M:%S}"
+
+
+def span(delta: timedelta) -> str:
+    """A duration in words: "45s", "3m 2s", "2h 5m", "3d 4h"."""
+    seconds = max(int(delta.total_seconds()), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def task_diagnosis(
+    *,
+    task: Task,
+    timeline: list[TimelineItem] | None = None,
+    typical_run: timedelta | None | bool = False,
+    now: datetime | None = None,
+) -> Diagnosis:
+    """Support's checklist for one task, answered in words from the task's fields and its
+    timeline (``task_support_timeline``, loaded if not given); the model's typical run time is
+    one aggregate query (``model_typical_run``) unless given. Money and flags come from the
+    task's fields and its hold, never from counting events."""
+    now = now or timezone.now()
+    if timeline is None:
+        timeline = task_support_timeline(task=task)
+    if typical_run is False:
+        typical_run = model_typical_run(model_slug=task.model_slug, exclude=task.pk)
+    lines = [
+        DiagnosisLine(
+            "type",
+            f"task type: {_TYPES.get(task.category, task.category)} "
+            f"({task.model_slug} on {task.provider})",
+        ),
+        _credits_line(task, timeline, now),
+        _provider_line(task, now),
+        _callbacks_line(timeline, now),
+        _polling_line(task, timeline, now),
+        _duration_line(task, typical_run or None, now),
+        _outcome_line(task, timeline),
+        _correctable_line(task),
+        _refund_line(task, timeline),
+    ]
+    return Diagnosis(lines=lines)
+
+
+def _hold_data(timeline: list[TimelineItem]) -> dict[str, Any] | None:
+    return next((i.data for i in timeline if i.source == "hold"), None)
+
+
+def _credits_line(task: Task, timeline: list[TimelineItem], now: datetime) -> DiagnosisLine:
+    hold = _hold_data(timeline)
+    if hold is not None:
+        return DiagnosisLine(
+            "credits",
+            f"credits held {clock(hold['created_at'], now=now)} "
+            f"({credits_phrase(hold['amount_micro'])})",
+        )
+    if task.reserved_micro:
+        return DiagnosisLine(
+            "credits",
+            f"no hold, yet {credits_phrase(task.reserved_micro)} reserved: BREACH",
+            alarm=True,
+        )
+    if task.error_code == "insufficient_credits":
+        return DiagnosisLine("credits", "no hold (refused for credits)")
+    if task.price_micro == 0:
+        return DiagnosisLine("credits", "no hold (free model)")
+    return DiagnosisLine("credits", "no hold (free model / refused for credits)")
+
+
+def _provider_line(task: Task, now: datetime) -> DiagnosisLine:
+    flags = [words for field, words in _FLAG_WORDS if getattr(task, field) is not None]
+    flagged = f"; flags: {', '.join(flags)}" if flags else ""
+    if task.submitted_at is not None:
+        return DiagnosisLine(
+            "provider",
+            f"provider accepted {clock(task.submitted_at, now=now)} "
+            f"(job {task.upstream_id or '?'}){flagged}",
+            alarm=bool(flags),
+        )
+    attempts = f"{task.submit_attempts} attempt{'s' if task.submit_attempts != 1 else ''}"
+    if task.is_finished:
+        return DiagnosisLine("provider", f"never accepted by the provider ({attempts}{flagged})")
+    return DiagnosisLine("provider", f"not accepted yet ({attempts}{flagged})", alarm=bool(flags))
+
+
+def _callbacks_line(timeline: list[TimelineItem], now: datetime) -> DiagnosisLine:
+    callbacks = [i for i in timeline if i.source == "callback"]
+    if not callbacks:
+        return DiagnosisLine("callbacks", "no callback received")
+    last = callbacks[-1]
+    many = "s" if len(callbacks) != 1 else ""
+    return DiagnosisLine(
+        "callbacks",
+        f"{len(callbacks)} callback{many} received, last {clock(last.at, now=now)} "
+        f"({(last.data or {}).get('status')})",
+    )
+
+
+def _polling_line(task: Task, timeline: list[TimelineItem], now: datetime) -> DiagnosisLine:
+    polls = [i for i in timeline if i.source == "poll"]
+    if not polls:
+        return DiagnosisLine("polling", "no poll yet")
+    last = polls[-1]
+    data = last.data or {}
+    answer = (
+        str(data.get("state") or "?").upper()
+        if last.kind == "polled"
+        else f"failed ({data.get('code') or 'error'})"
+    )
+    count = f" ({task.poll_count} poll{'s' if task.poll_count != 1 else ''})"
+    return DiagnosisLine("polling", f"last poll {clock(last.at, now=now)} {answer}{count}")
+
+
+def _duration_line(task: Task, typical: timedelta | None, now: datetime) -> DiagnosisLine:
+    start = task.submitted_at or task.created_at
+    ran = (task.finished_at or now) - start
+    timeout = timedelta(seconds=task.timeout_seconds)
+    verb = "ran" if task.is_finished else "running"
+    past = ran > timeout
+    text = (
+        f"{verb} {span(ran)}, past its {span(timeout)} timeout"
+        if past
+        else f"{verb} {span(ran)} of its {span(timeout)} timeout"
+    )
+    what = "median" if connection.vendor == "postgresql" else "average"
+    if typical and typical.total_seconds() > 0:
+        ratio = ran / typical
+        text += f"; {ratio:.1f}× this model's {what} ({span(typical)})"
+    else:
+        text += "; no recent success of this model to compare with"
+    return DiagnosisLine("duration", text, alarm=past and not task.is_finished)
+
+
+def _outcome_line(task: Task, timeline: list[TimelineItem]) -> DiagnosisLine:
+    outcome = task.get_status_display().lower()
+    if task.error_code:
+        outcome += f" ({task.error_code})"
+    if not task.is_finished:
+        outcome = f"not finished ({outcome})"
+    hold = _hold_data(timeline)
+    alarm = False
+    if hold is None:
+        settlement = "nothing held, nothing to settle"
+    elif hold["status"] == "open":
+        if task.is_finished:
+            settlement, alarm = "hold still open on a terminal task: BREACH", True
+        else:
+            settlement = f"{credits_phrase(hold['amount_micro'])} still held (settled at the end)"
+    elif hold["status"] == "released":
+        settlement = "released in full"
+    else:
+        rest = hold["amount_micro"] - hold["captured_micro"]
+        settlement = f"captured {credits_phrase(hold['captured_micro'])}"
+        if rest:
+            settlement += f", released {credits_phrase(rest)}"
+    reversed_micro = _reversed(timeline)
+    if reversed_micro:
+        settlement += f"; {credits_phrase(reversed_micro)} given back since (reversal)"
+    return DiagnosisLine("outcome", f"outcome: {outcome}; {settlement}", alarm=alarm)
+
+
+def _correctable_line(task: Task) -> DiagnosisLine:
+    if task.status not in (Task.Status.FAILED, Task.Status.REJECTED, Task.Status.CANCELLED):
+        return DiagnosisLine("correctable", "user-correctable: not applicable (no failure)")
+    if task.error_kind == "user":
+        return DiagnosisLine(
+            "correctable", f"user-correctable: yes ({task.error_message or task.error_code})"
+        )
+    side = task.error_kind or "unknown"
+    return DiagnosisLine("correctable", f"user-correctable: no ({side} failure)")
+
+
+def _reversed(timeline: list[TimelineItem]) -> int:
+    """Credits given back to the user by reversals of the task's charge (its user legs)."""
+    return sum(
+        (i.data or {}).get("amount_micro", 0)
+        for i in timeline
+        if i.source == "ledger" and i.kind == "reversal" and (i.data or {}).get("user_leg")
+    )
+
+
+def _refund_line(task: Task, timeline: list[TimelineItem]) -> DiagnosisLine:
+    # ``charged_micro`` stays what the hold captured (``refunded_micro`` is the released rest);
+    # a refund after settlement is a reversal in the ledger.
+    net = task.charged_micro - _reversed(timeline)
+    if net > 0 and task.status in (Task.Status.FAILED, Task.Status.REJECTED):
+        return DiagnosisLine(
+            "refund",
+            f"refund due before a re-run: yes ({credits_phrase(net)} charged for a "
+            f"{task.get_status_display().lower()} task)",
+            alarm=True,
+        )
+    if net > 0 and task.status == Task.Status.SUCCESS and not task.results:
+        return DiagnosisLine(
+            "refund",
+            f"refund due before a re-run: yes ({credits_phrase(net)} charged, no output)",
+            alarm=True,
+        )
+    return DiagnosisLine("refund", "refund due before a re-run: no")
