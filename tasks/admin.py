@@ -26,6 +26,7 @@ from django.db.models.functions import Cast, Coalesce
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.html import format_html
 from django.utils.timesince import timesince
 
 from billing import selectors as billing_selectors
@@ -176,9 +177,9 @@ class TaskAdmin(admin.ModelAdmin):
     through the safe actions (tasks.admin_actions), which record who did it and why."""
 
     list_display = (
-        "id",
+        "short_id",
         "user",
-        "model_slug",
+        "model_name",
         "status",
         "age",
         "reserved",
@@ -226,6 +227,15 @@ class TaskAdmin(admin.ModelAdmin):
         return False  # tasks are never hard-deleted
 
     # --- list columns ---------------------------------------------------------------------
+
+    @admin.display(description="task", ordering="id")
+    def short_id(self, obj: Task) -> str:
+        # The full id is in the title and the link; search takes it whole.
+        return format_html('<span title="{}">{}…</span>', obj.pk, str(obj.pk)[:8])
+
+    @admin.display(description="model", ordering="model_slug")
+    def model_name(self, obj: Task) -> str:
+        return obj.model_slug
 
     @admin.display(description="age", ordering="created_at")
     def age(self, obj: Task) -> str:

@@ -657,7 +657,8 @@ def _polling_line(task: Task, timeline: list[TimelineItem], now: datetime) -> Di
         if last.kind == "polled"
         else f"failed ({data.get('code') or 'error'})"
     )
-    count = f" ({task.poll_count} poll{'s' if task.poll_count != 1 else ''})"
+    many = "s" if task.poll_count != 1 else ""
+    count = f" ({task.poll_count} scheduled poll{many})" if task.poll_count else ""
     return DiagnosisLine("polling", f"last poll {clock(last.at, now=now)} {answer}{count}")
 
 
