@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from datetime import timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from django.db import connection
@@ -196,7 +197,8 @@ def test_field_filters_narrow_the_list(admin_client: Client, make_task: Any) -> 
     assert listed(admin_client, "model_slug__exact=sandbox-video") == {str(video.pk)}
     assert listed(admin_client, "error_kind__exact=provider") == {str(image.pk)}
     assert str(video.pk) in listed(admin_client, "provider__exact=sandbox")
-    since = (timezone.now() - timedelta(days=7)).date().isoformat()
+    # The date filter's own links carry an aware datetime ("Past 7 days").
+    since = quote((timezone.now() - timedelta(days=7)).replace(microsecond=0).isoformat())
     recent = listed(admin_client, f"created_at__gte={since}")
     assert str(image.pk) in recent
     assert str(old.pk) not in recent
@@ -512,3 +514,19 @@ def test_timeline_selector_is_a_fixed_number_of_queries(
     with django_assert_num_queries(5):
         items = selectors.task_support_timeline(task=task)
     assert len(items) == 101
+
+
+def test_result_view_needs_the_view_permission(make_task: Any, make_user: Any) -> None:
+    from django.contrib.auth.models import Permission
+
+    task = make_task(
+        status=Task.Status.SUCCESS, results=[{"name": "r/x.png", "mime": "image/png", "bytes": 1}]
+    )
+    url = reverse("admin:tasks_task_result", args=[task.pk, 0])
+    clerk = make_user(is_staff=True)
+    client = Client()
+    client.force_login(clerk)
+    assert client.get(url).status_code == 403
+    clerk.user_permissions.add(Permission.objects.get(codename="view_task"))
+    assert client.get(url).status_code == 404  # allowed now; this planted file does not exist
+    assert client.get(change_url(task)).status_code == 200  # the page, read-only
