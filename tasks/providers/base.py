@@ -7,7 +7,7 @@ through ``tasks.providers.http``, and raise ``ProviderError`` saying whether a r
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -103,6 +103,41 @@ class ProviderError(Exception):
         self.maybe_received = maybe_received
 
 
+# ---- chat (streamed language-model replies) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatTurnMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str  # the provider's model id (AIModel.upstream_model)
+    messages: tuple[ChatTurnMessage, ...]
+    max_tokens: int
+    params: Mapping[str, Any]  # the model's own options, e.g. sandbox_* knobs
+
+
+@dataclass(frozen=True)
+class ChatUsage:
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ChatEnd:
+    usage: ChatUsage | None  # None when the provider reported none
+    finish_reason: str  # "stop" | "length" | "error"
+    error: ProviderError | None = None  # set when the provider failed mid-stream
+
+
 class InvalidSignature(Exception):
     """A callback whose signature (or timestamp) does not verify: refused with 401."""
 
@@ -133,4 +168,16 @@ class Provider(Protocol):
         """The output's bytes: at most ``max_bytes`` (else a permanent ProviderError), within
         ``timeout_s`` in all (else a retryable one: a slow trickle must not outlive the lease
         on storing the outputs)."""
+        ...
+
+    def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatDelta | ChatEnd]:
+        """A streamed chat reply (an async generator; close it with ``aclose()`` when you stop
+        early, which closes the upstream connection).
+
+        An error answer before streaming raises ``ProviderError`` (code, message and
+        ``retryable`` from the answer, as for ``submit``). Then it yields ``ChatDelta`` items
+        and exactly one ``ChatEnd``, last. An error event mid-stream ends it with
+        ``ChatEnd(finish_reason="error", error=ProviderError(...), usage=<reported or None>)``.
+        A connection that breaks mid-stream, a read timeout between tokens or an unreadable
+        event raises ``ProviderError(retryable=True)`` after whatever deltas came."""
         ...
