@@ -14,7 +14,10 @@ import binascii
 import heapq
 import itertools
 import json
+import math
 import secrets
+import select
+import socket
 import sys
 import threading
 import time
@@ -30,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httpx
 from standardwebhooks import Webhook
 
-from tasks.sandbox import media
+from tasks.sandbox import chat, media
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_LATENCY_MS = 600_000
@@ -57,6 +60,10 @@ ERRORS = {
         "message": "The sandbox rejected the input (sandbox_outcome=reject).",
     },
 }
+
+
+class ClientGone(Exception):
+    """The client hung up while we were waiting to send it more."""
 
 
 class BadRequest(Exception):
@@ -178,6 +185,8 @@ class Sandbox:
         self._jobs: dict[str, Job] = {}
         self._by_key: dict[str, str] = {}
         self._stats = self._empty_stats()
+        self._chat_stats = self._empty_chat_stats()
+        self._chat_open = 0  # a gauge of live streams: not cleared by reset()
         self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._cache_bytes = 0
         self._scheduler = Scheduler()
@@ -192,6 +201,16 @@ class Sandbox:
             "by_key": {},
             "callbacks_sent": 0,
             "callbacks_failed": 0,
+        }
+
+    @staticmethod
+    def _empty_chat_stats() -> dict[str, int]:
+        return {
+            "chat_requests": 0,
+            "chat_streams": 0,
+            "chat_completions": 0,
+            "chat_disconnects": 0,
+            "chat_tokens": 0,
         }
 
     def close(self) -> None:
@@ -353,11 +372,33 @@ class Sandbox:
         with self._lock:
             return json.loads(json.dumps(self._stats))
 
+    # ---- chat -------------------------------------------------------------------------------
+
+    def count_chat(self, what: str, tokens: int = 0, *, disconnected: bool = False) -> None:
+        """``what``: ``chat_requests`` (any POST), ``chat_completions`` (a JSON answer),
+        ``chat_streams`` (a stream opened; also opens the gauge) or ``closed`` (a stream over
+        after ``tokens`` tokens; ``disconnected``: the client hung up first)."""
+        with self._lock:
+            if what == "closed":
+                self._chat_open -= 1
+                self._chat_stats["chat_tokens"] += tokens
+                if disconnected:
+                    self._chat_stats["chat_disconnects"] += 1
+                return
+            self._chat_stats[what] += 1
+            if what == "chat_streams":
+                self._chat_open += 1
+
+    def chat_stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._chat_stats, chat_streams_open=self._chat_open)
+
     def reset(self) -> None:
         with self._lock:
             self._jobs.clear()
             self._by_key.clear()
             self._stats = self._empty_stats()
+            self._chat_stats = self._empty_chat_stats()
             self._cache.clear()
             self._cache_bytes = 0
             self._scheduler.clear()
@@ -543,6 +584,8 @@ class Handler(BaseHTTPRequestHandler):
     # body would wait ~40 ms for the client's delayed ACK (Nagle meets delayed ACK). A real
     # provider has no such stall, so the test provider must not add one (TCP_NODELAY).
     disable_nagle_algorithm = True
+    _chunked = True  # how _chunk() frames the body of the stream being sent
+    _client_talks = False  # the client sent bytes during a stream (see _check_client)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- stdlib signature
         if not self.server.quiet:
@@ -612,6 +655,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, {"ok": True})
             case ["v1", "stats"]:
                 self._send(200, sandbox.stats())
+            case ["v1", "chat", "stats"]:
+                self._send(200, sandbox.chat_stats())
             case ["v1", "jobs"]:
                 key = parse_qs(urlsplit(self.path).query).get("idempotency_key", [""])[0]
                 if not key:
@@ -633,8 +678,12 @@ class Handler(BaseHTTPRequestHandler):
         sandbox = self.server.sandbox
         if parts == ["v1", "jobs"]:
             sandbox.count_submit()  # every attempt counts, even one with an unreadable body
+        elif parts == ["v1", "chat", "completions"]:
+            sandbox.count_chat("chat_requests")
         body = self._body()
         match parts:
+            case ["v1", "chat", "completions"]:
+                self._chat(body)
             case ["v1", "jobs"]:
                 self._send(*sandbox.create(body, self.headers.get("Idempotency-Key") or None))
             case ["v1", "jobs", job_id, "cancel"]:
@@ -645,11 +694,158 @@ class Handler(BaseHTTPRequestHandler):
             case _:
                 self._send(404, _error("not_found", f"No route POST {self.path}."))
 
+    # ---- chat completions (docs/sandbox.md) -------------------------------------------------
+
+    def _chat(self, body: Any) -> None:
+        try:
+            plan = chat.parse(body)
+        except chat.InvalidChat as exc:
+            raise BadRequest(str(exc)) from None
+        self._client_talks = False
+        if plan.outcome == "reject":
+            self._send(400, _error("content_policy", chat.REJECT_MESSAGE))
+        elif plan.stream:
+            self._chat_stream(plan)
+        else:
+            self._chat_json(plan)
+
+    def _chat_json(self, plan: chat.ChatPlan) -> None:
+        """``stream: false``: the whole completion in one JSON answer, after the time streaming
+        it would have taken."""
+        count = plan.streamed_count
+        try:
+            self._pause(plan.latency_s + plan.token_delay_s * max(0, count - 1))
+        except ClientGone:
+            self.close_connection = True
+            return
+        if plan.outcome == "drop":
+            self.close_connection = True  # no answer at all
+            return
+        self.server.sandbox.count_chat("chat_completions")
+        if plan.outcome == "fail":
+            self._send(500, _error("sandbox_failure", chat.FAIL_MESSAGE))
+            return
+        answer: dict[str, Any] = {
+            "object": "chat.completion",
+            "model": plan.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(plan.tokens)},
+                    "finish_reason": plan.finish_reason,
+                }
+            ],
+        }
+        usage = plan.usage(count)
+        if usage is not None:
+            answer["usage"] = usage
+        self._send(200, answer)
+
+    def _chat_stream(self, plan: chat.ChatPlan) -> None:
+        """Server-sent events, one per token, each written (and so sent: ``wfile`` is
+        unbuffered and Nagle is off) as it is produced. Chunked on HTTP/1.1, so the connection
+        can be reused; close-delimited for an HTTP/1.0 client."""
+        sandbox = self.server.sandbox
+        self._chunked = self.request_version != "HTTP/1.0"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        sandbox.count_chat("chat_streams")
+        streamed = 0
+        disconnected = False
+        try:
+            self._pause(plan.latency_s)
+            for n, token in enumerate(plan.tokens[: plan.streamed_count]):
+                if n:
+                    self._pause(plan.token_delay_s)
+                self._event({"choices": [{"delta": {"content": token}}]})
+                streamed += 1
+            if plan.outcome == "drop":
+                # Cut: no final event, no end of the chunked body; the client sees the
+                # connection close mid-message.
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            usage = plan.usage(streamed)
+            final: dict[str, Any]
+            if plan.outcome == "fail":
+                final = {"error": {"code": "sandbox_failure", "message": chat.FAIL_MESSAGE}}
+            else:
+                final = {"choices": [{"delta": {}, "finish_reason": plan.finish_reason}]}
+            if usage is not None:
+                final["usage"] = usage
+            self._event(final)
+            if plan.outcome == "fail":
+                self.close_connection = True  # after the error event: the end, no [DONE]
+            else:
+                self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")  # the end of the chunked body (nothing when close-delimited)
+        except (ClientGone, ConnectionError):
+            disconnected = True
+            self.close_connection = True
+        except Exception as exc:  # a bug: the headers are out, so all we can do is cut
+            self.log_error("internal error while streaming: %r", exc)
+            self.close_connection = True
+        finally:
+            sandbox.count_chat("closed", streamed, disconnected=disconnected)
+
+    def _event(self, payload: dict[str, Any]) -> None:
+        self._chunk(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+
+    def _chunk(self, data: bytes) -> None:
+        if self._chunked:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        elif data:
+            self.wfile.write(data)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, raising ``ClientGone`` as soon as the client hangs up (so an
+        abandoned stream frees its thread, and the hang-up is counted, even during a long
+        latency). Short waits only check once, then sleep: precise token pacing."""
+        deadline = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN | getattr(select, "POLLRDHUP", 0))
+        while True:
+            remaining = deadline - time.monotonic()
+            short = remaining < 0.05 or self._client_talks
+            events = poller.poll(0 if short else min(math.ceil(remaining * 1000), 1000))
+            if events:
+                self._check_client(events[0][1])
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if short or self._client_talks:
+                time.sleep(remaining)
+                return
+
+    def _check_client(self, event: int) -> None:
+        if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            raise ClientGone
+        try:
+            data = self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            raise ClientGone from None
+        if not data:
+            raise ClientGone
+        # The client sent more (a pipelined request): the socket stays readable, so stop
+        # polling it; a hang-up is still noticed when a write fails.
+        self._client_talks = True
+
 
 class SandboxHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128  # socketserver's default listen backlog of 5 resets bursts
+    # socketserver's default listen backlog of 5 resets bursts (hundreds of chat streams opened
+    # at once); the kernel caps it at net.core.somaxconn.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], sandbox: Sandbox, *, quiet: bool) -> None:
         super().__init__(address, Handler)
