@@ -1,16 +1,18 @@
 """The one HTTP seam for every provider adapter.
 
-Adapters never build their own clients: they call ``request()`` / ``stream()`` here, which turn
-transport failures into ``ProviderError(retryable=True)``, and ``raise_for_status()``, which maps
-an HTTP status to a ``ProviderError`` saying whether a retry may help.
+Adapters never build their own clients: they call ``request()`` / ``stream()`` (or, for streamed
+replies read on an event loop, ``astream()`` with ``aiter_sse()``) here, which turn transport
+failures into ``ProviderError(retryable=True)``, and ``raise_for_status()``, which maps an HTTP
+status to a ``ProviderError`` saying whether a retry may help.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
@@ -18,6 +20,7 @@ import httpx
 from tasks.providers.base import ProviderError
 
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+STREAM_READ_TIMEOUT_S = 60.0  # astream(): the longest wait for the next bytes (between tokens)
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 
 _lock = threading.Lock()
@@ -89,6 +92,63 @@ def stream(method: str, url: str, **kwargs: Any) -> Iterator[httpx.Response]:
             yield response
     except httpx.HTTPError as exc:
         raise _transport_error(method, url, exc) from exc
+
+
+_ssl_context: ssl.SSLContext | None = None
+
+
+def _shared_ssl_context() -> ssl.SSLContext:
+    """One TLS context for every short-lived async client: building one (loading the CA bundle)
+    costs milliseconds, which hundreds of concurrent streams would pay each."""
+    global _ssl_context
+    with _lock:
+        if _ssl_context is None:
+            _ssl_context = httpx.create_ssl_context()
+        return _ssl_context
+
+
+@asynccontextmanager
+async def astream(
+    method: str, url: str, *, read_timeout_s: float = STREAM_READ_TIMEOUT_S, **kwargs: Any
+) -> AsyncIterator[httpx.Response]:
+    """``stream()`` for async callers: the answer's body is read by the caller inside the
+    ``async with`` block (``aiter_sse()``, ``aiter_bytes()``, ``aread()``). Transport errors,
+    including those while reading and a wait longer than ``read_timeout_s`` for the next bytes,
+    become ``ProviderError(retryable=True)``.
+
+    Each call has its own short-lived client: callers run on different event loops (an ASGI
+    server's, a worker thread's), and an async client's connections belong to one loop. Leaving
+    the block, normally or not, closes the connection (how a stream is abandoned early)."""
+    timeout = httpx.Timeout(connect=5.0, read=read_timeout_s, write=30.0, pool=5.0)
+    try:
+        async with (
+            httpx.AsyncClient(
+                timeout=timeout,
+                trust_env=False,
+                follow_redirects=False,
+                verify=_shared_ssl_context(),
+            ) as client,
+            client.stream(method, url, **kwargs) as response,
+        ):
+            yield response
+    except httpx.HTTPError as exc:
+        raise _transport_error(method, url, exc) from exc
+
+
+async def aiter_sse(response: httpx.Response) -> AsyncIterator[str]:
+    """The ``data`` of each server-sent event in ``response`` (multi-line data joined with
+    ``\\n``), as each event completes. Comments, other fields and events without data are
+    skipped; an event cut off by the end of the body is not yielded."""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
 
 
 def is_retryable_status(status: int) -> bool:

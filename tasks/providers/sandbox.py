@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -20,6 +20,10 @@ from standardwebhooks import Webhook
 from tasks.providers import http
 from tasks.providers.base import (
     CallbackEvent,
+    ChatDelta,
+    ChatEnd,
+    ChatRequest,
+    ChatUsage,
     InvalidSignature,
     JobState,
     JobStatus,
@@ -37,8 +41,15 @@ TIMESTAMP_TOLERANCE_S = 5 * 60
 class SandboxProvider:
     key = "sandbox"
 
-    def __init__(self, base_url: str, webhook_secret: str) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        webhook_secret: str,
+        *,
+        chat_read_timeout_s: float = http.STREAM_READ_TIMEOUT_S,
+    ) -> None:
         self._base_url = base_url.rstrip("/")
+        self._chat_read_timeout_s = chat_read_timeout_s
         try:
             self._webhook = Webhook(webhook_secret)
         except Exception as exc:
@@ -203,6 +214,140 @@ class SandboxProvider:
                     )
                 chunks.append(chunk)
         return b"".join(chunks)
+
+    async def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatDelta | ChatEnd]:
+        """The reply as the sandbox streams it (``POST /v1/chat/completions``, OpenAI-shaped
+        server-sent events); the contract is ``Provider.stream_chat``'s. Once the final event
+        (finish or error) has arrived the reply is complete: a connection that breaks after it
+        still ends with that ``ChatEnd``."""
+        body = {
+            "model": request.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "max_tokens": request.max_tokens,
+            "stream": True,
+            "params": dict(request.params),
+        }
+        url = f"{self._base_url}/v1/chat/completions"
+        end: ChatEnd | None = None
+        try:
+            async with http.astream(
+                "POST", url, json=body, read_timeout_s=self._chat_read_timeout_s
+            ) as response:
+                if not 200 <= response.status_code < 300:
+                    await response.aread()
+                    _raise_for_status(response)
+                content_type = response.headers.get("content-type", "")
+                if not content_type.startswith("text/event-stream"):
+                    raise ProviderError(
+                        f"sandbox chat answered {content_type or 'no content type'}, "
+                        "not an event stream",
+                        retryable=True,
+                        code="upstream_bad_response",
+                        maybe_received=True,
+                    )
+                async for data in http.aiter_sse(response):
+                    if data == "[DONE]":
+                        break
+                    if end is not None:
+                        continue  # nothing after the final event changes the reply
+                    event = _chat_event(data)
+                    if "error" in event:
+                        end = _chat_error_end(event)
+                        continue
+                    text, finish_reason = _chat_choice(event)
+                    if text:
+                        yield ChatDelta(text=text)
+                    if finish_reason is not None:
+                        end = ChatEnd(usage=_chat_usage(event), finish_reason=finish_reason)
+        except ProviderError as exc:
+            # A transport error after the final event: the reply is complete all the same.
+            if end is None or exc.code not in _TRANSPORT_CODES:
+                raise
+        if end is None:
+            raise ProviderError(
+                "sandbox chat stream ended before its final event",
+                retryable=True,
+                code="upstream_stream_incomplete",
+                maybe_received=True,
+            )
+        yield end
+
+
+_TRANSPORT_CODES = frozenset({"upstream_unreachable", "upstream_protocol_error"})
+
+
+def _chat_bad(detail: str) -> ProviderError:
+    return ProviderError(
+        f"unreadable sandbox chat event: {detail}",
+        retryable=True,
+        code="upstream_bad_response",
+        maybe_received=True,
+    )
+
+
+def _chat_event(data: str) -> dict[str, Any]:
+    try:
+        event = json.loads(data, parse_constant=_not_json)
+    except (ValueError, RecursionError):
+        raise _chat_bad(repr(data[:200])) from None
+    if not isinstance(event, dict):
+        raise _chat_bad(repr(data[:200]))
+    return event
+
+
+def _chat_choice(event: dict[str, Any]) -> tuple[str, str | None]:
+    """A chunk's text and finish reason ("stop" | "length", or None while the reply goes on).
+    A vendor's other reasons (e.g. a content filter) end the reply normally: "stop"."""
+    choices = event.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise _chat_bad("no choices")
+    choice = choices[0]
+    delta = choice.get("delta") or {}
+    if not isinstance(delta, dict):
+        raise _chat_bad("delta is not an object")
+    text = delta.get("content") or ""
+    if not isinstance(text, str):
+        raise _chat_bad("content is not a string")
+    reason = choice.get("finish_reason")
+    if reason is None:
+        return text, None
+    if not isinstance(reason, str):
+        raise _chat_bad("finish_reason is not a string")
+    return text, "length" if reason == "length" else "stop"
+
+
+def _chat_usage(event: dict[str, Any]) -> ChatUsage | None:
+    usage = event.get("usage")
+    if usage is None:
+        return None
+    if not isinstance(usage, dict):
+        raise _chat_bad("usage is not an object")
+    counts = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise _chat_bad(f"usage counts {counts!r}")
+    return ChatUsage(input_tokens=counts[0], output_tokens=counts[1])
+
+
+# Errors that will happen again whatever we retry: the input itself is refused.
+_PERMANENT_CHAT_ERRORS = frozenset({"content_policy", "invalid_request"})
+
+
+def _chat_error_end(event: dict[str, Any]) -> ChatEnd:
+    """The error event that ends a failed stream: ``{"error": {code, message}, "usage"?}``."""
+    error = event.get("error")
+    if not isinstance(error, dict):
+        raise _chat_bad("error is not an object")
+    code = str(error.get("code") or "upstream_error")
+    message = str(error.get("message") or "the sandbox failed mid-stream")
+    return ChatEnd(
+        usage=_chat_usage(event),
+        finish_reason="error",
+        error=ProviderError(
+            f"sandbox chat failed mid-stream: {message}",
+            retryable=code not in _PERMANENT_CHAT_ERRORS,
+            code=code,
+        ),
+    )
 
 
 def _not_json(constant: str) -> Any:
