@@ -4,7 +4,8 @@ It plays an external vendor, so it imports nothing from Django or Rivya's apps: 
 httpx, Pillow, standardwebhooks and PyAV only. Jobs live in memory behind one lock; a job's
 status is computed from the clock when asked (created_at + latency), so a job finishes whether
 or not anyone watches it. Callbacks go through a scheduler thread (a heap of due actions) and a
-small pool of sender threads.
+small pool of sender threads. Chat completions (``chat.py`` plans the reply) are streamed by the
+connection's own handler thread, one write per token.
 """
 
 from __future__ import annotations
