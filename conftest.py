@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from billing import services as billing
+from billing.invariants import run_checks
 from rivya import services as rivya_services
+from tasks.catalog import seed_catalog
+from tasks.tests.sandbox_process import SandboxProcess, sandbox_process  # noqa: F401
+
+C = 1_000_000
 
 _counter = itertools.count()
 
@@ -53,3 +60,84 @@ def api_for() -> Any:
         return client
 
     return make
+
+
+@pytest.fixture
+def sandbox(sandbox_process: SandboxProcess, settings: Any, tmp_path: Any) -> SandboxProcess:  # noqa: F811
+    settings.SANDBOX_URL = sandbox_process.base_url
+    settings.SANDBOX_WEBHOOK_SECRET = sandbox_process.secret
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    settings.CALLBACK_BASE_URL = "http://127.0.0.1:9"  # nobody listens: callbacks fail quietly
+    return sandbox_process
+
+
+@pytest.fixture
+def catalog(db: Any) -> None:
+    seed_catalog()
+
+
+@pytest.fixture
+def funded(make_user: Any) -> Any:
+    def make(credits: int = 100) -> Any:
+        user = make_user()
+        if credits:
+            billing.grant(user=user, amount=credits * C, reason="test funds")
+        return user
+
+    return make
+
+
+@pytest.fixture
+def ledger_ok() -> Iterator[None]:
+    yield
+    breaches = run_checks()
+    assert breaches == [], breaches
+
+
+def database_url() -> str:
+    """The URL of the database this test run uses (the test database, once it exists)."""
+    from urllib.parse import quote
+
+    from django.db import connection
+
+    db = connection.settings_dict
+    auth = db["USER"] + (f":{quote(str(db['PASSWORD']), safe='')}" if db.get("PASSWORD") else "")
+    port = f":{db['PORT']}" if db.get("PORT") else ""
+    return f"postgres://{auth}@{db['HOST']}{port}/{db['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def asgi_process(
+    django_db_setup: Any,
+    django_db_blocker: Any,
+    sandbox_process: SandboxProcess,  # noqa: F811
+) -> Iterator[str]:
+    """Rivya under uvicorn (``rivya.asgi``) on the test database and the sandbox: its URL.
+    Tests using it need ``transactional_db`` (the server sees only committed rows)."""
+    import os
+    from pathlib import Path
+
+    from tasks.tests.sandbox_process import stop_sandbox
+    from tests.asgi_process import start_asgi
+
+    with django_db_blocker.unblock():
+        url = database_url()
+    env = dict(
+        os.environ,
+        DATABASE_URL=url,
+        SANDBOX_URL=sandbox_process.base_url,
+        SANDBOX_WEBHOOK_SECRET=sandbox_process.secret,
+        CALLBACK_BASE_URL="http://127.0.0.1:9",
+    )
+    base_url, process = start_asgi(env, log=Path(__file__).parent / "var" / "asgi.log")
+    try:
+        yield base_url
+    finally:
+        stop_sandbox(process)
+
+
+@pytest.fixture
+def asgi_server(asgi_process: str, sandbox: SandboxProcess, transactional_db: Any) -> str:
+    """Per test: the ASGI server's URL; the catalog seeded and committed where it can see it."""
+    seed_catalog()
+    return asgi_process

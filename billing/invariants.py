@@ -36,6 +36,19 @@ def register(name: str, description: str) -> Callable[[Check], Check]:
     return decorator
 
 
+# Findings that are not breaches but that an operator must see (e.g. chat usage a provider
+# reported beyond the hold, recorded as uncollected): printed by ``ledger_check``, exit 0.
+REPORTS: dict[str, Registered] = {}
+
+
+def register_report(name: str, description: str) -> Callable[[Check], Check]:
+    def decorator(func: Check) -> Check:
+        REPORTS[name] = Registered(name=name, description=description, func=func)
+        return func
+
+    return decorator
+
+
 @dataclass(frozen=True)
 class Breach:
     check: str
@@ -57,6 +70,18 @@ def run_checks() -> list[Breach]:
         for registered in REGISTRY.values():
             breaches.extend(Breach(registered.name, detail) for detail in registered.func(cursor))
     return breaches
+
+
+def run_reports() -> list[Breach]:
+    """Run every registered report on one consistent snapshot (as ``run_checks``)."""
+    found: list[Breach] = []
+    outermost = not connection.in_atomic_block
+    with transaction.atomic(), connection.cursor() as cursor:
+        if connection.vendor == "postgresql" and outermost:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        for registered in REPORTS.values():
+            found.extend(Breach(registered.name, detail) for detail in registered.func(cursor))
+    return found
 
 
 def query_rows(cursor: Any, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -222,6 +222,8 @@ CELERY_BEAT_SCHEDULE = {
     "purge-idempotency-keys": {"task": "billing.purge_idempotency_keys", "schedule": 3600.0},
     # Files no row references (rolled-back submits, workers killed mid-outcome): docs/storage.md.
     "sweep-storage": {"task": "tasks.sweep_storage", "schedule": 3600.0},
+    # Chat turns whose web process died mid-stream (docs/chat.md).
+    "settle-abandoned-chat-turns": {"task": "chat.settle_abandoned", "schedule": 60.0},
 }
 
 # --- DRF ------------------------------------------------------------------------------------
@@ -297,6 +299,11 @@ STUDIO_HEAVY_PRICE_MICRO = env.int("STUDIO_HEAVY_PRICE_MICRO", default=5_000_000
 # The storage sweep deletes unreferenced files only once they are this old (s): far longer than
 # any submit or outcome transaction that may be about to reference them (docs/storage.md).
 STORAGE_SWEEP_MIN_AGE = env.int("STORAGE_SWEEP_MIN_AGE", default=24 * 3600)
+# Chat (docs/chat.md): the longest a turn may stream before Rivya stops reading (and settles
+# what it read); a turn still streaming a minute past this was abandoned by a dead server and
+# is settled by the beat. At most this many earlier messages are considered for the context.
+CHAT_TURN_MAX_SECONDS = env.int("CHAT_TURN_MAX_SECONDS", default=600)
+CHAT_HISTORY_MAX_MESSAGES = env.int("CHAT_HISTORY_MAX_MESSAGES", default=200)
 
 SANDBOX_URL = env.str("SANDBOX_URL", default="http://127.0.0.1:8765").rstrip("/")
 

@@ -12,6 +12,7 @@ api_v1 = [
     path("", include("billing.api.urls")),
     path("", include("tasks.api.urls")),
     path("", include("notifications.api.urls")),
+    path("", include("chat.api.urls")),
 ]
 
 urlpatterns = [

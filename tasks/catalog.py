@@ -43,6 +43,68 @@ def _schema(**properties: Any) -> dict[str, Any]:
     }
 
 
+# The sandbox's chat knobs (docs/sandbox.md): how the streamed reply behaves.
+CHAT_KNOBS: dict[str, Any] = {
+    "sandbox_latency_ms": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 600_000,
+        "default": 0,
+        "description": "time until the first token",
+    },
+    "sandbox_token_delay_ms": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 5_000,
+        "default": 2,
+        "description": "time between tokens",
+    },
+    "sandbox_reply_tokens": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 8_192,
+        "default": 120,
+        "description": "length of the reply (cut by max_tokens)",
+    },
+    "sandbox_outcome": {
+        "enum": ["success", "fail", "reject", "drop"],
+        "default": "success",
+        "description": "fail: an error event mid-stream; reject: refused before streaming; "
+        "drop: the connection breaks mid-stream",
+    },
+    "sandbox_fail_after_tokens": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 8_192,
+        "description": "tokens before fail / drop (default: half the reply)",
+    },
+    "sandbox_usage": {
+        "enum": ["exact", "over", "omit"],
+        "default": "exact",
+        "description": "over: reports more tokens than it streamed; omit: reports no usage",
+    },
+    "sandbox_callback": {"enum": ["once", "early", "duplicate", "none", "out_of_order"]},
+    "sandbox_status": {"enum": ["ok", "error"]},
+}
+
+
+def _chat_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "temperature": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 2,
+                "default": 1,
+                "description": "randomness of the reply (the sandbox ignores it)",
+            },
+            **CHAT_KNOBS,
+        },
+    }
+
+
 AUDIO_TYPES = ["audio/wav", "audio/mpeg", "audio/ogg", "audio/flac", "audio/webm", "audio/mp4"]
 IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"]
 
@@ -121,12 +183,33 @@ SEED: list[dict[str, Any]] = [
         "slug": "sandbox-chat",
         "name": "Sandbox Chat",
         "category": Category.CHAT,
-        "description": "A chat model for trying Rivya (used through chat, not generations).",
+        "description": "A chat model for trying Rivya: streamed replies, billed per token.",
         "upstream_model": "sandbox/chat-v1",
-        "price_micro": 2,
+        # 30 credits per million output tokens, 10 per million input tokens.
+        "price_micro": 30,
+        "input_price_micro": 10,
+        "context_window": 8192,
+        "max_output_tokens": 2048,
         "billing_type": AIModel.BillingType.PER_TOKEN,
         "direct_generation": False,
-        "params_schema": _schema(),
+        "max_prompt_length": 20_000,
+        "params_schema": _chat_schema(),
+        "file_rules": {"max": 0},
+    },
+    {
+        "slug": "sandbox-chat-mini",
+        "name": "Sandbox Chat Mini",
+        "category": Category.CHAT,
+        "description": "A small, cheap chat model with a short memory (1,024 tokens of context).",
+        "upstream_model": "sandbox/chat-mini",
+        "price_micro": 8,
+        "input_price_micro": 2,
+        "context_window": 1024,
+        "max_output_tokens": 512,
+        "billing_type": AIModel.BillingType.PER_TOKEN,
+        "direct_generation": False,
+        "max_prompt_length": 2_000,
+        "params_schema": _chat_schema(),
         "file_rules": {"max": 0},
     },
 ]

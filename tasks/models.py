@@ -64,6 +64,17 @@ class AIModel(models.Model):
         help_text='{"failure_charge_percent": 0, "cancel_charge_percent": 0, '
         '"partial_success": true}',
     )
+    # Chat models (billing type per_token): ``price_micro`` is the price of an output token,
+    # ``input_price_micro`` of an input token; the context window and the largest reply.
+    input_price_micro = models.BigIntegerField(
+        null=True, blank=True, help_text="chat: micro-credits per input token"
+    )
+    context_window = models.PositiveIntegerField(
+        null=True, blank=True, help_text="chat: tokens of context (history + reply)"
+    )
+    max_output_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="chat: the largest max_tokens a turn may ask for"
+    )
     timeout_seconds = models.PositiveIntegerField(default=600)
     poll_interval_seconds = models.PositiveIntegerField(default=2)
     result_ttl_seconds = models.PositiveIntegerField(

@@ -503,7 +503,8 @@ def model_typical_run(*, model_slug: str, exclude: Any = None) -> timedelta | No
 class DiagnosisLine:
     """One support-checklist item, in words. ``alarm``: something support must act on."""
 
-    item: str  # type, credits, provider, callbacks, polling, duration, outcome, correctable, refund
+    # type, credits, provider, callbacks, polling, duration, outcome, user, correctable, refund
+    item: str
     text: str
     alarm: bool = False
 
@@ -511,6 +512,9 @@ class DiagnosisLine:
 @dataclass(frozen=True)
 class Diagnosis:
     lines: list[DiagnosisLine]
+
+    def line(self, item: str) -> DiagnosisLine:
+        return next(line for line in self.lines if line.item == item)
 
     def text(self, item: str) -> str:
         return next((line.text for line in self.lines if line.item == item), "")
@@ -586,6 +590,7 @@ def task_diagnosis(
         _polling_line(task, timeline, now),
         _duration_line(task, typical_run or None, now),
         _outcome_line(task, timeline),
+        _user_sees_line(task, timeline, now),
         _correctable_line(task),
         _refund_line(task, timeline),
     ]
@@ -708,6 +713,31 @@ def _outcome_line(task: Task, timeline: list[TimelineItem]) -> DiagnosisLine:
     if reversed_micro:
         settlement += f"; {credits_phrase(reversed_micro)} given back since (reversal)"
     return DiagnosisLine("outcome", f"outcome: {outcome}; {settlement}", alarm=alarm)
+
+
+def _user_sees_line(task: Task, timeline: list[TimelineItem], now: datetime) -> DiagnosisLine:
+    """What the user has in front of them: the history item (from the task's own
+    ``deleted_at`` and ``results_expired_at``) and the notifications sent about the task."""
+    if task.deleted_at is not None:
+        history = f"history item deleted by the user {clock(task.deleted_at, now=now)}"
+    elif task.results_expired_at is not None:
+        history = (
+            f"in the user's history, results expired {clock(task.results_expired_at, now=now)}"
+        )
+    elif task.results_available:
+        history = "in the user's history with its results"
+    else:
+        history = "in the user's history"
+    notes = [i for i in timeline if i.source == "notification"]
+    if notes:
+        last = notes[-1]
+        read = "read" if (last.data or {}).get("read_at") else "unread"
+        notified = f"notified {clock(last.at, now=now)} ({last.kind}, {read})"
+    elif task.is_finished:
+        notified = "no notification sent"
+    else:
+        notified = "no notification yet (sent when it finishes)"
+    return DiagnosisLine("user", f"{history}; {notified}", alarm=task.is_finished and not notes)
 
 
 def _correctable_line(task: Task) -> DiagnosisLine:

@@ -1,34 +1,12 @@
-"""Fixtures for the lifecycle tests: the real sandbox process, settings pointing at it, funded
-users, and a record of what would be queued to Celery (the services are called directly here;
-tests/ runs the real worker)."""
+"""Fixtures for the lifecycle tests: a record of what would be queued to Celery (the services
+are called directly here; tests/ runs the real worker). The sandbox process, the catalog, funded
+users and the ledger check are in the root conftest.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-from billing import services as billing
-from billing.invariants import run_checks
-from tasks.catalog import seed_catalog
-from tasks.tests.sandbox_process import SandboxProcess, sandbox_process  # noqa: F401
-
-C = 1_000_000
-
-
-@pytest.fixture
-def sandbox(sandbox_process: SandboxProcess, settings: Any, tmp_path: Any) -> SandboxProcess:  # noqa: F811
-    settings.SANDBOX_URL = sandbox_process.base_url
-    settings.SANDBOX_WEBHOOK_SECRET = sandbox_process.secret
-    settings.MEDIA_ROOT = str(tmp_path / "media")
-    settings.CALLBACK_BASE_URL = "http://127.0.0.1:9"  # nobody listens: callbacks fail quietly
-    return sandbox_process
-
-
-@pytest.fixture
-def catalog(db: Any) -> None:
-    seed_catalog()
 
 
 @pytest.fixture
@@ -46,21 +24,3 @@ def queued(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
 
     monkeypatch.setattr(enqueue, "cancel_upstream", cancel)
     return calls
-
-
-@pytest.fixture
-def funded(make_user: Any) -> Any:
-    def make(credits: int = 100) -> Any:
-        user = make_user()
-        if credits:
-            billing.grant(user=user, amount=credits * C, reason="test funds")
-        return user
-
-    return make
-
-
-@pytest.fixture
-def ledger_ok() -> Iterator[None]:
-    yield
-    breaches = run_checks()
-    assert breaches == [], breaches

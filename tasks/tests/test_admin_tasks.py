@@ -344,6 +344,8 @@ def test_diagnosis_of_a_success(admin_client: Client, finished_task: Task) -> No
     assert diagnosis.text("outcome") == "outcome: success; captured 2 credits"
     assert diagnosis.text("correctable") == "user-correctable: not applicable (no failure)"
     assert diagnosis.text("refund") == "refund due before a re-run: no"
+    assert diagnosis.text("user").startswith("in the user's history with its results; notified ")
+    assert diagnosis.text("user").endswith(", unread)")
     assert not any(line.alarm for line in diagnosis.lines)
 
 
@@ -373,8 +375,29 @@ def test_diagnosis_of_a_stuck_waiting_task(make_task: Any) -> None:
     assert "past its 5m 0s timeout" in diagnosis.text("duration")
     assert diagnosis.text("polling") == "no poll yet"
     assert "not finished (waiting)" in diagnosis.text("outcome")
+    assert diagnosis.text("user") == (
+        "in the user's history; no notification yet (sent when it finishes)"
+    )
     alarms = {line.item for line in diagnosis.lines if line.alarm}
     assert alarms == {"provider", "duration"}
+
+
+def test_diagnosis_says_what_the_user_sees(make_task: Any) -> None:
+    now = timezone.now()
+    deleted = make_task(status=Task.Status.FAILED, error_kind="provider")
+    deleted.deleted_at = now - timedelta(minutes=3)
+    expired = make_task(status=Task.Status.SUCCESS, results=[{"name": "r/x.png"}])
+    expired.results_expired_at = now - timedelta(minutes=1)
+
+    gone = selectors.task_diagnosis(task=deleted, now=now).line("user")
+    assert gone.text.startswith("history item deleted by the user ")
+    assert gone.text.endswith("; no notification sent")
+    assert gone.alarm  # a finished task the user was never told about
+    assert (
+        selectors.task_diagnosis(task=expired, now=now)
+        .text("user")
+        .startswith("in the user's history, results expired ")
+    )
 
 
 def test_diagnosis_of_a_terminal_task_with_an_open_hold(make_task: Any) -> None:

@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from billing.invariants import REGISTRY, run_checks
+from billing.invariants import REGISTRY, run_checks, run_reports
 
 
 class Command(BaseCommand):
@@ -15,6 +15,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         breaches = run_checks()
+        for note in run_reports():
+            self.stdout.write(f"NOTE {note.check}: {note.detail}")
         for breach in breaches:
             self.stderr.write(f"BREACH {breach.check}: {breach.detail}")
         if breaches:

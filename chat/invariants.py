@@ -1,0 +1,106 @@
+"""Ledger invariant 4 for chat turns (docs/ledger.md, docs/chat.md), registered with billing's
+``ledger_check`` registry, and the report of usage left uncollected.
+
+Every assistant message that reserved credits has exactly one hold of that amount: open while it
+streams; resolved once it finished, having captured what the message says it charged, the rest
+released. A finished turn charged ``turn_cost`` of the tokens it recorded, capped at the hold,
+and recorded the excess as uncollected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import connection
+
+from billing.invariants import describe_rows, query_rows, register, register_report
+
+
+def _join() -> str:
+    if connection.vendor == "postgresql":
+        return "h.subject_type = 'chat.message' AND h.subject_id = CAST(m.id AS TEXT)"
+    return "h.subject_type = 'chat.message' AND REPLACE(h.subject_id, '-', '') = m.id"
+
+
+CHAT_BILLING_SQL = """
+        SELECT m.id, m.status, m.reserved_micro, m.charged_micro, m.refunded_micro,
+               h.id, h.status, h.amount, h.captured
+        FROM chat_message m LEFT JOIN billing_hold h ON {join}
+        WHERE m.role = 'assistant' AND (
+            -- nothing reserved: no hold, nothing charged or given back
+            (m.reserved_micro = 0 AND (h.id IS NOT NULL OR m.charged_micro <> 0
+                OR m.refunded_micro <> 0))
+            -- streaming: an open hold of exactly the reserved amount, nothing settled yet
+            OR (m.reserved_micro > 0 AND m.status = 'STREAMING' AND (h.id IS NULL
+                OR h.status <> 'open' OR h.amount <> m.reserved_micro
+                OR m.charged_micro <> 0 OR m.refunded_micro <> 0))
+            -- finished: the hold resolved, captured what the message charged, the rest released
+            OR (m.reserved_micro > 0 AND m.status <> 'STREAMING' AND (h.id IS NULL
+                OR h.status = 'open' OR h.amount <> m.reserved_micro
+                OR h.captured <> m.charged_micro
+                OR m.charged_micro + m.refunded_micro <> m.reserved_micro))
+        )
+        ORDER BY m.created_at"""
+
+
+@register("4.chat_billing", "every chat turn's hold matches its message")
+def check_chat_billing(cursor: Any) -> list[str]:
+    # The only substitution is a fixed, vendor-specific join expression (no user input).
+    rows = query_rows(cursor, CHAT_BILLING_SQL.replace("{join}", _join()))
+    return describe_rows(
+        rows,
+        lambda r: (
+            f"chat message {r[0]} ({r[1]}): reserved {r[2]}, charged {r[3]}, refunded {r[4]}; "
+            f"hold {r[5] or 'none'} {r[6] or ''} amount {r[7]} captured {r[8]}"
+        ),
+    )
+
+
+@register(
+    "4.chat_charge", "a finished chat turn charged the cost of its tokens, capped at the hold"
+)
+def check_chat_charge(cursor: Any) -> list[str]:
+    # Recomputed with the function that owns the price rule, from the message's own tokens and
+    # price snapshot.
+    from chat.services import turn_cost
+
+    rows = query_rows(
+        cursor,
+        """
+        SELECT id, reserved_micro, charged_micro, uncollected_micro, input_tokens,
+               output_tokens, input_price_micro, output_price_micro
+        FROM chat_message WHERE role = 'assistant' AND status <> 'STREAMING'""",
+    )
+    out = []
+    for msg_id, reserved, charged, uncollected, tin, tout, pin, pout in rows:
+        billed = turn_cost(
+            input_tokens=tin or 0,
+            output_tokens=tout or 0,
+            input_price_micro=pin,
+            output_price_micro=pout,
+        )
+        expected = min(billed, reserved)
+        if charged != expected or uncollected != billed - expected:
+            out.append(
+                f"chat message {msg_id}: {tin} in / {tout} out tokens cost {billed}, reserved "
+                f"{reserved}; charged {charged} (expected {expected}), uncollected "
+                f"{uncollected} (expected {billed - expected})"
+            )
+    return out
+
+
+@register_report("chat_uncollected", "chat usage reported beyond the hold (never charged)")
+def report_uncollected(cursor: Any) -> list[str]:
+    rows = query_rows(
+        cursor,
+        """
+        SELECT id, reserved_micro, uncollected_micro, input_tokens, output_tokens
+        FROM chat_message WHERE uncollected_micro > 0 ORDER BY created_at""",
+    )
+    return describe_rows(
+        rows,
+        lambda r: (
+            f"chat message {r[0]}: the provider reported {r[3]} in / {r[4]} out tokens, "
+            f"{r[2]} micro-credits beyond its hold of {r[1]}, uncollected"
+        ),
+    )

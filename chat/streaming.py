@@ -1,0 +1,155 @@
+"""Running a chat turn against its provider, and serving it as server-sent events or JSON.
+
+A turn's reply is read from the provider by a background asyncio task (``Turn``), not by the
+response: when the client closes the connection (or presses Stop, which closes it), Django
+cancels the response, and the turn goes on reading the upstream to its end (bounded by
+``max_tokens`` and ``CHAT_TURN_MAX_SECONDS``), stores what it read and settles. No database
+connection is held while tokens arrive: the two database steps run in a worker thread that
+closes its connection when done (``docs/chat.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connection
+
+from chat import services
+from chat.models import ChatMessage
+from tasks.providers.base import ChatDelta, ChatEnd, ChatUsage, ProviderError
+from tasks.providers.registry import get_provider
+
+log = logging.getLogger(__name__)
+
+# Turns whose response went away keep running: a strong reference until they settle.
+RUNNING: set[asyncio.Task[ChatMessage]] = set()
+_DONE = object()
+# Reading stops this many tokens past ``max_tokens`` (a provider that ignores the limit).
+OVERRUN_TOKENS = 16
+
+
+def _in_thread(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` run in a worker thread whose database connection is closed afterwards (unless
+    a test's transaction is open there)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        finally:
+            if not connection.in_atomic_block:
+                connection.close()
+
+    return sync_to_async(call, thread_sensitive=False)
+
+
+class Turn:
+    """One turn's reply, read from the provider by a task of its own."""
+
+    def __init__(self, start: services.TurnStart, shape: Callable[[ChatMessage], Any]) -> None:
+        self.start = start
+        self.shape = shape
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.client_gone = False
+        self.task: asyncio.Task[ChatMessage] | None = None
+
+    def run(self) -> asyncio.Task[ChatMessage]:
+        """Start reading (once) in the running event loop."""
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._read())
+            RUNNING.add(self.task)
+            self.task.add_done_callback(RUNNING.discard)
+        return self.task
+
+    async def _read(self) -> ChatMessage:
+        start, request = self.start, self.start.request
+        if request is None:  # pragma: no cover - a replayed turn is never read again
+            raise RuntimeError("a replayed turn has nothing to read")
+        parts: list[str] = []
+        streamed = 0
+        usage: ChatUsage | None = None
+        finish = "stop"
+        error: ProviderError | None = None
+        stream = None
+        try:
+            async with asyncio.timeout(settings.CHAT_TURN_MAX_SECONDS):
+                stream = get_provider(start.provider).stream_chat(request)
+                async for item in stream:
+                    if isinstance(item, ChatDelta):
+                        parts.append(item.text)
+                        streamed += 1
+                        self.queue.put_nowait(item.text)
+                        if streamed >= request.max_tokens + OVERRUN_TOKENS:
+                            finish = "length"
+                            break
+                    elif isinstance(item, ChatEnd):
+                        usage, finish, error = item.usage, item.finish_reason, item.error
+        except TimeoutError:
+            finish = "length"
+            error = ProviderError(
+                f"The reply took longer than {settings.CHAT_TURN_MAX_SECONDS} s and was cut.",
+                retryable=True,
+                code="upstream_timeout",
+            )
+        except ProviderError as exc:
+            finish, error = "error", exc
+        except Exception:  # a bug must not leave the hold open: settle what was read
+            log.exception("chat message %s: reading the reply failed", start.message.pk)
+            finish = "error"
+            error = ProviderError(
+                "The reply could not be read to its end.", retryable=True, code="stream_failed"
+            )
+        finally:
+            if stream is not None:
+                await stream.aclose()
+            self.queue.put_nowait(_DONE)
+        return await _in_thread(services.finish_turn)(
+            message_id=start.message.pk,
+            content="".join(parts),
+            usage=usage,
+            streamed_tokens=streamed,
+            finish_reason=finish,
+            error=error,
+            client_gone=self.client_gone,
+        )
+
+    async def settled(self) -> ChatMessage:
+        """The settled message. Shielded: a client that goes away does not cancel the turn."""
+        if self.start.replayed:
+            return self.start.message
+        return await asyncio.shield(self.run())
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The turn as server-sent events: ``message`` (the assistant message as it starts),
+        ``delta`` per piece of text, and ``settlement`` (the settled message), last."""
+        try:
+            yield sse("message", self.shape(self.start.message))
+            if self.start.replayed:
+                if self.start.message.content:
+                    yield sse("delta", {"text": self.start.message.content})
+            else:
+                self.run()
+                while (item := await self.queue.get()) is not _DONE:
+                    yield sse("delta", {"text": item})
+            yield sse("settlement", self.shape(await self.settled()))
+        except (asyncio.CancelledError, GeneratorExit):
+            self.client_gone = True
+            raise
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The settled message as one JSON document (sent when the turn has settled)."""
+        try:
+            message = await self.settled()
+        except (asyncio.CancelledError, GeneratorExit):
+            self.client_gone = True
+            raise
+        yield json.dumps(self.shape(message)).encode()
+
+
+def sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
