@@ -26,7 +26,10 @@ from rivya.errors import DomainError
 from rivya.money import format_credits, parse_credits
 
 # Subjects of holds and transactions ("tasks.task", "<uuid>") whose admin page we can link to.
-SUBJECT_ADMIN_URLS = {"tasks.task": "admin:tasks_task_change"}
+SUBJECT_ADMIN_URLS = {
+    "tasks.task": "admin:tasks_task_change",
+    "chat.message": "admin:chat_chatmessage_change",
+}
 
 
 def credits_html(micro: int | None) -> SafeString:

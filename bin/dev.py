@@ -132,15 +132,18 @@ def commands(settings: Any) -> list[tuple[str, list[str]]]:
                 PY,
                 "-m",
                 "gunicorn",
-                "rivya.wsgi:application",
+                # ASGI under uvicorn workers: a chat stream waiting for tokens holds no thread
+                # (docs/chat.md). Each worker's event loop runs the rest of the API too, its
+                # database work in threads, with connections closed after each request.
+                "rivya.asgi:application",
                 "--bind",
                 f"{host}:{port}",
                 "--worker-class",
-                "gthread",
+                "uvicorn_worker.UvicornWorker",
                 "--workers",
                 "2",
-                "--threads",
-                "8",
+                "--graceful-timeout",
+                "30",
                 "--access-logfile",
                 "-",
             ],

@@ -10,7 +10,6 @@ exactly once. ``settle_abandoned_turns`` settles turns whose server died mid-str
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -401,18 +400,15 @@ def _settlement(
     """(input tokens, output tokens, whether the provider reported them) billed for a turn.
 
     Reported usage is billed as reported. Without a report, Rivya counts: the input estimate
-    and the tokens streamed (at least the text's estimate, so delivered text never costs 0);
-    a turn that delivered nothing and reported nothing costs nothing.
+    and the tokens streamed (one per streamed piece; text that somehow came without pieces is
+    estimated, so delivered text never costs 0); a turn that delivered nothing and reported
+    nothing costs nothing.
     """
     if usage is not None:
         return max(0, usage.input_tokens), max(0, usage.output_tokens), True
     if not content and not streamed_tokens:
         return 0, 0, False
-    return (
-        message.input_tokens_estimate,
-        max(streamed_tokens, math.ceil(tokens.text_tokens(content) / 2)),
-        False,
-    )
+    return message.input_tokens_estimate, streamed_tokens or tokens.text_tokens(content), False
 
 
 def finish_turn(

@@ -18,6 +18,7 @@ from django.utils.safestring import SafeString, mark_safe
 from billing import selectors as billing_selectors
 from billing.admin import credits_html, subject_link
 from billing.models import Account
+from chat.models import ChatSession
 from rivya.models import ApiKey, User
 from tasks.models import Task
 
@@ -27,6 +28,7 @@ admin.site.index_title = "Support"
 
 RECENT_TASKS = 20
 RECENT_ENTRIES = 20
+RECENT_CHATS = 10
 
 
 @admin.register(User)
@@ -35,10 +37,13 @@ class RivyaUserAdmin(UserAdmin):
     list_select_related = ("credit_account",)
     fieldsets = (
         (None, {"fields": ("username", "password")}),
-        ("Credits and activity", {"fields": ("credits", "recent_tasks", "recent_entries")}),
+        (
+            "Credits and activity",
+            {"fields": ("credits", "recent_tasks", "recent_chats", "recent_entries")},
+        ),
         *UserAdmin.fieldsets[1:],
     )
-    readonly_fields = ("credits", "recent_tasks", "recent_entries")
+    readonly_fields = ("credits", "recent_tasks", "recent_chats", "recent_entries")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[User]:
         return super().get_queryset(request).select_related("credit_account")
@@ -57,6 +62,15 @@ class RivyaUserAdmin(UserAdmin):
         # Support sees every task, the ones the user deleted from their history included.
         tasks = list(Task.objects.filter(user=obj).order_by("-created_at", "-id")[:RECENT_TASKS])
         return _render("recent_tasks", tasks=tasks, limit=RECENT_TASKS)
+
+    @admin.display(description=f"recent chats (last {RECENT_CHATS})")
+    def recent_chats(self, obj: User) -> SafeString:
+        sessions = list(
+            ChatSession.objects.filter(user=obj)
+            .select_related("model")
+            .order_by("-updated_at", "-id")[:RECENT_CHATS]
+        )
+        return _render("recent_chats", sessions=sessions, limit=RECENT_CHATS)
 
     @admin.display(description=f"recent ledger entries (last {RECENT_ENTRIES})")
     def recent_entries(self, obj: User) -> SafeString:

@@ -256,6 +256,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Two models have a Status: name each enum (the task's keeps its old name).
+    "ENUM_NAME_OVERRIDES": {
+        "StatusEnum": "tasks.models.Task.Status",
+        "ChatMessageStatusEnum": "chat.models.ChatMessage.Status",
+    },
 }
 
 # --- product knobs --------------------------------------------------------------------------

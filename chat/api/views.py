@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -53,6 +54,14 @@ class EventStreamRenderer(BaseRenderer):
         return JSONRenderer().render(data)
 
 
+def _messages_link(link: str | None) -> str | None:
+    """A page link of the session's messages, at the messages endpoint."""
+    if link is None:
+        return None
+    parts = urlsplit(link)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/messages/"))
+
+
 def _body(request: Request) -> dict[str, Any]:
     if not isinstance(request.data, dict):
         raise ValidationFailed({"non_field_errors": ["Send a JSON object."]})
@@ -97,8 +106,8 @@ class SessionDetailView(APIView):
         )
         body = dict(ChatSessionSerializer(session).data)
         body["messages"] = {
-            "next": paginator.get_next_link(),
-            "previous": paginator.get_previous_link(),
+            "next": _messages_link(paginator.get_next_link()),
+            "previous": _messages_link(paginator.get_previous_link()),
             "results": ChatMessageSerializer(page, many=True).data,
         }
         return Response(body)

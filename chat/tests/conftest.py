@@ -107,5 +107,10 @@ def stream() -> Callable[..., list[tuple[str, Any]]]:
 
 
 @pytest.fixture
+def read_response() -> Callable[[Any], bytes]:
+    return read_body
+
+
+@pytest.fixture
 def events_of() -> Callable[[bytes], list[tuple[str, Any]]]:
     return parse_events

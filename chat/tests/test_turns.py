@@ -130,3 +130,173 @@ def test_over_reported_usage_is_capped_at_the_hold_and_reported(
     assert [n.check for n in notes] == ["chat_uncollected"]
     assert body["id"] in notes[0].detail
     assert balance_for_user(user=user).balance == 10 * C - credits["reserved_micro"]
+
+
+def test_a_failure_mid_stream_settles_the_usage_it_reports(
+    chatter: Any, open_session: Any, stream: Any
+) -> None:
+    user, client = chatter()
+    session = open_session(client)
+
+    events = stream(
+        client,
+        session,
+        "Fail halfway",
+        max_tokens=100,
+        params={"sandbox_outcome": "fail", "sandbox_fail_after_tokens": 30},
+    )
+
+    settled = events[-1][1]
+    assert events[-1][0] == "settlement"
+    assert sum(1 for name, _ in events if name == "delta") == 30
+    assert settled["status"] == "FAILED"
+    assert settled["error"]["code"] == "sandbox_failure"
+    assert settled["error"]["kind"] == "provider"
+    assert settled["usage"]["output_tokens"] == 30
+    assert settled["usage"]["reported"] is True
+    charged = turn_cost(
+        input_tokens=settled["usage"]["input_tokens"],
+        output_tokens=30,
+        input_price_micro=IN,
+        output_price_micro=OUT,
+    )
+    assert settled["credits"]["charged_micro"] == charged
+    assert settled["credits"]["refunded_micro"] == settled["credits"]["reserved_micro"] - charged
+    assert len(settled["content"].split()) == 30  # the partial reply is kept
+
+
+def test_a_refusal_before_streaming_charges_nothing(
+    chatter: Any, open_session: Any, say: Any
+) -> None:
+    user, client = chatter()
+    session = open_session(client)
+
+    status, body = say(client, session, "Refuse me", params={"sandbox_outcome": "reject"})
+
+    assert status == 201
+    assert body["status"] == "FAILED"
+    assert body["error"]["code"] == "content_policy"
+    assert body["error"]["kind"] == "user"
+    assert body["credits"]["charged_micro"] == 0
+    assert body["credits"]["refunded_micro"] == body["credits"]["reserved_micro"] > 0
+    assert balance_for_user(user=user).balance == 10 * C
+    hold = Hold.objects.get(subject_type="chat.message", subject_id=body["id"])
+    assert hold.status == "released"
+
+
+def test_a_broken_stream_without_usage_is_counted_locally(
+    chatter: Any, open_session: Any, say: Any
+) -> None:
+    user, client = chatter()
+    session = open_session(client)
+
+    status, body = say(
+        client,
+        session,
+        "Drop the line",
+        max_tokens=100,
+        params={"sandbox_outcome": "drop", "sandbox_fail_after_tokens": 40},
+    )
+
+    assert body["status"] == "FAILED"
+    assert body["error"]["code"]
+    assert body["usage"]["reported"] is False
+    assert body["usage"]["output_tokens"] == 40  # the tokens that were streamed
+    assert body["usage"]["input_tokens"] == tokens.request_tokens(["Drop the line"])
+    charged = turn_cost(
+        input_tokens=body["usage"]["input_tokens"],
+        output_tokens=40,
+        input_price_micro=IN,
+        output_price_micro=OUT,
+    )
+    assert body["credits"]["charged_micro"] == charged > 0  # delivered text never costs 0
+    assert body["credits"]["refunded_micro"] == body["credits"]["reserved_micro"] - charged
+
+
+def test_no_usage_report_is_counted_locally(chatter: Any, open_session: Any, say: Any) -> None:
+    user, client = chatter()
+    session = open_session(client)
+
+    status, body = say(
+        client, session, "No usage", max_tokens=100, params={"sandbox_usage": "omit"}
+    )
+
+    assert body["status"] == "COMPLETE"
+    assert body["usage"]["reported"] is False
+    assert body["usage"]["output_tokens"] == 100
+    assert body["usage"]["input_tokens"] == body["usage"]["input_tokens_estimate"]
+    assert "counted by Rivya" in " ".join(body["notices"])
+    expected = turn_cost(
+        input_tokens=body["usage"]["input_tokens"],
+        output_tokens=100,
+        input_price_micro=IN,
+        output_price_micro=OUT,
+    )
+    assert body["credits"]["charged_micro"] == expected
+    # The estimate held exactly this: input estimate + max_tokens at the output price.
+    assert body["credits"]["refunded_micro"] == 0
+
+
+def test_max_tokens_is_lowered_to_what_the_balance_affords(
+    chatter: Any, open_session: Any, say: Any
+) -> None:
+    content = "Short"
+    input_cost = tokens.request_tokens([content]) * IN
+    user, client = chatter(credits_micro=input_cost + 50 * OUT + 7)
+    session = open_session(client)
+
+    status, body = say(client, session, content, max_tokens=1000)
+
+    assert status == 201
+    assert body["max_tokens_requested"] == 1000
+    assert body["max_tokens"] == 50
+    assert body["credits"]["reserved_micro"] == input_cost + 50 * OUT
+    assert any("lowered from 1000 to 50" in n for n in body["notices"])
+    assert body["usage"]["output_tokens"] == 50
+    assert body["finish_reason"] == "length"
+    assert balance_for_user(user=user).available >= 0
+
+
+def test_one_token_short_is_402(chatter: Any, open_session: Any, say: Any) -> None:
+    content = "Short"
+    user, client = chatter(credits_micro=tokens.request_tokens([content]) * IN + OUT - 1)
+    session = open_session(client)
+
+    status, body = say(client, session, content)
+
+    assert status == 402
+    assert body["error"]["code"] == "insufficient_credits"
+    assert not ChatMessage.objects.exists()
+
+
+def test_a_replayed_idempotency_key_is_billed_once(
+    chatter: Any, open_session: Any, say: Any, read_response: Any, events_of: Any, sandbox: Any
+) -> None:
+    user, client = chatter()
+    session = open_session(client)
+    key = {"HTTP_IDEMPOTENCY_KEY": "turn-1"}
+    before = chat_stats(sandbox)["chat_requests"]
+
+    first_status, first = say(client, session, "Once", max_tokens=20, headers=key)
+    again_status, again = say(client, session, "Once", max_tokens=20, headers=key)
+    response = client.post(
+        f"/api/v1/chat/sessions/{session}/messages/",
+        {"content": "Once", "max_tokens": 20},
+        format="json",
+        HTTP_ACCEPT="text/event-stream",
+        **key,
+    )
+    events = events_of(read_response(response))
+
+    assert (first_status, again_status) == (201, 201)
+    assert again == first
+    assert response["Idempotent-Replayed"] == "true"
+    assert events[-1] == ("settlement", first)
+    assert "".join(d["text"] for name, d in events if name == "delta") == first["content"]
+    assert chat_stats(sandbox)["chat_requests"] == before + 1
+    assert ChatMessage.objects.filter(role="assistant").count() == 1
+    assert balance_for_user(user=user).balance == 10 * C - first["credits"]["charged_micro"]
+
+    status, body = say(client, session, "Different", headers=key)
+    assert status == 422
+    assert body["error"]["code"] == "idempotency_key_reused"
