@@ -54,8 +54,21 @@ if [ "$status" != "SUCCESS" ]; then
 fi
 curl -fs -o "$tmp/result.png" -H "Authorization: Bearer $key" "$base${poll}results/0/"
 $py -c "from PIL import Image; im = Image.open('$tmp/result.png'); assert im.format == 'PNG', im.format"
+# A streamed chat turn through the ASGI server: 50 tokens, then the settlement, last.
+auth="Authorization: Bearer $key"
+json="Content-Type: application/json"
+session=$(curl -fs -H "$auth" -H "$json" -d '{"model": "sandbox-chat"}' \
+  "$base/api/v1/chat/sessions/" | $py -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+events=$(curl -fsN -H "$auth" -H "$json" -H "Accept: text/event-stream" \
+  -d '{"content": "smoke test", "max_tokens": 50}' "$base/api/v1/chat/sessions/$session/messages/")
+last=$(printf '%s\n' "$events" | grep '^event:' | tail -1)
+deltas=$(printf '%s\n' "$events" | grep -c '^event: delta' || true)
+if [ "$last" != "event: settlement" ] || [ "$deltas" != "50" ]; then
+  echo "smoke: the chat stream ended with '$last' after $deltas deltas"; tail -50 "$tmp/dev.log"
+  exit 1
+fi
 $py manage.py ledger_check
 if grep -q "callbacks cannot reach" "$tmp/dev.log"; then
   echo "smoke: callbacks cannot reach the server"; grep "callbacks cannot reach" "$tmp/dev.log"; exit 1
 fi
-echo "smoke: ok (a sandbox-image task reached SUCCESS through the embedded stack)"
+echo "smoke: ok (a sandbox-image task reached SUCCESS and a chat turn streamed and settled through the embedded stack)"
