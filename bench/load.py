@@ -1,11 +1,11 @@
 """HTTP load generator for the submit benchmark: ``python bench/load.py CONFIG.json OUT.json``.
 
 A process of its own (the server under test must not share this process's GIL), standard
-library only. N threads, each with its own API key, send the same ``POST`` in a loop until the
-deadline (at most ``MAX_REQUESTS_PER_THREAD`` each), one TCP connection per request
-(``Connection: close``, as behind a reverse proxy that does not keep upstream connections
-alive, and so that the connections spread over gunicorn's workers), or with ``keepalive`` one
-connection per thread for the whole run. Threads are released
+library only. N threads, each with its own API key, send the same ``POST`` (or ``method``:
+``GET`` sends no body) in a loop until the deadline (at most ``MAX_REQUESTS_PER_THREAD`` each),
+one TCP connection per request (``Connection: close``, as behind a reverse proxy that does not
+keep upstream connections alive, and so that the connections spread over gunicorn's workers),
+or with ``keepalive`` one connection per thread for the whole run. Threads are released
 together by a barrier; ``START`` and ``END`` lines on stdout mark the measured window for a
 parent sampling CPU. Writes counts by status, latencies and its own CPU time to ``OUT.json``.
 
@@ -50,6 +50,7 @@ def _client(
     result: ThreadResult,
     expect: int,
     keepalive: bool,
+    method: str = "POST",
 ) -> None:
     parts = urlsplit(base)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -64,14 +65,17 @@ def _client(
             if start >= deadline:
                 break
             headers, body = work[index] if once else work  # type: ignore[misc]
-            headers = {"Content-Type": "application/json", **headers}
+            if method == "GET":
+                headers, body = dict(headers), None
+            else:
+                headers = {"Content-Type": "application/json", **headers}
             if not keepalive:
                 headers["Connection"] = "close"
             if conn is None:
                 conn = http.client.HTTPConnection(host, port, timeout=REQUEST_TIMEOUT_S)
             response: http.client.HTTPResponse | None = None
             try:
-                conn.request("POST", path, body=body, headers=headers)
+                conn.request(method, path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
             finally:
@@ -101,7 +105,7 @@ def main(argv: list[str]) -> int:
         work = [requests[i::threads_n] for i in range(threads_n)]
     else:
         keys: list[str] = config["keys"]
-        body = json.dumps(config["body"]).encode()
+        body = json.dumps(config.get("body", {})).encode()
         work = [
             ({"Authorization": f"Bearer {keys[i % len(keys)]}"}, body) for i in range(threads_n)
         ]
@@ -126,6 +130,7 @@ def main(argv: list[str]) -> int:
                 results[i],
                 int(config["expect"]),
                 bool(config.get("keepalive", False)),
+                str(config.get("method", "POST")),
             ),
             daemon=True,
         )

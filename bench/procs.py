@@ -1,4 +1,6 @@
-"""Background processes of a suite (gunicorn, Celery worker and beat, the sandbox provider).
+"""Background processes of a suite (gunicorn serving Rivya as ``make run`` does: ASGI under
+uvicorn workers, or the earlier WSGI gthread server; Celery worker and beat; the sandbox
+provider).
 
 Each runs in its own session (process group), logs to a file in the run directory and is
 recorded in ``<run dir>/pids``; ``Processes`` stops them all when its ``with`` block ends, on
@@ -27,6 +29,7 @@ from bench.common import ROOT
 
 STOP_GRACE_S = 15.0
 PIDS_FILE = "pids"
+UVICORN_WORKER = "uvicorn_worker.UvicornWorker"  # as make run (bin/dev.py)
 
 
 def free_port() -> int:
@@ -128,26 +131,43 @@ class Processes:
     # --- the services -------------------------------------------------------------------
 
     def gunicorn(
-        self, *, port: int | None = None, workers: int = 2, threads: int = 8, **env: str
+        self,
+        *,
+        port: int | None = None,
+        workers: int = 2,
+        server: str = "asgi",
+        threads: int = 8,
+        **env: str,
     ) -> tuple[str, Proc]:
-        """``gunicorn rivya.wsgi`` (gthread, as ``make run``) on ``port`` (default: a free one);
-        returns its URL once ``/api/v1/models/`` answers 200."""
+        """Rivya's web server on ``port`` (default: a free one); returns its URL once
+        ``/api/v1/models/`` answers 200.
+
+        ``server="asgi"`` (default) is ``make run``'s: ``rivya.asgi:application`` under
+        ``uvicorn_worker.UvicornWorker``, ``workers`` processes, each request's database work in
+        a thread of its own with its connection closed at the end of the request
+        (``DB_CONN_MAX_AGE`` 0, set by ``rivya.asgi`` unless ``env`` says otherwise).
+        ``server="wsgi"`` is the earlier ``make run``: ``rivya.wsgi:application``, gthread,
+        ``workers`` × ``threads``, persistent connections (``DB_CONN_MAX_AGE`` 60 by default)."""
         port = port or free_port()
+        if server == "asgi":
+            app, worker = ["rivya.asgi:application"], ["--worker-class", UVICORN_WORKER]
+        elif server == "wsgi":
+            app = ["rivya.wsgi:application"]
+            worker = ["--worker-class", "gthread", "--threads", str(threads)]
+        else:
+            raise ValueError(f"server must be 'asgi' or 'wsgi', not {server!r}")
         proc = self.start(
-            "gunicorn",
+            "gunicorn" if server == "asgi" else "gunicorn-wsgi",
             [
                 sys.executable,
                 "-m",
                 "gunicorn",
-                "rivya.wsgi:application",
+                *app,
                 "--bind",
                 f"127.0.0.1:{port}",
-                "--worker-class",
-                "gthread",
+                *worker,
                 "--workers",
                 str(workers),
-                "--threads",
-                str(threads),
                 "--graceful-timeout",
                 "5",
             ],

@@ -11,7 +11,11 @@ ratio: absolute times on a shared VM drift, ratios within one run much less. Sui
 - ``latency``: submit → SUCCESS p50/p99 with a zero-latency sandbox, a Celery worker and beat,
   vs the round trip of a trivial authenticated GET on the same server;
 - ``scale``: poll-cycle and history-page cost, and queries per request, at 10k vs 1M stored
-  tasks (ratio 1M ÷ 10k; should be ~1).
+  tasks (ratio 1M ÷ 10k; should be ~1);
+- ``chat``: a streamed chat turn's time to first token and total time vs the sandbox's own
+  stream; 200 streams of 30 s held at once, with the API's latency meanwhile vs idle and the
+  PostgreSQL connections used; the API under ASGI with ``CONN_MAX_AGE=0`` vs the earlier WSGI
+  gthread server with persistent connections. Not in the default run (``--suite chat``).
 
 Each suite runs in a process of its own (``bench/suite.py``) on a scratch database of its own
 (``rivya_bench_<suite>``; pgbench uses ``rivya_bench_pgbench``), dropped and recreated at the
@@ -43,7 +47,8 @@ from bench.procs import reap_recorded  # noqa: E402
 
 DEFAULT_URL = "postgres://postgres@127.0.0.1:5432/rivya"
 PGBENCH_DB = f"{DB_PREFIX}pgbench"
-ALL_SUITES = ("holds", "submit", "callbacks", "latency", "scale")
+ALL_SUITES = ("holds", "submit", "callbacks", "latency", "scale", "chat")
+DEFAULT_SUITES = ("holds", "submit", "callbacks", "latency", "scale")
 DEFAULT_SCENARIOS = "hot,many,hot+capture,many+capture"
 STOP_GRACE_S = 60
 
@@ -52,8 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--suite",
-        default=",".join(ALL_SUITES),
-        help=f"comma-separated suites to run (default {','.join(ALL_SUITES)})",
+        default=",".join(DEFAULT_SUITES),
+        help=f"comma-separated suites to run, among {','.join(ALL_SUITES)} "
+        f"(default {','.join(DEFAULT_SUITES)})",
     )
     parser.add_argument("--clients", type=int, default=8, help="client threads (1-50, default 8)")
     parser.add_argument("--seconds", type=int, default=10, help="per measurement (default 10)")
@@ -93,6 +99,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--repeat", type=int, help="scale: interleaved rounds, 4 timings each (default 30)"
     )
+    parser.add_argument(
+        "--chat-streams",
+        type=int,
+        help="chat: streams held open at once (default 200; --quick 20); a first round holds "
+        "a tenth of them",
+    )
+    parser.add_argument(
+        "--chat-stream-seconds",
+        type=int,
+        help="chat: how long each stream lasts, 10 tokens a second (default 30; --quick 3)",
+    )
+    parser.add_argument(
+        "--chat-turns",
+        type=int,
+        help="chat: sequential turns timed against the sandbox's own stream (default 30; "
+        "--quick 10)",
+    )
+    parser.add_argument(
+        "--chat-ramp",
+        type=float,
+        help="chat: seconds over which the streams are opened (default 5; --quick 1; 0: all "
+        "at once)",
+    )
     parser.add_argument("--pgbench", default="pgbench", help="the pgbench executable")
     parser.add_argument("--keep", action="store_true", help="keep the scratch databases")
     args = parser.parse_args(argv)
@@ -129,6 +158,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.repeat = args.repeat or (10 if args.quick else 30)
     if not 1 <= args.repeat <= 1_000:
         parser.error("--repeat must be between 1 and 1000")
+    args.chat_streams = args.chat_streams or (20 if args.quick else 200)
+    if not 1 <= args.chat_streams <= 5_000:
+        parser.error("--chat-streams must be between 1 and 5000")
+    args.chat_stream_seconds = args.chat_stream_seconds or (3 if args.quick else 30)
+    if not 1 <= args.chat_stream_seconds <= 500:
+        parser.error("--chat-stream-seconds must be between 1 and 500 (the turn limit is 600 s)")
+    args.chat_turns = args.chat_turns or (10 if args.quick else 30)
+    if not 1 <= args.chat_turns <= 10_000:
+        parser.error("--chat-turns must be between 1 and 10000")
+    if args.chat_ramp is None:
+        args.chat_ramp = 1.0 if args.quick else 5.0
+    if not 0 <= args.chat_ramp <= 600:
+        parser.error("--chat-ramp must be between 0 and 600")
     return args
 
 
@@ -142,6 +184,10 @@ def suite_timeout(args: argparse.Namespace, suite: str) -> float:
         return 300 + args.seconds * 4 * 2 + args.finalize_tasks
     if suite == "latency":
         return 300 + args.latency_tasks * 30
+    if suite == "chat":
+        # Two rounds of streams, the timed turns, six load windows and pgbench, with margins.
+        rounds = 2 * (args.chat_ramp + args.chat_stream_seconds * 3 + 180)
+        return 600 + rounds + args.chat_turns * 5 + args.seconds * 10
     return 600 + args.scale_rows[1] / 10_000 * 5  # a million tasks: about 2 min of loading
 
 
@@ -165,6 +211,10 @@ def run_suite(args: argparse.Namespace, url: str, suite: str, run_dir: Path) -> 
         scale_rows=args.scale_rows,
         repeat=args.repeat,
         large_database=f"{DB_PREFIX}{suite}_large" if suite == "scale" else "",
+        chat_streams=args.chat_streams,
+        chat_stream_seconds=args.chat_stream_seconds,
+        chat_turns=args.chat_turns,
+        chat_ramp=args.chat_ramp,
     )
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     config_path = run_dir / f"{suite}.json"
@@ -265,7 +315,7 @@ def main(argv: list[str]) -> int:
     databases = [f"{DB_PREFIX}{suite}" for suite in args.suites]
     if "scale" in args.suites:
         databases.append(f"{DB_PREFIX}scale_large")
-    needs_pgbench = bool({"holds", "submit", "callbacks"} & set(args.suites))
+    needs_pgbench = bool({"holds", "submit", "callbacks", "chat"} & set(args.suites))
     if needs_pgbench:
         databases.append(PGBENCH_DB)
     run_dir = Path(tempfile.mkdtemp(prefix="rivya-bench-"))
@@ -312,7 +362,8 @@ def main(argv: list[str]) -> int:
         "ratio = value / reference: holds, submit and callbacks against pgbench TPC-B-like tps "
         "at the same client count (mean of the runs before and after); latency against the round "
         "trip of GET /api/v1/credits/ on the same server; scale and queries: at the large "
-        "count / at the small one (~1 = does not grow with history)."
+        "count / at the small one (~1 = does not grow with history); chat: Rivya / the sandbox "
+        "direct, during the streams / idle, ASGI (CONN_MAX_AGE 0) / WSGI gthread (60)."
     )
     for problem in failed:
         print(f"FAILED {problem}")

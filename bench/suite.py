@@ -1,9 +1,10 @@
 """One benchmark suite in a process of its own: ``python bench/suite.py CONFIG.json OUT.json``.
 
-Started by ``bench/run.py`` for each suite (``holds``, ``submit``, ``latency``, ``scale``): the
-process points Django at the suite's scratch database, migrates it, runs the suite and writes
-its rows (``SuiteResult``) to ``OUT.json``. Exit status 0 when the suite's checks passed, 1 when
-they did not (the rows are still written), 2 when it could not run. SIGTERM (the orchestrator
+Started by ``bench/run.py`` for each suite (``holds``, ``submit``, ``callbacks``, ``latency``,
+``scale``, ``chat``): the process points Django at the suite's scratch database, migrates it,
+runs the suite and writes its rows (``SuiteResult``) to ``OUT.json``. Exit status 0 when the
+suite's checks passed, 1 when they did not (the rows are still written), 2 when it could not
+run. SIGTERM (the orchestrator
 giving up) or SIGINT (Ctrl-C) ends it through the same clean-up as an error: the servers it
 started are stopped.
 """
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import SuiteConfig, SuiteResult, setup_django  # noqa: E402
 from bench.scratch import url_with_db  # noqa: E402
 
-SUITES = ("holds", "submit", "callbacks", "latency", "scale")
+SUITES = ("holds", "submit", "callbacks", "latency", "scale", "chat")
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -53,6 +54,10 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
         from bench import scale
 
         return scale.run(config)
+    if config.suite == "chat":
+        from bench import chat
+
+        return chat.run(config)
     raise SystemExit(f"unknown suite {config.suite!r}; choose among {', '.join(SUITES)}")
 
 
