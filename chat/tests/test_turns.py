@@ -300,3 +300,32 @@ def test_a_replayed_idempotency_key_is_billed_once(
     status, body = say(client, session, "Different", headers=key)
     assert status == 422
     assert body["error"]["code"] == "idempotency_key_reused"
+
+
+def test_credit_history_names_the_chat_message(chatter: Any, open_session: Any, say: Any) -> None:
+    user, client = chatter()
+    session = open_session(client)
+    status, body = say(client, session, "Bill me", max_tokens=10)
+
+    entries = client.get("/api/v1/credits/ledger/").json()["results"]
+
+    capture = next(e for e in entries if e["kind"] == "capture")
+    assert capture["chat_message_id"] == body["id"]
+    assert capture["task_id"] is None
+    assert capture["amount_micro"] == -body["credits"]["charged_micro"]
+
+
+def test_ledger_check_prints_uncollected_usage_and_passes(
+    chatter: Any, open_session: Any, say: Any, capsys: Any
+) -> None:
+    from django.core.management import call_command
+
+    user, client = chatter()
+    session = open_session(client)
+    status, body = say(client, session, "Over", max_tokens=10, params={"sandbox_usage": "over"})
+
+    call_command("ledger_check")  # exit 0: uncollected usage is not a breach
+
+    out = capsys.readouterr().out
+    assert f"NOTE chat_uncollected: chat message {body['id']}" in out
+    assert "all 16 checks pass" in out
