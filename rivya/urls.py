@@ -5,7 +5,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from rivya.exceptions import NOT_FOUND_URL_NAME, json_not_found
-from rivya.pages import dashboard, history, notifications, studio
+from rivya.pages import chat, dashboard, history, notifications, studio
 from rivya.pages import views as pages
 
 api_v1 = [
@@ -25,6 +25,7 @@ urlpatterns = [
     *history.urlpatterns,
     *dashboard.urlpatterns,
     *notifications.urlpatterns,
+    *chat.urlpatterns,
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

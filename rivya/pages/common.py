@@ -7,7 +7,8 @@ import json
 
 from django.http import HttpRequest, HttpResponse
 
-from rivya.money import credits_phrase
+from chat.services import chat_limits
+from rivya.money import credits_phrase, format_credits
 from tasks.models import AIModel, Category
 
 # The header (credits and the bell) refreshes itself when a response triggers this event.
@@ -42,18 +43,29 @@ def mark_changed(response: HttpResponse, message: str = "") -> HttpResponse:
 
 # What one unit of a per-output price buys, per category.
 OUTPUT_NOUN = {Category.IMAGE: "image", Category.VIDEO: "video", Category.AUDIO: "clip"}
-# A per-token price is a few millionths of a credit: quoted per thousand tokens, as is usual.
-TOKENS_QUOTED = 1000
+# A per-token price is a few millionths of a credit: quoted per million tokens, as is usual.
+TOKENS_QUOTED = 1_000_000
 
 
 def price_label(model: AIModel) -> str:
     """A catalog model's price in words, the same on every page: "1 credit per image",
-    "0.5 credits per second", "2 credits per 1,000 tokens", "Free"."""
-    if not model.price_micro:
-        return "Free"
+    "0.5 credits per second", "10 credits per million input tokens, 30 per million output
+    tokens", "Free"."""
     kind = model.billing_type
     if kind == AIModel.BillingType.PER_TOKEN:
-        return f"{credits_phrase(model.price_micro * TOKENS_QUOTED)} per {TOKENS_QUOTED:,} tokens"
+        limits = chat_limits(model)
+        given = limits.input_price_micro * TOKENS_QUOTED
+        made = limits.output_price_micro * TOKENS_QUOTED
+        if not given and not made:
+            return "Free"
+        if given == made:
+            return f"{credits_phrase(made)} per million tokens"
+        return (
+            f"{credits_phrase(given)} per million input tokens, "
+            f"{format_credits(made)} per million output tokens"
+        )
+    if not model.price_micro:
+        return "Free"
     amount = credits_phrase(model.price_micro)
     if kind == AIModel.BillingType.PER_OUTPUT:
         return f"{amount} per {OUTPUT_NOUN.get(model.category, 'output')}"

@@ -189,6 +189,19 @@ def param_fields(
     return fields
 
 
+def split_testing(
+    fields: list[ParamField], first: tuple[str, ...] = ()
+) -> tuple[list[ParamField], list[ParamField]]:
+    """(the fields a person sets, the sandbox's testing knobs). The knobs named in ``first``
+    come first in that order (JSON columns do not keep the schema's key order), then the others
+    by name."""
+    testing = sorted(
+        (f for f in fields if f.testing),
+        key=lambda f: (first.index(f.name) if f.name in first else len(first), f.name),
+    )
+    return [f for f in fields if not f.testing], testing
+
+
 def params_from_form(
     schema: Mapping[str, Any], data: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, list[str]]]:

@@ -182,15 +182,10 @@ def _workspace(
     fields = forms.param_fields(model.params_schema, values, errors)
     slots, _ = _errors_by_slot(errors, model)
     rules = model.file_rules if isinstance(model.file_rules, dict) else {}
+    shown, testing = forms.split_testing(fields, TESTING_FIRST)
     context.update(
-        fields=[f for f in fields if not f.testing],
-        testing_fields=sorted(
-            (f for f in fields if f.testing),
-            key=lambda f: (
-                TESTING_FIRST.index(f.name) if f.name in TESTING_FIRST else len(TESTING_FIRST),
-                f.name,
-            ),
-        ),
+        fields=shown,
+        testing_fields=testing,
         prompt_slot=forms.error_slot("prompt"),
         prompt_errors=slots[forms.error_slot("prompt")],
         files_slot=forms.error_slot("files"),

@@ -308,8 +308,7 @@ def test_home_shows_a_visitor_the_catalog_by_category_with_prices(
     assert "0.5 credits" in video
     assert "per second" in video
     chat = html.split('data-testid="model-sandbox-chat"')[1].split("</li>")[0]
-    assert "0.002 credits" in chat
-    assert "per 1,000 tokens" in chat
+    assert "10 credits per million input tokens, 30 per million output tokens" in chat
     assert 'href="/signup/"' in html
     assert 'href="/login/"' in html
 
@@ -331,7 +330,7 @@ def test_home_welcomes_a_signed_in_user_with_the_way_to_each_page(
     html = logged_in(user).get("/").content.decode()
 
     assert f"Welcome back, {user.username}" in html
-    for url in ("/studio/", "/history/", "/dashboard/"):
+    for url in ("/studio/", "/chat/", "/history/", "/dashboard/"):
         assert f'class="shortcut" href="{url}"' in html
     assert 'data-testid="cta-signup"' not in html
 
