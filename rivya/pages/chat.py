@@ -57,6 +57,13 @@ class ModelChoice:
     price: str
     limits: services.ChatLimits
 
+    @property
+    def sizes(self) -> str:
+        return (
+            f"Context {self.limits.context_window:,} tokens; "
+            f"replies up to {self.limits.max_output_tokens:,} tokens."
+        )
+
 
 def _model_choice(model: AIModel) -> ModelChoice:
     return ModelChoice(model=model, price=price_label(model), limits=services.chat_limits(model))

@@ -231,6 +231,7 @@
       turn.id = payload.id;
       turn.reply.id = "message-" + payload.id;
       turn.reply.dataset.id = payload.id;
+      changed(); // its credits are held now: the header shows what is left available
     } else if (event === "delta") {
       turn.text.append(payload.text);
       turn.pieces += 1;

@@ -4,8 +4,10 @@ sandbox process of ``tests/e2e.py``.
 
 Fixtures: ``browser`` (one Chromium per session), ``page`` (a fresh context per test, desktop
 size), ``sign_up(page, name)`` and ``signed_up`` (a new user signed up through the signup page,
-returning its username),
-and ``shoot(page, name)`` which saves a full-page screenshot at desktop and mobile widths under
+returning its username), ``chat_server`` (Rivya under uvicorn with the stack's environment,
+once per session: chat streams need ASGI, and the live server is WSGI, which buffers them) and
+``chat_page`` (a fresh context per test whose base URL is that server), and
+``shoot(page, name)`` which saves a full-page screenshot at desktop and mobile widths under
 ``var/screenshots/`` (``make screenshots`` copies the chosen ones into ``docs/screenshots/``).
 """
 
@@ -57,6 +59,32 @@ def browser() -> Iterator[Any]:
 @pytest.fixture
 def page(browser: Any, e2e: Any, live_server: Any) -> Iterator[Any]:
     context = browser.new_context(viewport=DESKTOP, base_url=live_server.url)
+    context.set_default_timeout(15_000)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="session")
+def chat_server(stack: Any) -> Iterator[str]:
+    """Rivya's ASGI application under uvicorn (as ``make run`` serves it) on the stack's
+    database, broker and sandbox: its base URL. Sessions and CSRF cookies work on both servers
+    (same database and SECRET_KEY)."""
+    from tasks.tests.sandbox_process import stop_sandbox
+    from tests.asgi_process import start_asgi
+
+    env = dict(stack.env, DJANGO_SETTINGS_MODULE="tests.browser.asgi_settings")
+    base_url, process = start_asgi(env, log=stack.logdir / "asgi-chat.log")
+    try:
+        yield base_url
+    finally:
+        stop_sandbox(process)
+
+
+@pytest.fixture
+def chat_page(browser: Any, e2e: Any, chat_server: str) -> Iterator[Any]:
+    """A page (fresh context, desktop size) on the uvicorn server of ``chat_server``."""
+    context = browser.new_context(viewport=DESKTOP, base_url=chat_server)
     context.set_default_timeout(15_000)
     page = context.new_page()
     yield page
