@@ -266,3 +266,38 @@ def test_without_credits_sending_says_so_and_charges_nothing(chat_page: Any) -> 
     assert not Entry.objects.filter(account__user=user).exists()
     assert balance_for_user(user=user).balance == 0
     assert ChatSession.objects.get(pk=session_id).title == ""
+
+
+def test_a_refused_field_and_a_failed_turn_say_what_happened(
+    chat_page: Any, sign_up: Callable[[Any, str], None]
+) -> None:
+    page = chat_page
+    sign_up(page, new_name())
+    session_id = start_chat(page)
+    box = page.get_by_label("Message")
+
+    page.locator("details.options summary").click()
+    page.get_by_label("Max tokens").fill("5000")  # over the model's 2,048
+    box.fill("A reply that is too long")
+    page.get_by_test_id("send").click()
+
+    error = page.locator("#err-max_tokens")
+    error.wait_for()
+    assert "Must be between 1 and 2048." in error.inner_text()
+    assert page.evaluate("document.activeElement.id") == "id_max_tokens"
+    assert box.input_value() == "A reply that is too long"  # given back
+    assert page.locator("[data-testid=message]").count() == 0
+
+    page.get_by_label("Max tokens").fill("")
+    set_knobs(page, outcome="fail", reply_tokens="20", fail_after_tokens="5")
+    box.press("Enter")
+
+    failed = page.locator(f"{REPLY}[data-status=FAILED]")
+    failed.wait_for()
+    assert page.locator("#err-max_tokens").inner_text() == ""
+    message = assistant_message(session_id)
+    assert message.status == ChatMessage.Status.FAILED
+    assert failed.get_by_test_id("message-status").inner_text() == "Failed"
+    assert failed.get_by_test_id("fault").inner_text() == "Cause: the provider failed."
+    assert failed.get_by_test_id("error-message").inner_text() == message.error_message
+    assert_shows_settlement(failed, message)  # the usage it reported before failing
