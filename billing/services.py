@@ -433,6 +433,16 @@ def _take_over(record: IdempotencyRecord, fingerprint: str, now: Any) -> Idempot
     return IdempotencyRecord.objects.get(pk=record.pk) if won else None
 
 
+def check_idempotency_key(key: Any) -> str:
+    """The one rule for an ``Idempotency-Key``: 1 to 255 printable characters (else 400
+    ``invalid_idempotency_key``)."""
+    if not isinstance(key, str) or not key or len(key) > 255 or not key.isprintable():
+        raise InvalidAmount(
+            "Idempotency-Key must be 1 to 255 printable characters.", code="invalid_idempotency_key"
+        )
+    return key
+
+
 def idempotency_claim(*, user: Any, key: str, fingerprint: str) -> IdempotencyClaim:
     """Claim ``key`` for a request with ``fingerprint`` (a hash of method, path and body).
 
@@ -441,10 +451,7 @@ def idempotency_claim(*, user: Any, key: str, fingerprint: str) -> IdempotencyCl
     request is still running, or the key changed hands at each of three tries),
     InvalidAmount-coded ``invalid_idempotency_key`` for bad keys.
     """
-    if not key or len(key) > 255 or not key.isprintable():
-        raise InvalidAmount(
-            "Idempotency-Key must be 1 to 255 printable characters.", code="invalid_idempotency_key"
-        )
+    check_idempotency_key(key)
     # The record we conflict with can vanish before we read it: its request abandoned the claim
     # (the work was refused or failed) or the purge deleted it (expired). The key is then free:
     # go back to the insert. Three tries, in case the key keeps changing hands.

@@ -89,6 +89,73 @@ def check_chat_charge(cursor: Any) -> list[str]:
     return out
 
 
+HOLD_OWNER_SQL = """
+        SELECT h.id, h.subject_id, m.id, m.role, m.user_id, a.user_id
+        FROM billing_hold h
+        LEFT JOIN chat_message m ON {join}
+        LEFT JOIN billing_account a ON a.id = h.account_id
+        WHERE h.subject_type = 'chat.message'
+            AND (m.id IS NULL OR m.role <> 'assistant' OR a.user_id IS NULL
+                 OR a.user_id <> m.user_id)
+        ORDER BY h.id"""
+
+
+@register("4.chat_hold_owner", "every chat hold is an assistant message's, on its user's account")
+def check_chat_hold_owner(cursor: Any) -> list[str]:
+    # The hold is the driving table here, so a hold whose message is missing shows too.
+    rows = query_rows(cursor, HOLD_OWNER_SQL.replace("{join}", _join()))
+    return describe_rows(
+        rows,
+        lambda r: (
+            f"hold {r[0]} for chat message {r[1]}: "
+            + ("no such message" if r[2] is None else f"{r[3]} message of user {r[4]}")
+            + f", on the account of user {r[5]}"
+        ),
+    )
+
+
+@register("4.chat_reserve", "a chat turn held its estimate: input estimate + max_tokens")
+def check_chat_reserve(cursor: Any) -> list[str]:
+    from chat.services import turn_cost
+
+    rows = query_rows(
+        cursor,
+        """
+        SELECT id, reserved_micro, input_tokens_estimate, max_tokens, input_price_micro,
+               output_price_micro
+        FROM chat_message WHERE role = 'assistant' AND reserved_micro > 0""",
+    )
+    out = []
+    for msg_id, reserved, estimate, max_tokens, pin, pout in rows:
+        expected = turn_cost(
+            input_tokens=estimate,
+            output_tokens=max_tokens or 0,
+            input_price_micro=pin,
+            output_price_micro=pout,
+        )
+        if reserved != expected:
+            out.append(
+                f"chat message {msg_id}: reserved {reserved}, but {estimate} input tokens and "
+                f"max_tokens {max_tokens} at its prices come to {expected}"
+            )
+    return out
+
+
+@register("4.chat_delivered", "delivered chat text was never free (priced models)")
+def check_chat_delivered(cursor: Any) -> list[str]:
+    rows = query_rows(
+        cursor,
+        """
+        SELECT id, status, output_tokens FROM chat_message
+        WHERE role = 'assistant' AND status <> 'STREAMING' AND content <> ''
+            AND charged_micro = 0 AND output_price_micro > 0
+        ORDER BY created_at""",
+    )
+    return describe_rows(
+        rows, lambda r: f"chat message {r[0]} ({r[1]}) delivered text but charged nothing"
+    )
+
+
 @register_report("chat_uncollected", "chat usage reported beyond the hold (never charged)")
 def report_uncollected(cursor: Any) -> list[str]:
     rows = query_rows(
@@ -102,5 +169,29 @@ def report_uncollected(cursor: Any) -> list[str]:
         lambda r: (
             f"chat message {r[0]}: the provider reported {r[3]} in / {r[4]} out tokens, "
             f"{r[2]} micro-credits beyond its hold of {r[1]}, uncollected"
+        ),
+    )
+
+
+@register_report("chat_abandoned", "chat turns still streaming past the sweep's cutoff")
+def report_abandoned(cursor: Any) -> list[str]:
+    from datetime import timedelta
+
+    from django.conf import settings
+    from django.utils import timezone
+
+    cutoff = timezone.now() - timedelta(seconds=settings.CHAT_TURN_MAX_SECONDS + 120)
+    rows = query_rows(
+        cursor,
+        """
+        SELECT id, created_at, reserved_micro FROM chat_message
+        WHERE status = 'STREAMING' AND created_at < %s ORDER BY created_at""",
+        (cutoff,),
+    )
+    return describe_rows(
+        rows,
+        lambda r: (
+            f"chat message {r[0]} streaming since {r[1]:%Y-%m-%d %H:%M:%S}, {r[2]} held: is "
+            "the beat running chat.settle_abandoned?"
         ),
     )

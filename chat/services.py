@@ -255,6 +255,7 @@ def start_turn(
     turn's message (``replayed``), or 409 while it still streams.
     """
     if idempotency_key is not None:
+        billing.check_idempotency_key(idempotency_key)
         earlier = _replay(user=user, key=idempotency_key, fingerprint=fingerprint)
         if earlier is not None:
             return TurnStart(message=earlier, replayed=True)
@@ -317,7 +318,7 @@ def start_turn(
                 params=params,
                 limits=limits,
                 context=context,
-                requested=requested,
+                wanted=wanted,
                 allowed=allowed,
                 reserve=reserve,
                 idempotency_key=idempotency_key,
@@ -354,7 +355,7 @@ def _record_turn(
     params: dict[str, Any],
     limits: ChatLimits,
     context: _Context,
-    requested: int | None,
+    wanted: int,
     allowed: int,
     reserve: int,
     idempotency_key: str | None,
@@ -374,7 +375,7 @@ def _record_turn(
         params=params,
         input_price_micro=limits.input_price_micro,
         output_price_micro=limits.output_price_micro,
-        max_tokens_requested=requested,
+        max_tokens_requested=wanted,
         max_tokens=allowed,
         input_tokens_estimate=context.input_tokens,
         reserved_micro=reserve,
@@ -496,21 +497,31 @@ def settle_abandoned_turns(*, now: datetime | None = None) -> int:
             status=ChatMessage.Status.STREAMING, created_at__lt=cutoff
         ).values_list("pk", flat=True)[:500]
     )
+    settled = 0
     for message_id in ids:
-        finish_turn(
-            message_id=message_id,
-            content="",
-            usage=None,
-            streamed_tokens=0,
-            finish_reason="error",
-            error=ProviderError(
-                "The reply was interrupted on our side before it finished; nothing was charged. "
-                "Send the message again.",
-                retryable=True,
-                code=INTERRUPTED,
-            ),
-        )
-    return len(ids)
+        try:
+            _settle_interrupted(message_id)
+        except Exception:
+            log.exception("chat message %s: settling the abandoned turn failed", message_id)
+        else:
+            settled += 1
+    return settled
+
+
+def _settle_interrupted(message_id: Any) -> None:
+    finish_turn(
+        message_id=message_id,
+        content="",
+        usage=None,
+        streamed_tokens=0,
+        finish_reason="error",
+        error=ProviderError(
+            "The reply was interrupted on our side before it finished; nothing was charged. "
+            "Send the message again.",
+            retryable=True,
+            code=INTERRUPTED,
+        ),
+    )
 
 
 def release_connection() -> None:

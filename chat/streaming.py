@@ -32,6 +32,11 @@ RUNNING: set[asyncio.Task[ChatMessage]] = set()
 _DONE = object()
 # Reading stops this many tokens past ``max_tokens`` (a provider that ignores the limit).
 OVERRUN_TOKENS = 16
+# A waiting client hears something this often (an SSE comment, or a space before the JSON), so
+# that proxies with idle timeouts keep the connection.
+HEARTBEAT_S = 15.0
+# Settling is retried (a database that blinked) before the turn is left to the beat's sweep.
+SETTLE_DELAYS_S = (0.5, 2.0, 5.0)
 
 
 def _in_thread(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -89,6 +94,23 @@ class Turn:
                             break
                     elif isinstance(item, ChatEnd):
                         usage, finish, error = item.usage, item.finish_reason, item.error
+        except asyncio.CancelledError:
+            # The event loop is shutting down (a restart): settle what was read, then go.
+            await asyncio.shield(
+                self._settle(
+                    parts,
+                    streamed,
+                    None,
+                    "error",
+                    ProviderError(
+                        "The reply was cut short by a server restart; what arrived is kept and "
+                        "billed as counted.",
+                        retryable=True,
+                        code=services.INTERRUPTED,
+                    ),
+                )
+            )
+            raise
         except TimeoutError:
             finish = "length"
             error = ProviderError(
@@ -108,15 +130,38 @@ class Turn:
             if stream is not None:
                 await stream.aclose()
             self.queue.put_nowait(_DONE)
-        return await _in_thread(services.finish_turn)(
-            message_id=start.message.pk,
-            content="".join(parts),
-            usage=usage,
-            streamed_tokens=streamed,
-            finish_reason=finish,
-            error=error,
-            client_gone=self.client_gone,
-        )
+        return await self._settle(parts, streamed, usage, finish, error)
+
+    async def _settle(
+        self,
+        parts: list[str],
+        streamed: int,
+        usage: ChatUsage | None,
+        finish: str,
+        error: ProviderError | None,
+    ) -> ChatMessage:
+        for delay in (*SETTLE_DELAYS_S, None):
+            try:
+                return await _in_thread(services.finish_turn)(
+                    message_id=self.start.message.pk,
+                    content="".join(parts),
+                    usage=usage,
+                    streamed_tokens=streamed,
+                    finish_reason=finish,
+                    error=error,
+                    client_gone=self.client_gone,
+                )
+            except Exception:
+                if delay is None:
+                    raise  # left STREAMING: the beat's sweep releases the hold
+                log.warning(
+                    "chat message %s: settling failed, retrying in %s s",
+                    self.start.message.pk,
+                    delay,
+                    exc_info=True,
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def settled(self) -> ChatMessage:
         """The settled message. Shielded: a client that goes away does not cancel the turn."""
@@ -134,9 +179,23 @@ class Turn:
                     yield sse("delta", {"text": self.start.message.content})
             else:
                 self.run()
-                while (item := await self.queue.get()) is not _DONE:
+                while True:
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), HEARTBEAT_S)
+                    except TimeoutError:
+                        yield b": ping\n\n"
+                        continue
+                    if item is _DONE:
+                        break
                     yield sse("delta", {"text": item})
-            yield sse("settlement", self.shape(await self.settled()))
+            while True:
+                try:
+                    message = await asyncio.wait_for(self.settled(), HEARTBEAT_S)
+                except TimeoutError:
+                    yield b": ping\n\n"
+                else:
+                    break
+            yield sse("settlement", self.shape(message))
         except (asyncio.CancelledError, GeneratorExit):
             self.client_gone = True
             raise
@@ -144,7 +203,13 @@ class Turn:
     async def body(self) -> AsyncIterator[bytes]:
         """The settled message as one JSON document (sent when the turn has settled)."""
         try:
-            message = await self.settled()
+            while True:
+                try:
+                    message = await asyncio.wait_for(self.settled(), HEARTBEAT_S)
+                except TimeoutError:
+                    yield b" "  # JSON allows leading whitespace
+                else:
+                    break
         except (asyncio.CancelledError, GeneratorExit):
             self.client_gone = True
             raise

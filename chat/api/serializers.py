@@ -28,7 +28,7 @@ def notices_of(message: ChatMessage) -> list[str]:
     if message.max_tokens is not None and asked is not None and message.max_tokens < asked:
         notices.append(
             f"max_tokens was lowered from {asked} to {message.max_tokens}: that is what "
-            "your available credits (or the model's context) afford."
+            "your available credits afford."
         )
     if message.context_dropped:
         many = "s" if message.context_dropped != 1 else ""

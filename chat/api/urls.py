@@ -13,7 +13,7 @@ urlpatterns = [
     ),
     path(
         "chat/sessions/<uuid:pk>/messages/",
-        views.MessageListCreateView.as_view(),
+        views.messages_view,
         name="api-chat-messages",
     ),
 ]

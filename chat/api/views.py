@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from django.http import StreamingHttpResponse
+from asgiref.sync import sync_to_async
+from django.core.handlers.asgi import ASGIRequest
+from django.http import HttpRequest, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
@@ -186,6 +190,7 @@ class MessageListCreateView(APIView):
             )
         if start.replayed:
             response["Idempotent-Replayed"] = "true"
+        response.turn = turn  # started by ``messages_view`` as soon as this view returns
         return response
 
     def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
@@ -195,3 +200,35 @@ class MessageListCreateView(APIView):
             response.accepted_media_type = "application/json"
             request.accepted_renderer = response.accepted_renderer
         return super().finalize_response(request, response, *args, **kwargs)
+
+
+_messages_drf_view = MessageListCreateView.as_view()
+
+
+@csrf_exempt  # DRF's view enforces CSRF for session authentication
+async def messages_view(request: HttpRequest, pk: Any) -> Any:
+    """``MessageListCreateView`` served so that a turn starts reading its reply the moment the
+    turn is recorded, whether or not the client is still there to read the response.
+
+    Under ASGI, Django cancels a view whose client disconnects; the DRF view (sync, in a thread)
+    runs to its end regardless, and the callback starts the turn on this event loop when it
+    returns. Without this, a client that leaves before the response is read would leave its
+    turn unstarted, its credits held until the beat's sweep. Under WSGI (tests) the response
+    body starts the turn, in the loop that reads it."""
+    call = asyncio.ensure_future(sync_to_async(_messages_drf_view)(request, pk=pk))
+    if isinstance(request, ASGIRequest):
+        call.add_done_callback(_start_turn)
+    return await asyncio.shield(call)
+
+
+def _start_turn(call: asyncio.Future[Any]) -> None:
+    if call.cancelled() or call.exception() is not None:
+        return
+    turn = getattr(call.result(), "turn", None)
+    if isinstance(turn, Turn):
+        turn.run()
+
+
+# drf-spectacular documents the endpoint from the DRF view.
+messages_view.cls = MessageListCreateView  # type: ignore[attr-defined]
+messages_view.initkwargs = {}  # type: ignore[attr-defined]

@@ -199,7 +199,8 @@ def test_a_broken_stream_without_usage_is_counted_locally(
     )
 
     assert body["status"] == "FAILED"
-    assert body["error"]["code"]
+    assert body["error"]["code"] == "upstream_unreachable"  # the connection broke
+    assert body["error"]["kind"] == "provider"
     assert body["usage"]["reported"] is False
     assert body["usage"]["output_tokens"] == 40  # the tokens that were streamed
     assert body["usage"]["input_tokens"] == tokens.request_tokens(["Drop the line"])
@@ -328,4 +329,29 @@ def test_ledger_check_prints_uncollected_usage_and_passes(
 
     out = capsys.readouterr().out
     assert f"NOTE chat_uncollected: chat message {body['id']}" in out
-    assert "all 16 checks pass" in out
+    assert "all 19 checks pass" in out
+
+
+def test_an_omitted_max_tokens_lowered_to_the_balance_says_so(
+    chatter: Any, open_session: Any, say: Any
+) -> None:
+    content = "Short"
+    user, client = chatter(credits_micro=tokens.request_tokens([content]) * IN + 50 * OUT)
+    session = open_session(client)
+
+    status, body = say(client, session, content)
+
+    assert body["max_tokens"] == 50
+    assert body["max_tokens_requested"] == 2048  # the model's maximum, asked by default
+    assert any("lowered from 2048 to 50" in n for n in body["notices"])
+
+
+def test_a_bad_idempotency_key_is_400(chatter: Any, open_session: Any, say: Any) -> None:
+    user, client = chatter()
+    session = open_session(client)
+
+    for key in ("k" * 256, "tab\tkey"):
+        status, body = say(client, session, "Hi", headers={"HTTP_IDEMPOTENCY_KEY": key})
+        assert status == 400
+        assert body["error"]["code"] == "invalid_idempotency_key"
+    assert not ChatMessage.objects.exists()
