@@ -384,6 +384,8 @@ class Round:
     pg_max: int
     pg_max_active: int
     pg_max_window: int
+    pg_max_opening: int  # while the streams were being opened (before all were open)
+    pg_max_closing: int  # from the first end on (the settlements)
     sandbox_open_max: int
     problems: list[str]
 
@@ -462,6 +464,8 @@ def run_round(
     api_window = [s for t, s, status in samples.api if window[0] <= t <= window[1] and status]
     api_failed = sum(1 for _t, _s, status in samples.api if status != 200)
     pg_window = [n for t, n, _a in samples.pg if window[0] <= t <= window[1]]
+    pg_opening = [n for t, n, _a in samples.pg if t < window[0]]
+    pg_closing = [n for t, n, _a in samples.pg if t > window[1]]
     cpu_line, cores = _cpu_between(samples, *window)
 
     bad = [r for r in results if r["status"] != 201 or r["error"]]
@@ -494,6 +498,8 @@ def run_round(
         pg_max=max((n for _t, n, _a in samples.pg), default=0),
         pg_max_active=max((a for _t, _n, a in samples.pg), default=0),
         pg_max_window=max(pg_window, default=0),
+        pg_max_opening=max(pg_opening, default=0),
+        pg_max_closing=max(pg_closing, default=0),
         sandbox_open_max=max((n for _t, n in samples.sandbox_open), default=0),
         problems=problems,
     )
@@ -684,7 +690,8 @@ def run(config: SuiteConfig) -> SuiteResult:
                 f"x{len(got.api_window)} p50 {_ms(_p(got.api_window, 50))}, p95 "
                 f"{_ms(_p(got.api_window, 95))}, max {_ms(max(got.api_window, default=0))}; "
                 f"PostgreSQL connections at most {got.pg_max} ({got.pg_max_active} active; "
-                f"{got.pg_max_window} while all open); stream client "
+                f"{got.pg_max_opening} while opening, {got.pg_max_window} while all open, "
+                f"{got.pg_max_closing} while settling); stream client "
                 f"{got.client_cpu:.1f} CPU s",
                 flush=True,
             )
@@ -784,7 +791,8 @@ def _rows(
                 value=str(full.pg_max),
                 reference=f"{small.pg_max} at {small.streams} streams",
                 ratio=_ratio(full.pg_max, small.pg_max),
-                notes=f"limit {PG_LIMIT}; idle {idle_pg}; {full.pg_max_window} while all open, "
+                notes=f"limit {PG_LIMIT}; idle {idle_pg}; {full.pg_max_opening} while opening, "
+                f"{full.pg_max_window} while all open, {full.pg_max_closing} while settling; "
                 f"{full.pg_max_active} active at most",
             )
         )

@@ -43,6 +43,7 @@ class SuiteConfig:
     scale_rows: list[int] = field(default_factory=lambda: [10_000, 1_000_000])  # scale
     large_database: str = ""  # scale: the database of the large count
     repeat: int = 30  # scale: timed repetitions per measurement
+    server: str = "asgi"  # submit, callbacks, latency: gunicorn's "asgi" (make run) or "wsgi"
     chat_streams: int = 200  # chat: streams held open at once (and a round of a tenth of them)
     chat_stream_seconds: int = 30  # chat: how long each stream lasts
     chat_turns: int = 30  # chat: sequential turns timed against the sandbox's own stream

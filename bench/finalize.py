@@ -4,8 +4,9 @@ next to pgbench's TPC-B-like tps at the same number of clients, measured just be
 after in the same run.
 
 Runs in a suite process whose Django points at the scratch database ``rivya_bench_finalize``.
-Started here, all on 127.0.0.1: the sandbox provider, gunicorn (as ``make run``: gthread, 2 × 8)
-and, for the second part only, one Celery worker (prefork, concurrency 2, as ``make run``).
+Started here, all on 127.0.0.1: the sandbox provider, gunicorn (as ``make run``: ASGI, 2 uvicorn
+workers, ``CONN_MAX_AGE=0``; ``--server wsgi``: the earlier gthread 2 × 8) and, for the second
+part only, one Celery worker (prefork, concurrency 2, as ``make run``).
 Redis db 9 is the broker (flushed before, between the parts and after). No beat: nothing polls.
 
 1. Setup (not timed): ``tasks`` tasks are submitted through ``tasks.services.task_submit`` and
@@ -247,7 +248,7 @@ def run(config: SuiteConfig) -> SuiteResult:
             settings.CALLBACK_BASE_URL = env["CALLBACK_BASE_URL"]
             # Every task is running at once here; the capacity checks still run, never refuse.
             settings.TASK_MAX_RUNNING_PER_USER = settings.TASK_MAX_RUNNING = 10**9
-            url, gunicorn = procs.gunicorn(port=port)
+            url, gunicorn = procs.gunicorn(port=port, server=config.server)
 
             started = time.perf_counter()
             warm_ids = _generating_tasks(user, WARMUP)

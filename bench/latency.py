@@ -1,8 +1,9 @@
 """Lifecycle latency: submit → SUCCESS through the whole platform, with a zero-latency sandbox.
 
 Runs in a suite process whose Django points at the scratch database ``rivya_bench_latency``.
-Started here, all on 127.0.0.1: the sandbox provider process, gunicorn (as ``make run``: gthread,
-2 workers × 8 threads; it also receives the sandbox's signed callbacks, ``CALLBACK_BASE_URL``),
+Started here, all on 127.0.0.1: the sandbox provider process, gunicorn (as ``make run``: ASGI, 2
+uvicorn workers, ``CONN_MAX_AGE=0``; ``--server wsgi``: the earlier gthread 2 workers × 8
+threads; it also receives the sandbox's signed callbacks, ``CALLBACK_BASE_URL``),
 one Celery worker (prefork, concurrency 2: Celery's default pool, as ``make run``; or threads,
 concurrency 8, as the end-to-end tests, with ``--latency-pool threads``) and Celery beat (the
 project's schedule: polling every 2 s). Redis db 9 is the broker (flushed before and after).
@@ -195,7 +196,7 @@ def run(config: SuiteConfig) -> SuiteResult:
         with Processes(run_dir, env) as procs:
             sandbox_url, _ = procs.sandbox(secret)
             procs.env["SANDBOX_URL"] = sandbox_url
-            url, _ = procs.gunicorn(port=port)
+            url, _ = procs.gunicorn(port=port, server=config.server)
             if config.latency_pool == "threads":  # as the end-to-end tests
                 procs.celery_worker(pool="threads", concurrency=8)
             else:  # Celery's default pool, as make run

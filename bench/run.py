@@ -100,6 +100,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--repeat", type=int, help="scale: interleaved rounds, 4 timings each (default 30)"
     )
     parser.add_argument(
+        "--server",
+        choices=("asgi", "wsgi"),
+        default="asgi",
+        help="submit, callbacks, latency: the web server: asgi (default, as make run: uvicorn "
+        "workers, CONN_MAX_AGE 0) or wsgi (the earlier gunicorn gthread 2x8, CONN_MAX_AGE 60)",
+    )
+    parser.add_argument(
         "--chat-streams",
         type=int,
         help="chat: streams held open at once (default 200; --quick 20); a first round holds "
@@ -211,6 +218,7 @@ def run_suite(args: argparse.Namespace, url: str, suite: str, run_dir: Path) -> 
         scale_rows=args.scale_rows,
         repeat=args.repeat,
         large_database=f"{DB_PREFIX}{suite}_large" if suite == "scale" else "",
+        server=args.server,
         chat_streams=args.chat_streams,
         chat_stream_seconds=args.chat_stream_seconds,
         chat_turns=args.chat_turns,

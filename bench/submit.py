@@ -1,4 +1,5 @@
-"""Submit throughput through the HTTP API: ``POST /api/v1/tasks/`` served by gunicorn, driven by
+"""Submit throughput through the HTTP API: ``POST /api/v1/tasks/`` served by gunicorn (as ``make
+run``: ASGI, 2 uvicorn workers; ``--server wsgi``: the earlier gthread 2 × 8), driven by
 a separate load process (``bench/load.py``), next to pgbench's TPC-B-like tps at the same client
 count, measured just before and just after in the same run.
 
@@ -163,7 +164,7 @@ def run(config: SuiteConfig) -> SuiteResult:
     problems: list[str] = []
     try:
         with Processes(Path(config.run_dir), env) as procs:
-            url, gunicorn = procs.gunicorn()
+            url, gunicorn = procs.gunicorn(server=config.server)
             # Warm up: every gunicorn thread opens its database connection, code paths load.
             spec = {"path": "/api/v1/tasks/", "keys": keys, "body": BODY, "expect": 202}
             warmup = run_load(config, url, spec, WARMUP_SECONDS, gunicorn.pid, "warmup")
