@@ -107,29 +107,35 @@ def database_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def asgi_process(
+def asgi_env(
     django_db_setup: Any,
     django_db_blocker: Any,
     sandbox_process: SandboxProcess,  # noqa: F811
-) -> Iterator[str]:
-    """Rivya under uvicorn (``rivya.asgi``) on the test database and the sandbox: its URL.
-    Tests using it need ``transactional_db`` (the server sees only committed rows)."""
+) -> dict[str, str]:
+    """The environment of a Rivya server process on the test database and the sandbox."""
     import os
-    from pathlib import Path
-
-    from tasks.tests.sandbox_process import stop_sandbox
-    from tests.asgi_process import start_asgi
 
     with django_db_blocker.unblock():
         url = database_url()
-    env = dict(
+    return dict(
         os.environ,
         DATABASE_URL=url,
         SANDBOX_URL=sandbox_process.base_url,
         SANDBOX_WEBHOOK_SECRET=sandbox_process.secret,
         CALLBACK_BASE_URL="http://127.0.0.1:9",
     )
-    base_url, process = start_asgi(env, log=Path(__file__).parent / "var" / "asgi.log")
+
+
+@pytest.fixture(scope="session")
+def asgi_process(asgi_env: dict[str, str]) -> Iterator[str]:
+    """Rivya under uvicorn (``rivya.asgi``) on the test database and the sandbox: its URL.
+    Tests using it need ``transactional_db`` (the server sees only committed rows)."""
+    from pathlib import Path
+
+    from tasks.tests.sandbox_process import stop_sandbox
+    from tests.asgi_process import start_asgi
+
+    base_url, process = start_asgi(asgi_env, log=Path(__file__).parent / "var" / "asgi.log")
     try:
         yield base_url
     finally:

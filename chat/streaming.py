@@ -11,9 +11,11 @@ closes its connection when done (``docs/chat.md``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 
 # Turns whose response went away keep running: a strong reference until they settle.
 RUNNING: set[asyncio.Task[ChatMessage]] = set()
+# The turns started while serving one ASGI request (``rivya.asgi`` waits for them, so that a
+# graceful shutdown lets them finish and settle even when their client has gone).
+REQUEST_TURNS: ContextVar[list[asyncio.Task[ChatMessage]] | None] = ContextVar(
+    "chat_request_turns", default=None
+)
 _DONE = object()
 # Reading stops this many tokens past ``max_tokens`` (a provider that ignores the limit).
 OVERRUN_TOKENS = 16
@@ -69,6 +76,9 @@ class Turn:
             self.task = asyncio.get_running_loop().create_task(self._read())
             RUNNING.add(self.task)
             self.task.add_done_callback(RUNNING.discard)
+            request_turns = REQUEST_TURNS.get()
+            if request_turns is not None:
+                request_turns.append(self.task)
         return self.task
 
     async def _read(self) -> ChatMessage:
@@ -218,3 +228,27 @@ class Turn:
 
 def sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def wait_for_turns(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """ASGI middleware: an HTTP request is over when the turns it started have settled.
+
+    A client that leaves mid-turn ends its response early; the server's graceful shutdown waits
+    for request tasks, not for loose tasks, so without this a restart would cut the turn."""
+
+    async def application(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        turns: list[asyncio.Task[ChatMessage]] = []
+        token = REQUEST_TURNS.set(turns)
+        try:
+            await app(scope, receive, send)
+        finally:
+            REQUEST_TURNS.reset(token)
+            for task in turns:
+                # A turn that failed to settle logged it and is left to the beat's sweep.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(task)
+
+    return application

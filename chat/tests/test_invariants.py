@@ -58,9 +58,7 @@ def test_a_hold_on_another_users_account_is_a_breach(
     assert any(str(fake.pk) in d for d in breached("4.chat_hold_owner"))
 
 
-def test_a_reserve_that_is_not_the_estimate_is_a_breach(
-    chatter: Any, open_session: Any
-) -> None:
+def test_a_reserve_that_is_not_the_estimate_is_a_breach(chatter: Any, open_session: Any) -> None:
     user, message = a_turn(chatter, open_session)
     ChatMessage.objects.filter(pk=message.pk).update(max_tokens=5)
 

@@ -364,3 +364,57 @@ def test_the_same_key_while_its_turn_streams_is_409(asgi_server: str, chatter: A
     assert busy.json()["error"]["code"] == "idempotency_in_progress"
     assert "event: settlement" in rest
     assert ChatMessage.objects.filter(user=user, role="assistant").count() == 1
+
+
+def test_a_graceful_shutdown_lets_a_turn_whose_client_left_finish(
+    asgi_env: dict[str, str], chatter: Any, sandbox: Any
+) -> None:
+    import signal
+    from pathlib import Path
+
+    from tests.asgi_process import start_asgi
+
+    base, server = start_asgi(asgi_env, log=Path("var") / "asgi-shutdown.log")
+    try:
+        user, _ = chatter()
+        session = new_session(base, user)
+        body = {
+            "content": "Long story",
+            "max_tokens": 400,
+            "params": {"sandbox_reply_tokens": 400, "sandbox_token_delay_ms": 25},
+        }
+        with (
+            httpx.Client(trust_env=False, timeout=30) as client,
+            client.stream(
+                "POST",
+                f"{base}/api/v1/chat/sessions/{session}/messages/",
+                json=body,
+                headers=sse_headers(user),
+            ) as response,
+        ):
+            deltas = 0
+            for line in response.iter_lines():
+                deltas += line == "event: delta"
+                if deltas == 20:
+                    break  # the client leaves; the turn reads on in the server
+        message = ChatMessage.objects.get(user=user, role="assistant")
+        assert message.status == ChatMessage.Status.STREAMING
+        server.send_signal(signal.SIGTERM)  # a restart, ~9 s before the reply would end
+        server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+    # The graceful shutdown waited for the turn: it read to the end and settled.
+    message.refresh_from_db()
+    assert message.status == ChatMessage.Status.COMPLETE
+    assert message.output_tokens == 400
+    assert len(message.content.split()) == 400
+    assert message.client_gone_at is not None
+    assert message.charged_micro == turn_cost(
+        input_tokens=message.input_tokens,
+        output_tokens=400,
+        input_price_micro=IN,
+        output_price_micro=OUT,
+    )
+    assert balance_for_user(user=user).held == 0
