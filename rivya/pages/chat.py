@@ -244,7 +244,12 @@ def chat_message(
     seen = request.GET.get("seen")
     if seen == message.status and not message.is_finished:
         return HttpResponse(status=204)
-    response = render(request, "pages/chat/_message.html", {"item": Shown(message)})
+    # The chat is named after its first message: the page's heading follows it (chat.js).
+    response = render(
+        request,
+        "pages/chat/_message.html",
+        {"item": Shown(message), "session_title": message.session.title},
+    )
     if message.is_finished and seen == ChatMessage.Status.STREAMING:
         mark_changed(response)
     return response

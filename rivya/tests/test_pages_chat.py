@@ -381,6 +381,7 @@ def test_the_message_partial_is_204_while_streaming_then_the_settled_turn(
     assert settled.status_code == 200
     assert json.loads(settled["HX-Trigger"]) == {"rivya:changed": True}
     assert 'data-status="COMPLETE"' in html
+    assert 'data-session-title="Hello there"' in html  # named after its first message
     assert "hx-trigger" not in html
     assert by_testid(html, "message-text") == ["All done."]
     assert by_testid(html, "tokens-out") == ["2"]

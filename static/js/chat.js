@@ -272,6 +272,13 @@
     turn.reply.replaceWith(node);
     turn.reply = node;
     if (window.htmx) window.htmx.process(node);
+    // A chat without a title is named after its first message: show the name it got.
+    const heading = document.getElementById("chat-heading");
+    if (node.dataset.sessionTitle && heading && heading.dataset.untitled !== undefined) {
+      heading.textContent = node.dataset.sessionTitle;
+      delete heading.dataset.untitled;
+      document.title = node.dataset.sessionTitle + " · Chat · Rivya";
+    }
     if (hadFocus) content.focus();
     follow();
     changed();

@@ -167,9 +167,11 @@ def test_a_reply_streams_in_token_by_token_then_shows_its_cost(
     wait_for_header(page, f"{format_credits(available)} credits")
     assert box.input_value() == ""
     assert page.evaluate("document.activeElement.id") == "id_content"
-    page.reload()  # the same turn as the page renders it; the chat is named after it
+    title = "Tell me about foxes. Briefly, please."  # named after its first message
+    assert page.get_by_test_id("chat-title").inner_text() == title
+    page.reload()  # the same turn as the page renders it
     assert_shows_settlement(page.locator(REPLY).last, message)
-    assert page.get_by_test_id("chat-title").inner_text() == "Tell me about foxes. Briefly, please."
+    assert page.get_by_test_id("chat-title").inner_text() == title
     shoot(page, "chat")
 
     page.goto("/chat/")
