@@ -32,6 +32,7 @@ from rivya.errors import (
     contains_nul,
     json_depth,
 )
+from rivya.money import credits_phrase
 from tasks.models import AIModel, Category
 from tasks.providers.base import ChatRequest, ChatTurnMessage, ChatUsage, ProviderError
 from tasks.validation import normalize_params
@@ -301,7 +302,8 @@ def start_turn(
         if allowed < 1:
             raise InsufficientCredits(
                 "Not enough credits for this message: it needs at least "
-                f"{input_cost + limits.output_price_micro} micro-credits available.",
+                f"{credits_phrase(input_cost + limits.output_price_micro)} available, you have "
+                f"{credits_phrase(max(0, available))}. Add credits, or shorten the chat.",
                 extra={"available_micro": max(0, available)},
             )
         reserve = turn_cost(

@@ -191,7 +191,10 @@ class Turn:
                 self.run()
                 while True:
                     try:
-                        item = await asyncio.wait_for(self.queue.get(), HEARTBEAT_S)
+                        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
+                        # the cancellation of a client that leaves as a token arrives.
+                        async with asyncio.timeout(HEARTBEAT_S):
+                            item = await self.queue.get()
                     except TimeoutError:
                         yield b": ping\n\n"
                         continue
@@ -200,7 +203,8 @@ class Turn:
                     yield sse("delta", {"text": item})
             while True:
                 try:
-                    message = await asyncio.wait_for(self.settled(), HEARTBEAT_S)
+                    async with asyncio.timeout(HEARTBEAT_S):
+                        message = await self.settled()
                 except TimeoutError:
                     yield b": ping\n\n"
                 else:
@@ -215,7 +219,8 @@ class Turn:
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(self.settled(), HEARTBEAT_S)
+                    async with asyncio.timeout(HEARTBEAT_S):
+                        message = await self.settled()
                 except TimeoutError:
                     yield b" "  # JSON allows leading whitespace
                 else:
