@@ -69,6 +69,8 @@ from bench.common import (
     funded_user,
     percentile,
     pids_named,
+    postmaster_pid,
+    reaped_children_cpu_seconds,
     tree_pids,
 )
 from bench.procs import Processes, new_webhook_secret
@@ -553,6 +555,22 @@ class ServerLoad:
     read: LoadResult
     write: LoadResult
     pg_max: int
+    read_exited: float  # cores of PostgreSQL backends that exited meanwhile (per connection)
+    write_exited: float
+
+
+def _exited_backends(
+    measure: Callable[[], LoadResult],
+) -> tuple[LoadResult, float]:
+    """``measure()`` and the cores that PostgreSQL backends which exited meanwhile used (the
+    postmaster's reaped children: a connection per request shows there, and nowhere else)."""
+    postmaster = postmaster_pid()
+    before = reaped_children_cpu_seconds(postmaster) if postmaster else 0.0
+    started = time.perf_counter()
+    got = measure()
+    wall = time.perf_counter() - started
+    after = reaped_children_cpu_seconds(postmaster) if postmaster else 0.0
+    return got, (after - before) / wall if postmaster and wall > 0 else float("nan")
 
 
 def load_server(
@@ -573,21 +591,26 @@ def load_server(
         dsn=url_with_db(config.url, config.database), database=config.database, url=url, key=""
     )
     with sampler:
-        got_read = run_load(config, url, read, config.seconds, gunicorn_pid, f"{tag}-read")
-        got_write = run_load(config, url, write, config.seconds, gunicorn_pid, f"{tag}-write")
+        got_read, read_exited = _exited_backends(
+            lambda: run_load(config, url, read, config.seconds, gunicorn_pid, f"{tag}-read")
+        )
+        got_write, write_exited = _exited_backends(
+            lambda: run_load(config, url, write, config.seconds, gunicorn_pid, f"{tag}-write")
+        )
     problems += check_load(got_read, f"{label} GET /api/v1/credits/", "200")
     problems += check_load(got_write, f"{label} POST /api/v1/chat/sessions/", "201")
     pg_max = max((n for _t, n, _a in sampler.samples.pg), default=0)
     measured = (("GET /api/v1/credits/", got_read), ("POST /api/v1/chat/sessions/", got_write))
-    for what, got in measured:
+    for (what, got), exited in zip(measured, (read_exited, write_exited), strict=True):
         lat = got.latencies
         print(
             f"  {label}: {what} {len(lat) / got.seconds:.0f}/s, p50 {_ms(_p(lat, 50))}, "
-            f"p95 {_ms(_p(lat, 95))}; {got.cpu_line}",
+            f"p95 {_ms(_p(lat, 95))}; {got.cpu_line}; PostgreSQL backends that exited "
+            f"meanwhile {exited:.2f} cores",
             flush=True,
         )
     print(f"  {label}: at most {pg_max} PostgreSQL connections", flush=True)
-    return ServerLoad(label, got_read, got_write, pg_max), problems
+    return ServerLoad(label, got_read, got_write, pg_max, read_exited, write_exited), problems
 
 
 # --- the suite --------------------------------------------------------------------------------
@@ -821,10 +844,11 @@ def _rows(
                 for p in (50, 95)
             )
             ra, rw = len(a.latencies) / a.seconds, len(w.latencies) / w.seconds
+            ea, ew = getattr(asgi, f"{attr}_exited"), getattr(wsgi, f"{attr}_exited")
             notes = f"cores: ASGI gunicorn {(a.cores or {}).get('gunicorn', 0):.2f} postgres "
-            notes += f"{(a.cores or {}).get('postgres', 0):.2f}; WSGI gunicorn "
-            notes += f"{(w.cores or {}).get('gunicorn', 0):.2f} postgres "
-            notes += f"{(w.cores or {}).get('postgres', 0):.2f}"
+            notes += f"{(a.cores or {}).get('postgres', 0):.2f} + exited backends {ea:.2f}; "
+            notes += f"WSGI gunicorn {(w.cores or {}).get('gunicorn', 0):.2f} postgres "
+            notes += f"{(w.cores or {}).get('postgres', 0):.2f} + exited {ew:.2f}"
             if z is not None:
                 notes += f"; WSGI age 0 {len(z.latencies) / z.seconds:.0f}/s"
             rows.append(

@@ -217,6 +217,27 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[12]) + int(fields[13])) / CLOCK_TICKS
 
 
+def reaped_children_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the children ``pid`` has waited for (cutime + cstime): for PostgreSQL's
+    postmaster, the backends that have exited, which per-process sampling cannot see."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0
+    return (int(fields[14]) + int(fields[15])) / CLOCK_TICKS
+
+
+def postmaster_pid() -> int | None:
+    """The PostgreSQL postmaster on this machine: the ``postgres`` process whose parent is not
+    one (None if there is none, or several)."""
+    found = []
+    for pid in pids_named("postgres"):
+        fields = _stat_fields(pid)
+        parent = _stat_fields(int(fields[2])) if fields else None
+        if fields and not (parent and parent[0].startswith("postgres")):
+            found.append(pid)
+    return found[0] if len(found) == 1 else None
+
+
 def tree_pids(root: int) -> list[int]:
     """``root`` and all its descendants."""
     parents: dict[int, list[int]] = {}
