@@ -1,26 +1,52 @@
-"""The ASGI entry point, which ``make run`` serves (gunicorn with uvicorn workers) so that chat
-streams hold no thread while they wait for tokens (docs/chat.md).
+"""The entry point ``make run`` serves (gunicorn with uvicorn workers), docs/chat.md.
 
-Under ASGI each request's database work runs in a thread of its own, so persistent connections
-would pile up, one per thread: connections are closed at the end of each request
-(``DB_CONN_MAX_AGE=0``) unless the environment says otherwise. bench/README.md measures what
-that costs the rest of the API.
-
-A request is over when the chat turns it started have settled (``wait_for_turns``).
+Two ways in, one origin:
+- a chat turn (``POST /api/v1/chat/sessions/<id>/messages/``) goes to Django's ASGI handler:
+  its reply streams from a coroutine, so an open stream holds no thread and no database
+  connection while it waits for tokens; the request lasts until the turns it started have
+  settled (``wait_for_turns``), so a graceful restart lets them finish;
+- everything else goes to Django's WSGI handler on a bounded pool of ``WEB_THREADS`` threads
+  (a2wsgi), as gunicorn's gthread workers did: the threads live on, so their database
+  connections persist (``CONN_MAX_AGE``) and their number is bounded. Under Django's ASGI
+  handler every request would run in a new thread with a new connection; bench/README.md
+  ("Chat streaming") measured that at a third of the throughput.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from a2wsgi import WSGIMiddleware
 from django.core.asgi import get_asgi_application
+from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "rivya.settings")
-os.environ.setdefault("DB_CONN_MAX_AGE", "0")
-django_application = get_asgi_application()
+django_asgi = get_asgi_application()  # sets Django up
 
-from chat.streaming import wait_for_turns  # noqa: E402 - needs Django set up first
+from django.conf import settings  # noqa: E402 - after setup
+from django.urls import Resolver404, resolve  # noqa: E402
 
-# A request lasts until the chat turns it started have settled, so that a graceful restart
-# lets them finish (docs/chat.md).
-application = wait_for_turns(django_application)
+from chat.api.views import messages_view  # noqa: E402
+from chat.streaming import wait_for_turns  # noqa: E402
+
+django_wsgi = WSGIMiddleware(get_wsgi_application(), workers=settings.WEB_THREADS)
+streams = wait_for_turns(django_asgi)
+
+
+def streams_reply(scope: Any) -> bool:
+    """Whether this request is a chat turn, which the ASGI handler serves (the URLconf says
+    which view answers the path)."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return False
+    try:
+        return resolve(scope["path"]).func is messages_view
+    except Resolver404:
+        return False
+
+
+async def application(scope: Any, receive: Any, send: Any) -> None:
+    if streams_reply(scope):
+        await streams(scope, receive, send)
+    else:
+        await django_wsgi(scope, receive, send)  # also answers the lifespan protocol

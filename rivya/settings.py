@@ -193,7 +193,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Keep database connections across tasks (see rivya/celery.py: connections are closed as in a
 # web request instead: broken, mid-transaction or older than CONN_MAX_AGE). Celery's fix-up
 # reads this name as it stands (not through the CELERY_ namespace).
-CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=1000)
+CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=8)
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TASK_ALWAYS_EAGER = False
@@ -309,6 +309,12 @@ STORAGE_SWEEP_MIN_AGE = env.int("STORAGE_SWEEP_MIN_AGE", default=24 * 3600)
 # is settled by the beat. At most this many earlier messages are considered for the context.
 CHAT_TURN_MAX_SECONDS = env.int("CHAT_TURN_MAX_SECONDS", default=600)
 CHAT_HISTORY_MAX_MESSAGES = env.int("CHAT_HISTORY_MAX_MESSAGES", default=200)
+# Serving (rivya/asgi.py): threads per web worker process for everything but chat turns (each
+# keeps a database connection), and chat turns being recorded at once per process (each needs
+# a connection for that moment; more wait their turn). Together with the settling threads
+# (asyncio's default executor), they bound a worker's PostgreSQL connections.
+WEB_THREADS = env.int("WEB_THREADS", default=8)
+CHAT_START_CONCURRENCY = env.int("CHAT_START_CONCURRENCY", default=8)
 
 SANDBOX_URL = env.str("SANDBOX_URL", default="http://127.0.0.1:8765").rstrip("/")
 

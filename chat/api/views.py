@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -215,10 +217,37 @@ async def messages_view(request: HttpRequest, pk: Any) -> Any:
     returns. Without this, a client that leaves before the response is read would leave its
     turn unstarted, its credits held until the beat's sweep. Under WSGI (tests) the response
     body starts the turn, in the loop that reads it."""
-    call = asyncio.ensure_future(sync_to_async(_messages_drf_view)(request, pk=pk))
-    if isinstance(request, ASGIRequest):
-        call.add_done_callback(_start_turn)
+    if not isinstance(request, ASGIRequest):  # WSGI: GET, or tests
+        return await sync_to_async(_messages_drf_view)(request, pk=pk)
+    # At most CHAT_START_CONCURRENCY turns are recorded at once (each needs a database
+    # connection for that moment); the others wait here, holding nothing.
+    starts = _turn_starts()
+    await starts.acquire()
+    call = asyncio.ensure_future(sync_to_async(_record_turn)(request, pk))
+    call.add_done_callback(lambda _call: starts.release())
+    call.add_done_callback(_start_turn)
     return await asyncio.shield(call)
+
+
+_STARTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _record_turn(request: HttpRequest, pk: Any) -> Any:
+    """The DRF view, in this request's own thread, whose connection is closed when it is done
+    (the thread ends with the request: a connection left open would linger unused)."""
+    try:
+        return _messages_drf_view(request, pk=pk)
+    finally:
+        services.release_connection()
+
+
+def _turn_starts() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    if loop not in _STARTS:
+        _STARTS[loop] = asyncio.Semaphore(settings.CHAT_START_CONCURRENCY)
+    return _STARTS[loop]
 
 
 def _start_turn(call: asyncio.Future[Any]) -> None:
