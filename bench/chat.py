@@ -1,12 +1,12 @@
 """Chat streaming: what a streamed turn costs over the provider's own stream, how many long
-streams the server holds at once, and what serving under ASGI with ``CONN_MAX_AGE=0`` costs the
-rest of the API.
+streams the server holds at once, and what ``make run``'s serving costs the rest of the API.
 
 Runs in a suite process whose Django points at the scratch database ``rivya_bench_chat``.
 Started here, all on 127.0.0.1: the sandbox provider process and gunicorn as ``make run``
-serves Rivya (``rivya.asgi:application`` under ``uvicorn_worker.UvicornWorker``, 2 workers;
-``rivya.asgi`` sets ``DB_CONN_MAX_AGE=0``). No Celery process: a chat turn needs none. Users
-are funded with a million credits each (nothing is clamped or refused) and talk to
+serves Rivya (``rivya.asgi:application`` under ``uvicorn_worker.UvicornWorker``, 2 workers:
+chat turns through Django's ASGI handler, everything else through Django's WSGI handler on a
+pool of ``WEB_THREADS`` threads with persistent connections). No Celery process: a chat turn
+needs none. Users are funded with a million credits each (nothing is clamped or refused) and talk to
 ``sandbox-chat``; each turn has a fresh session of its own, so every upstream request is the
 same size.
 
@@ -29,11 +29,11 @@ same size.
    stream answered 201, read every token and ended with a ``settlement`` of a COMPLETE message
    billed for every token; every assistant message in the database COMPLETE; the sandbox saw
    no disconnect; ``ledger_check`` clean; the API answered every sample.
-3. **The cost of ``CONN_MAX_AGE=0`` under ASGI for the rest of the API.** ``bench/load.py``
+3. **What ``make run``'s serving costs the rest of the API.** ``bench/load.py``
    with ``--clients`` threads for ``--seconds`` (one connection per request, as the submit
    suite) on ``GET /api/v1/credits/`` and on ``POST /api/v1/chat/sessions/`` (a write), against
-   (a) the ASGI server above, (b) the earlier ``make run`` server, gunicorn gthread 2 × 8 with
-   ``CONN_MAX_AGE=60``, and (c) the same gthread server with ``CONN_MAX_AGE=0`` (which
+   (a) the ``make run`` server above, (b) the earlier ``make run`` server, gunicorn gthread
+   2 × 8 with ``CONN_MAX_AGE=60``, and (c) the same gthread server with ``CONN_MAX_AGE=0`` (which
    separates the cost of a new connection per request from the cost of the server model);
    then pgbench TPC-B-like tps at the same client count, the machine reference of the other
    suites.
@@ -656,7 +656,7 @@ def run(config: SuiteConfig) -> SuiteResult:
     with Processes(Path(config.run_dir), env) as procs:
         sandbox_url, sandbox = procs.sandbox(secret)
         procs.env["SANDBOX_URL"] = sandbox_url
-        url, gunicorn = procs.gunicorn()  # as make run: ASGI, uvicorn workers, CONN_MAX_AGE 0
+        url, gunicorn = procs.gunicorn()  # as make run: uvicorn workers, rivya.asgi
         cpu_groups: dict[str, Callable[[], list[int]]] = {
             "gunicorn": lambda: tree_pids(gunicorn.pid),
             "postgres": lambda: pids_named("postgres"),
@@ -725,9 +725,9 @@ def run(config: SuiteConfig) -> SuiteResult:
         if disconnects:
             problems.append(f"the sandbox counted {disconnects} streams left before their end")
 
-        # 3. The rest of the API: ASGI with CONN_MAX_AGE=0 vs the earlier WSGI server.
+        # 3. The rest of the API: make run's server vs the earlier WSGI server.
         load_keys = keys[: config.clients]
-        got_load, found = load_server(config, url, gunicorn.pid, load_keys, "ASGI (0)")
+        got_load, found = load_server(config, url, gunicorn.pid, load_keys, "make run")
         loads.append(got_load)
         problems += found
         procs.stop(gunicorn)
@@ -826,7 +826,7 @@ def _rows(
                 f"client {full.cores.get('stream client', 0):.2f}"
             )
     by_label = {load.label: load for load in loads}
-    asgi, wsgi = by_label.get("ASGI (0)"), by_label.get("WSGI (60)")
+    asgi, wsgi = by_label.get("make run"), by_label.get("WSGI (60)")
     wsgi0 = by_label.get("WSGI (0)")
     if asgi and wsgi:
         for what, attr in (("GET /credits/", "read"), ("POST /chat/sessions/", "write")):
@@ -835,7 +835,7 @@ def _rows(
             rows.extend(
                 Row(
                     suite="chat",
-                    measurement=f"{what} p{p}, {config.clients} clients, ASGI age 0",
+                    measurement=f"{what} p{p}, {config.clients} clients, make run",
                     value=_ms(_p(a.latencies, p)),
                     reference=f"WSGI age 60 {_ms(_p(w.latencies, p))}",
                     ratio=_ratio(_p(a.latencies, p), _p(w.latencies, p)),
@@ -854,7 +854,7 @@ def _rows(
             rows.append(
                 Row(
                     suite="chat",
-                    measurement=f"{what} rate, {config.clients} clients, ASGI age 0",
+                    measurement=f"{what} rate, {config.clients} clients, make run",
                     value=f"{ra:.0f}/s",
                     reference=f"WSGI age 60 {rw:.0f}/s",
                     ratio=_ratio(ra, rw),
@@ -864,7 +864,7 @@ def _rows(
         rows.append(
             Row(
                 suite="chat",
-                measurement=f"PostgreSQL connections, max, {config.clients} clients, ASGI age 0",
+                measurement=f"PostgreSQL connections, max, {config.clients} clients, make run",
                 value=str(asgi.pg_max),
                 reference=f"WSGI age 60 {wsgi.pg_max}",
                 ratio=_ratio(asgi.pg_max, wsgi.pg_max),
@@ -875,7 +875,7 @@ def _rows(
         rows.append(
             Row(
                 suite="chat",
-                measurement=f"GET /credits/ rate, {config.clients} clients, ASGI age 0",
+                measurement=f"GET /credits/ rate, {config.clients} clients, make run",
                 value=f"{rate:.0f}/s",
                 reference=f"pgbench {tps:.0f} tps",
                 ratio=_ratio(rate, tps),

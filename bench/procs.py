@@ -143,9 +143,9 @@ class Processes:
         ``/api/v1/models/`` answers 200.
 
         ``server="asgi"`` (default) is ``make run``'s: ``rivya.asgi:application`` under
-        ``uvicorn_worker.UvicornWorker``, ``workers`` processes, each request's database work in
-        a thread of its own with its connection closed at the end of the request
-        (``DB_CONN_MAX_AGE`` 0, set by ``rivya.asgi`` unless ``env`` says otherwise).
+        ``uvicorn_worker.UvicornWorker``, ``workers`` processes: chat turns through Django's
+        ASGI handler, the rest through its WSGI handler on ``WEB_THREADS`` threads with
+        persistent connections.
         ``server="wsgi"`` is the earlier ``make run``: ``rivya.wsgi:application``, gthread,
         ``workers`` × ``threads``, persistent connections (``DB_CONN_MAX_AGE`` 60 by default)."""
         port = port or free_port()
