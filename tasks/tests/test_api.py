@@ -55,6 +55,7 @@ SEED_SLUGS = {
     "sandbox-speech",
     "sandbox-audio-isolation",
     "sandbox-chat",
+    "sandbox-chat-mini",
 }
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
