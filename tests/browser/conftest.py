@@ -32,7 +32,10 @@ _users = itertools.count()
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: while Playwright's sync API is started, this thread counts as
+# running an event loop, and the other tests' asyncio.run() and async_to_sync() refuse to run
+# (pytest-randomly puts modules in any order; it never mixes two modules' tests).
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
