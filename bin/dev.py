@@ -132,9 +132,9 @@ def commands(settings: Any) -> list[tuple[str, list[str]]]:
                 PY,
                 "-m",
                 "gunicorn",
-                # ASGI under uvicorn workers: a chat stream waiting for tokens holds no thread
-                # (docs/chat.md). Each worker's event loop runs the rest of the API too, its
-                # database work in threads, with connections closed after each request.
+                # uvicorn workers: chat turns stream from Django's ASGI handler and hold no
+                # thread while they wait; the rest runs on each worker's pool of WEB_THREADS
+                # threads with persistent connections (rivya/asgi.py, docs/chat.md).
                 "rivya.asgi:application",
                 "--bind",
                 f"{host}:{port}",
