@@ -27,10 +27,6 @@ DESKTOP = {"width": 1280, "height": 900}
 MOBILE = {"width": 390, "height": 844}
 _users = itertools.count()
 
-# Playwright's sync API runs an event loop in this thread; Django refuses ORM calls from a thread
-# with a running loop unless told that is fine (the tests' own ORM calls are synchronous).
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-
 
 # Per module, not per session: while Playwright's sync API is started, this thread counts as
 # running an event loop, and the other tests' asyncio.run() and async_to_sync() refuse to run
@@ -41,7 +37,12 @@ def browser() -> Iterator[Any]:
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright:
+    # Playwright's sync API runs an event loop in this thread; Django refuses ORM calls from a
+    # thread with a running loop unless told that is fine (these tests' own ORM calls are
+    # synchronous). Only while a browser module runs: elsewhere the check keeps catching
+    # database calls made from async code.
+    with pytest.MonkeyPatch.context() as patch, sync_playwright() as playwright:
+        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
         chromium = playwright.chromium.launch(
             executable_path=CHROMIUM,
             args=[
