@@ -13,23 +13,9 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from billing import selectors as billing_selectors
-from billing.admin import credits_html
+from billing.admin import ReadOnlyAdmin, credits_html
 from chat.models import ChatMessage, ChatSession
 from chat.services import SUBJECT
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Viewable with the view permission; nobody adds, edits or deletes (the ledger refers to
-    these rows)."""
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 class MessageInline(admin.TabularInline):

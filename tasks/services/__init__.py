@@ -1,7 +1,7 @@
 """Writes for generation tasks, one module per part of the lifecycle.
 
 Every status change is one conditional UPDATE naming the states it leaves
-(``common._transition``); the code branches on the row count, and the winner writes the ledger
+(``common.transition_task``); the code branches on the row count, and the winner writes the ledger
 operation, the timeline event and the notification in the same database transaction
 (no double charge or refund, whatever the order of callbacks, polls and retries).
 Lock order everywhere: task row → hold row → account row → capacity rows.

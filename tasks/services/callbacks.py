@@ -17,7 +17,7 @@ from tasks.providers.base import (
 )
 from tasks.providers.registry import get_provider
 from tasks.services import enqueue
-from tasks.services.common import S, _event
+from tasks.services.common import S, record_event
 from tasks.services.refresh import task_refresh
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def callback_process(*, delivery_id: int) -> str:
         logger.error(
             "callback delivery %s gave up after %s attempts", delivery_id, delivery.attempts
         )
-        _event(
+        record_event(
             task.pk,
             "callback_failed",
             f"Callback {delivery.event_id} could not be applied after "
@@ -101,7 +101,7 @@ def callback_process(*, delivery_id: int) -> str:
         return "failed"
     provider = get_provider(task.provider)
     status = provider.status_from_callback(delivery.payload)
-    _event(
+    record_event(
         task.pk,
         "callback",
         f"Callback {delivery.event_id}",
@@ -112,7 +112,7 @@ def callback_process(*, delivery_id: int) -> str:
         if task.status != S.SUCCESS and status and status.state == JobState.SUCCEEDED:
             # Cancelled, or given up on (lost, unconfirmed past the grace): the result is
             # recorded for support; status, credits and results do not change.
-            _event(
+            record_event(
                 task.pk,
                 "late_result",
                 f"A result arrived after the task had finished ({task.status}); recorded, "

@@ -18,7 +18,15 @@ from rivya.errors import (
 from tasks.models import Task
 from tasks.providers.registry import get_provider
 from tasks.services import enqueue
-from tasks.services.common import S, _event, _notify, _settle, _transition, _ttl, policy_percent
+from tasks.services.common import (
+    S,
+    notify_user,
+    policy_percent,
+    record_event,
+    result_ttl,
+    settle_task,
+    transition_task,
+)
 
 
 def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
@@ -33,12 +41,12 @@ def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
         task = Task.objects.select_related("user").get(pk=task_id)
         who = "support" if actor is not None and actor.pk != task.user_id else "you"
         message = f"Cancelled by {who}." + (f" {reason}" if reason else "")
-        if not _transition(
+        if not transition_task(
             task_id,
             Task.UNFINISHED,
             S.CANCELLED,
             finished_at=now,
-            expires_at=now + _ttl(task),
+            expires_at=now + result_ttl(task),
             error_code="cancelled",
             error_message=message,
             error_kind="user",
@@ -58,9 +66,9 @@ def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
         Task.objects.filter(pk=task_id).update(
             charged_micro=charge, refunded_micro=task.reserved_micro - charge
         )
-        _settle(task, charge, f"{task.model_slug}: cancellation charge ({percent}%)")
-        _event(task_id, "cancelled", message, actor=getattr(actor, "pk", None))
-        _event(
+        settle_task(task, charge, f"{task.model_slug}: cancellation charge ({percent}%)")
+        record_event(task_id, "cancelled", message, actor=getattr(actor, "pk", None))
+        record_event(
             task_id,
             "credits_captured" if charge else "credits_released",
             f"Billing policy: {percent}% of the price is charged for cancelling work the "
@@ -70,7 +78,7 @@ def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
             amount_micro=charge or task.reserved_micro,
         )
         if who == "support":
-            _notify(
+            notify_user(
                 task,
                 Notification.Kind.GENERATION_CANCELLED,
                 "Your generation was cancelled",
@@ -115,7 +123,7 @@ def task_cancel_upstream(*, task_id: Any, upstream_id: str | None = None) -> Non
 
 def _cancel_done(task: Task, message: str, **data: Any) -> None:
     Task.objects.filter(pk=task.pk).update(upstream_cancel_done_at=timezone.now())
-    _event(task.pk, "upstream_cancel_requested", message, **data)
+    record_event(task.pk, "upstream_cancel_requested", message, **data)
 
 
 CANCEL_SWEEP_AFTER_S = 600  # longer than a cancel's own retries take
@@ -130,7 +138,7 @@ def task_cancel_upstream_gave_up(*, task_id: Any, upstream_id: str | None, error
     if task is None:
         return
     Task.objects.filter(pk=task.pk).update(upstream_cancel_done_at=timezone.now())
-    _event(
+    record_event(
         task.pk,
         "upstream_cancel_gave_up",
         f"The provider could not be asked to stop the job: {error[:300]}",
@@ -178,4 +186,4 @@ def task_delete(*, user: Any, task_id: Any) -> None:
         if Task.objects.filter(pk=task.pk, deleted_at__isnull=True).update(
             deleted_at=timezone.now()
         ):
-            _event(task.pk, "deleted", "Deleted by the user (hidden from their history).")
+            record_event(task.pk, "deleted", "Deleted by the user (hidden from their history).")

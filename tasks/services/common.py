@@ -16,11 +16,11 @@ SUBJECT = "tasks.task"  # how billing and notifications refer to a task
 S = Task.Status
 
 
-def _event(task_id: Any, kind: str, message: str = "", **data: Any) -> None:
+def record_event(task_id: Any, kind: str, message: str = "", **data: Any) -> None:
     TaskEvent.objects.create(task_id=task_id, kind=kind, message=message[:2000], data=data)
 
 
-def _transition(task_id: Any, sources: Sequence[str], target: str, **fields: Any) -> bool:
+def transition_task(task_id: Any, sources: Sequence[str], target: str, **fields: Any) -> bool:
     """One conditional UPDATE: True if this call moved the task, False if another got there
     first (or the task is in a state the transition does not leave)."""
     return (
@@ -35,7 +35,7 @@ def task_link(task_id: Any) -> str:
     return f"/history/{task_id}/"
 
 
-def _notify(task: Task, kind: str, title: str, body: str) -> None:
+def notify_user(task: Task, kind: str, title: str, body: str) -> None:
     notification_create(
         user=task.user,
         kind=kind,
@@ -47,11 +47,11 @@ def _notify(task: Task, kind: str, title: str, body: str) -> None:
     )
 
 
-def _ttl(task: Task) -> timedelta:
+def result_ttl(task: Task) -> timedelta:
     return timedelta(seconds=task.result_ttl_seconds)
 
 
-def _settle(task: Task, charge: int, reason: str) -> None:
+def settle_task(task: Task, charge: int, reason: str) -> None:
     """What the winner of a terminal transition does, in its transaction: give back the
     capacity slots, then capture ``charge`` of the hold (releasing the rest) or release it all.
 

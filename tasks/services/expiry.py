@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from notifications.models import Notification
 from tasks.models import Task, TaskEvent
-from tasks.services.common import S, _notify
+from tasks.services.common import S, notify_user
 
 
 def results_expire_due(*, limit: int = 200) -> int:
@@ -77,7 +77,7 @@ def results_warn_expiring() -> int:
             if Task.objects.filter(pk=task.pk, expiry_warned_at__isnull=True).update(
                 expiry_warned_at=now
             ):
-                _notify(
+                notify_user(
                     task,
                     Notification.Kind.RESULTS_EXPIRING,
                     "Results expiring soon",

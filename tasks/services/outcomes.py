@@ -13,7 +13,15 @@ from notifications.models import Notification
 from tasks.models import Task
 from tasks.pricing import success_charge
 from tasks.services import enqueue
-from tasks.services.common import S, _event, _notify, _settle, _transition, _ttl, policy_percent
+from tasks.services.common import (
+    S,
+    notify_user,
+    policy_percent,
+    record_event,
+    result_ttl,
+    settle_task,
+    transition_task,
+)
 
 
 @dataclass(frozen=True)
@@ -53,36 +61,36 @@ def task_succeed(*, task_id: Any, outputs: Sequence[StoredOutput]) -> bool:
             policy=task.billing_policy,
             delivered=got,
         )
-        if not _transition(
+        if not transition_task(
             task_id,
             [S.GENERATING],
             S.SUCCESS,
             results=[_result_dict(o) for o in outputs],
             finished_at=now,
             started_at=task.started_at or now,
-            expires_at=now + _ttl(task),
+            expires_at=now + result_ttl(task),
             charged_micro=charge,
             refunded_micro=task.reserved_micro - charge,
             outputs_requested=wanted,
             next_poll_at=None,
         ):
             return False
-        _settle(task, charge, f"{task.model_slug} generation")
-        _event(
+        settle_task(task, charge, f"{task.model_slug} generation")
+        record_event(
             task_id,
             "succeeded",
             f"{got} of {wanted} output(s) stored.",
             outputs=got,
             requested=wanted,
         )
-        _event(
+        record_event(
             task_id,
             "credits_captured",
             "Partial success: charged for the outputs delivered." if got < wanted else "",
             amount_micro=charge,
             released_micro=task.reserved_micro - charge,
         )
-        _notify(
+        notify_user(
             task,
             Notification.Kind.GENERATION_SUCCESS,
             "Your generation is ready",
@@ -131,7 +139,7 @@ def task_fail(
             if status == S.FAILED and accepted and percent and charge_policy
             else 0
         )
-        if not _transition(
+        if not transition_task(
             task_id,
             sources,
             status,
@@ -139,21 +147,21 @@ def task_fail(
             error_message=message,
             error_kind=kind,
             finished_at=now,
-            expires_at=now + _ttl(task),
+            expires_at=now + result_ttl(task),
             charged_micro=charge,
             refunded_micro=task.reserved_micro - charge,
             next_poll_at=None,
             **({"cancel_requested_at": now} if cancel_upstream and task.upstream_id else {}),
         ):
             return False
-        _settle(task, charge, f"{task.model_slug}: failure charge ({percent}%)")
+        settle_task(task, charge, f"{task.model_slug}: failure charge ({percent}%)")
         if cancel_upstream and task.upstream_id:
             upstream_id = task.upstream_id
             transaction.on_commit(
                 lambda: enqueue.cancel_upstream(task_id, upstream_id), robust=True
             )
-        _event(task_id, status.lower(), message, code=code, error_kind=kind)
-        _event(
+        record_event(task_id, status.lower(), message, code=code, error_kind=kind)
+        record_event(
             task_id,
             "credits_captured" if charge else "credits_released",
             f"Billing policy: {percent}% of the price is charged for failures after the "
@@ -168,5 +176,5 @@ def task_fail(
             if not charge
             else (f"Per this model's billing policy {percent}% was charged.")
         )
-        _notify(task, notif_kind, title, f"{task.model_slug}: {message} {refund}")
+        notify_user(task, notif_kind, title, f"{task.model_slug}: {message} {refund}")
     return True

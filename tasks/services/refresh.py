@@ -26,7 +26,7 @@ from tasks.providers.base import (
     ProviderError,
 )
 from tasks.providers.registry import get_provider
-from tasks.services.common import S, _event
+from tasks.services.common import S, record_event
 from tasks.services.outcomes import StoredOutput, task_fail, task_succeed
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _job_not_found(task: Task) -> None:
         not_found_count=F("not_found_count") + 1,
     )
     task.refresh_from_db(fields=["not_found_since", "not_found_count"])
-    _event(
+    record_event(
         task.pk,
         "upstream_not_found",
         "The provider says it does not know this job.",
@@ -123,7 +123,7 @@ def _timeout_unconfirmed(task: Task, message: str, **data: Any) -> None:
         pk=task.pk, status=S.GENERATING, timeout_unconfirmed_at__isnull=True
     ).update(timeout_unconfirmed_at=now):
         logger.warning("task %s past its timeout, unconfirmed upstream: %s", task.pk, message)
-        _event(task.pk, "timeout_unconfirmed", message, **data)
+        record_event(task.pk, "timeout_unconfirmed", message, **data)
         return
     flagged = task.timeout_unconfirmed_at
     grace = timedelta(seconds=settings.TASK_UNCONFIRMED_GRACE)
@@ -164,7 +164,7 @@ def task_refresh(*, task_id: Any, reason: str = "poll", status: JobStatus | None
             if exc.code == "job_not_found":
                 _job_not_found(task)
                 return
-            _event(task_id, "poll_failed", exc.message, code=exc.code, reason=reason)
+            record_event(task_id, "poll_failed", exc.message, code=exc.code, reason=reason)
             if _overdue(task, timezone.now()):
                 # A status check that keeps failing (a rotated key, unreadable answers) must
                 # not keep the task, its credits and its capacity slot forever.
@@ -176,7 +176,7 @@ def task_refresh(*, task_id: Any, reason: str = "poll", status: JobStatus | None
                 )
             return
     _status_seen(task)
-    _event(
+    record_event(
         task_id,
         "polled",
         f"Upstream status: {status.state.value}.",
@@ -310,7 +310,7 @@ def _release_outputs(task: Task) -> None:
 def _store_and_succeed(task: Task, status: JobStatus, reason: str, *, fresh: bool) -> None:
     if not _claim_outputs(task):
         if Task.objects.filter(pk=task.pk, status=S.GENERATING).exists():
-            _event(task.pk, "outputs_busy", "Another worker is storing this task's results.")
+            record_event(task.pk, "outputs_busy", "Another worker is storing this task's results.")
         return
     task.refresh_from_db(fields=["output_attempts"])
     if task.output_attempts > settings.TASK_OUTPUT_MAX_ATTEMPTS:
@@ -387,7 +387,7 @@ def _download_and_succeed(task: Task, status: JobStatus, reason: str, *, fresh: 
     except ProviderError as exc:
         for name in names:
             default_storage.delete(name)
-        _event(task.pk, "download_failed", exc.message, code=exc.code, fresh=fresh)
+        record_event(task.pk, "download_failed", exc.message, code=exc.code, fresh=fresh)
         _release_outputs(task)
         if exc.retryable:
             return  # the poller comes back on schedule
@@ -419,7 +419,7 @@ def _download_and_succeed(task: Task, status: JobStatus, reason: str, *, fresh: 
             default_storage.delete(name)
         current = Task.objects.filter(pk=task.pk).values_list("status", flat=True).first()
         if current == S.CANCELLED:
-            _event(
+            record_event(
                 task.pk,
                 "late_result",
                 "A result arrived after cancellation; recorded, nothing else changed.",
@@ -431,10 +431,10 @@ def _refetch_and_finish(task: Task, provider: Any, reason: str) -> None:
     try:
         current = provider.fetch_status(task.upstream_id)
     except ProviderError as exc:
-        _event(task.pk, "poll_failed", exc.message, code=exc.code, reason="fresh result urls")
+        record_event(task.pk, "poll_failed", exc.message, code=exc.code, reason="fresh result urls")
         return  # the poller asks again on schedule
     _status_seen(task)
-    _event(
+    record_event(
         task.pk,
         "polled",
         f"Upstream status: {current.state.value} (fresh result URLs).",

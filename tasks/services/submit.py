@@ -25,8 +25,8 @@ from tasks.media import MediaInfo
 from tasks.models import AIModel, Task, Upload
 from tasks.pricing import task_price
 from tasks.services import enqueue
-from tasks.services.common import SUBJECT, S, _event, _notify, _transition, _ttl
-from tasks.services.uploads import _inspect, upload_create
+from tasks.services.common import SUBJECT, S, notify_user, record_event, result_ttl, transition_task
+from tasks.services.uploads import inspect_upload, upload_create
 from tasks.validation import FileCheck, check_files, check_prompt, normalize_params
 
 
@@ -109,7 +109,7 @@ def task_submit(
                 {"files": [f"{file.name}: over the {settings.MAX_UPLOAD_BYTES}-byte limit."]},
                 code="file_too_large",
             )
-        checks.append(FileCheck(file.name or "file", _inspect(file), file.size))
+        checks.append(FileCheck(file.name or "file", inspect_upload(file), file.size))
     check_files(model.file_rules, checks)
     price = task_price(
         model=model, params=params, durations_ms=[c.info.duration_ms or 0 for c in checks]
@@ -134,7 +134,7 @@ def task_submit(
             poll_interval_seconds=model.poll_interval_seconds,
             result_ttl_seconds=model.result_ttl_seconds or settings.TASK_RESULT_TTL,
         )
-        _event(
+        record_event(
             task.pk,
             "created",
             f"Submitted {model.slug} at {price} micro-credits.",
@@ -155,11 +155,11 @@ def task_submit(
                 task.refresh_from_db()
                 return SubmitOutcome(task=task, accepted=False)
             Task.objects.filter(pk=task.pk).update(reserved_micro=price)
-            _event(task.pk, "credits_held", amount_micro=price)
+            record_event(task.pk, "credits_held", amount_micro=price)
         else:
             # A free model (price 0, which the catalog allows): nothing to hold, so no hold; the
             # outcome settles nothing and ledger_check expects no hold for it.
-            _event(task.pk, "free", "Free model: no credits held.")
+            record_event(task.pk, "free", "Free model: no credits held.")
         # robust: a broker outage must not turn a committed submit into a 500 (the client
         # might retry and pay twice); the reconciler submits what was not queued.
         transaction.on_commit(lambda: enqueue.submit(task.pk), robust=True)
@@ -187,7 +187,7 @@ def _policy(model: AIModel) -> dict[str, Any]:
 
 def _refuse_for_credits(task: Task, exc: InsufficientCredits) -> None:
     now = timezone.now()
-    _transition(
+    transition_task(
         task.pk,
         [S.WAITING],
         S.FAILED,
@@ -195,17 +195,17 @@ def _refuse_for_credits(task: Task, exc: InsufficientCredits) -> None:
         error_message=exc.message,
         error_kind="user",
         finished_at=now,
-        expires_at=now + _ttl(task),
+        expires_at=now + result_ttl(task),
     )
     capacity_release(task=task)
-    _event(
+    record_event(
         task.pk,
         "failed",
         "Not enough credits; nothing was sent upstream.",
         code="insufficient_credits",
         **exc.extra,
     )
-    _notify(
+    notify_user(
         task,
         Notification.Kind.INSUFFICIENT_CREDITS,
         "Not enough credits",

@@ -29,7 +29,7 @@ from tasks.models import AIModel, Task, Upload
 from tasks.pricing import task_price
 from tasks.services import enqueue
 from tasks.services.cancel import task_cancel
-from tasks.services.common import SUBJECT, S, _event
+from tasks.services.common import SUBJECT, S, record_event
 from tasks.services.outcomes import task_fail
 from tasks.services.refresh import task_refresh
 from tasks.services.submit import task_submit
@@ -158,7 +158,7 @@ def task_support_recheck(*, task_id: Any, actor: Any, reason: str, token: str) -
                 code="submit_stuck",
             )
         with transaction.atomic():
-            _event(
+            record_event(
                 task.pk,
                 "support_recheck",
                 f"Re-check upstream by {actor.get_username()}: {reason}",
@@ -190,7 +190,7 @@ def task_support_cancel(*, task_id: Any, actor: Any, reason: str, token: str) ->
         task = _locked(task_id)
         _require(task, Task.UNFINISHED, "cancel")
         task = task_cancel(task_id=task.pk, actor=actor, reason=reason)
-        _event(
+        record_event(
             task.pk,
             "support_cancel",
             f"Cancelled by {actor.get_username()}: {reason}",
@@ -231,7 +231,7 @@ def task_support_fail(
             # No job id known, but a submit was sent: the cancel asks the provider by key.
             transaction.on_commit(lambda: enqueue.cancel_upstream(task.pk, None), robust=True)
         task.refresh_from_db()
-        _event(
+        record_event(
             task.pk,
             "support_fail",
             f"Marked failed by {actor.get_username()}: {reason}",
@@ -290,7 +290,7 @@ def task_support_refund(
         except DomainError as exc:
             raise ActionRefused(exc.message, code=exc.code) from exc
         refunded = sum(e.amount for e in txn.entries.all() if e.amount > 0)
-        _event(
+        record_event(
             task.pk,
             "support_refund",
             f"{format_credits(refunded)} credits refunded by {actor.get_username()}: {reason}",
@@ -362,7 +362,7 @@ def task_support_resubmit(
             )
         new = outcome.task
         audit = _audit(actor, reason, token, at_our_cost=at_our_cost, grant_id=grant_id)
-        _event(
+        record_event(
             task.pk,
             f"support_{action}",
             f"Resubmitted as task {new.pk} by {actor.get_username()}"
@@ -371,7 +371,7 @@ def task_support_resubmit(
             new_task_id=str(new.pk),
             **audit,
         )
-        _event(
+        record_event(
             new.pk,
             "resubmitted_from",
             f"Resubmission of task {task.pk} by {actor.get_username()}: {reason}",

@@ -13,7 +13,7 @@ from tasks.media import MediaError, MediaInfo, inspect_media
 from tasks.models import Upload
 
 
-def _inspect(file: Any, *, field: str = "files") -> MediaInfo:
+def inspect_upload(file: Any, *, field: str = "files") -> MediaInfo:
     """The file's type, dimensions and duration, read from its content.
 
     Raises ValidationFailed under ``field``, the multipart field the client sent the file in
@@ -38,7 +38,7 @@ def upload_create(*, user: Any, file: Any) -> Upload:
             {"file": [f"Files are limited to {settings.MAX_UPLOAD_BYTES} bytes."]},
             code="file_too_large",
         )
-    info = _inspect(file, field="file")
+    info = inspect_upload(file, field="file")
     import hashlib
 
     digest = hashlib.sha256()

@@ -24,7 +24,7 @@ from tasks.providers.base import (
 )
 from tasks.providers.registry import get_provider
 from tasks.services import enqueue
-from tasks.services.common import S, _event, _transition
+from tasks.services.common import S, record_event, transition_task
 from tasks.services.outcomes import task_fail
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _record_acceptance(task: Task, upstream_id: str, message: str) -> bool:
     task_id = task.pk
     now = timezone.now()
     with transaction.atomic():
-        moved = _transition(
+        moved = transition_task(
             task_id,
             [S.WAITING],
             S.GENERATING,
@@ -97,7 +97,7 @@ def _record_acceptance(task: Task, upstream_id: str, message: str) -> bool:
             next_poll_at=now + timedelta(seconds=task.poll_interval_seconds),
         )
         if moved:
-            _event(task_id, "submitted", message, upstream_id=upstream_id)
+            record_event(task_id, "submitted", message, upstream_id=upstream_id)
         elif (
             Task.objects.filter(pk=task_id).values_list("upstream_id", flat=True).first()
             != upstream_id
@@ -107,7 +107,7 @@ def _record_acceptance(task: Task, upstream_id: str, message: str) -> bool:
             # key (a resubmit overlapping a slow submit, a redelivered message, a second beat)
             # gets that same job back and loses the UPDATE to the attempt that stored it;
             # cancelling it would fail the task.
-            _event(
+            record_event(
                 task_id,
                 "late_upstream_acceptance",
                 "The upstream accepted the job after the task had finished; cancelling it.",
@@ -183,7 +183,7 @@ def _mark_stuck(task: Task) -> None:
         task.pk,
         task.submit_attempts,
     )
-    _event(
+    record_event(
         task.pk,
         "submit_stuck",
         f"Not sent again after {task.submit_attempts} attempts that got no answer. Support: "
@@ -223,7 +223,7 @@ def task_submit_attempt_failed(*, task_id: Any, error: ProviderError) -> None:
             cancel_requested_at=Coalesce(F("cancel_requested_at"), Value(now)),
         ):
             transaction.on_commit(lambda: enqueue.cancel_upstream(task_id), robust=True)
-    _event(
+    record_event(
         task_id,
         "submit_error",
         error.message[:500],
@@ -262,7 +262,9 @@ def task_submit_failed(*, task_id: Any, error: ProviderError) -> bool:
             # again (the reconciler resends with the same key).
             _flag_unconfirmed(task, error)
             return False
-        _event(task_id, "upstream_job_absent", "The provider confirms it has no job for this task.")
+        record_event(
+            task_id, "upstream_job_absent", "The provider confirms it has no job for this task."
+        )
     kind = "provider" if not error.retryable else "infra"
     message = (
         "The provider refused this request: " + error.message
@@ -297,7 +299,7 @@ def _flag_unconfirmed(task: Task, error: ProviderError) -> None:
         submit_unconfirmed_at=timezone.now()
     ):
         logger.warning("task %s: submission unconfirmed (%s); credits stay held", task.pk, error)
-        _event(
+        record_event(
             task.pk,
             "submit_unconfirmed",
             "The provider may have received this job without answering, and cannot say now "
