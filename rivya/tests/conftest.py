@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from html.parser import HTMLParser
 from typing import Any
 
 import pytest
@@ -125,3 +126,34 @@ def studio_user(make_user: Any, seeded_catalog: None) -> Callable[..., Any]:
         return some_user
 
     return make
+
+
+# --- Form controls (Studio and Chat pages) -----------------------------------------------------
+
+
+class FormControls(HTMLParser):
+    """The form controls of a page and the ``for`` of its labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.controls: list[dict[str, str | None]] = []
+        self.label_for: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag in ("input", "select", "textarea") and a.get("type") != "hidden":
+            self.controls.append({"tag": tag, **a})
+        if tag == "label" and a.get("for"):
+            self.label_for.add(a["for"] or "")
+
+
+@pytest.fixture
+def form_controls() -> Callable[[str | bytes], FormControls]:
+    """``form_controls(html)``: the page's form controls and the ids its labels name."""
+
+    def parse(html: str | bytes) -> FormControls:
+        parser = FormControls()
+        parser.feed(html.decode() if isinstance(html, bytes) else html)
+        return parser
+
+    return parse

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from html.parser import HTMLParser
 from typing import Any
 
 import pytest
@@ -69,28 +68,6 @@ def turn(
     )
 
 
-class Controls(HTMLParser):
-    """The form controls of a page and the ``for`` of its labels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.controls: list[dict[str, str | None]] = []
-        self.label_for: set[str] = set()
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if tag in ("input", "select", "textarea") and a.get("type") != "hidden":
-            self.controls.append({"tag": tag, **a})
-        if tag == "label" and a.get("for"):
-            self.label_for.add(a["for"] or "")
-
-
-def controls(html: str) -> Controls:
-    parser = Controls()
-    parser.feed(html)
-    return parser
-
-
 def by_testid(html: str, name: str) -> list[str]:
     """The text of the elements marked ``name``, outside the page's <template>s (chat.js's)."""
     html = re.sub(r"<template.*?</template>", "", html, flags=re.S)
@@ -123,7 +100,7 @@ def test_a_chat_models_price_is_per_million_tokens_input_and_output(
 
 
 def test_the_list_shows_the_users_chats_newest_activity_first_and_the_models(
-    chat_user: Any, django_assert_max_num_queries: Any
+    chat_user: Any, django_assert_max_num_queries: Any, form_controls: Any
 ) -> None:
     me, other = chat_user(), chat_user()
     first = services.create_session(user=me, model_slug="sandbox-chat", title="First")
@@ -149,7 +126,7 @@ def test_the_list_shows_the_users_chats_newest_activity_first_and_the_models(
         "2 credits per million input tokens, 8 per million output tokens"
     ]
     assert 'href="/chat/" aria-current="page"' in html  # the header's Chat link
-    parsed = controls(html)
+    parsed = form_controls(html)
     for control in parsed.controls:
         assert control.get("id") in parsed.label_for, control
 
@@ -277,14 +254,14 @@ def test_the_conversation_shows_each_turns_tokens_credits_and_notices(
 
 
 def test_the_message_box_has_max_tokens_options_and_the_testing_knobs_collapsed(
-    chat_user: Any,
+    chat_user: Any, form_controls: Any
 ) -> None:
     me = chat_user()
     session = services.create_session(user=me, model_slug="sandbox-chat-mini")
 
     html = logged_in(me).get(f"/chat/{session.pk}/").content.decode()
 
-    parsed = controls(html)
+    parsed = form_controls(html)
     for control in parsed.controls:
         assert control.get("id") in parsed.label_for, control
     names = [c.get("name") for c in parsed.controls]

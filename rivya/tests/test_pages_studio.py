@@ -7,7 +7,6 @@ import io
 import json
 import re
 from datetime import timedelta
-from html.parser import HTMLParser
 from typing import Any
 
 import pytest
@@ -35,28 +34,6 @@ def logged_in(some_user: Any) -> Client:
 
 def schema_of(slug: str) -> dict[str, Any]:
     return next(spec for spec in SEED if spec["slug"] == slug)["params_schema"]
-
-
-class Inputs(HTMLParser):
-    """The form controls of a page and the ``for`` of its labels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.controls: list[dict[str, str | None]] = []
-        self.label_for: set[str] = set()
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if tag in ("input", "select", "textarea") and a.get("type") != "hidden":
-            self.controls.append({"tag": tag, **a})
-        if tag == "label" and a.get("for"):
-            self.label_for.add(a["for"] or "")
-
-
-def inputs(content: bytes) -> Inputs:
-    parser = Inputs()
-    parser.feed(content.decode())
-    return parser
 
 
 def submit_data(model: str = "sandbox-image", prompt: str = "a red fox", **params: Any) -> dict:
@@ -178,7 +155,9 @@ def test_file_rules_read_as_plain_words() -> None:
 # --- the page -----------------------------------------------------------------------------
 
 
-def test_the_studio_opens_on_the_image_model_with_every_input_labelled(studio_user: Any) -> None:
+def test_the_studio_opens_on_the_image_model_with_every_input_labelled(
+    studio_user: Any, form_controls: Any
+) -> None:
     client = logged_in(studio_user())
 
     response = client.get("/studio/")
@@ -186,7 +165,7 @@ def test_the_studio_opens_on_the_image_model_with_every_input_labelled(studio_us
     assert response.status_code == 200
     page = response.content.decode()
     assert 'data-model="sandbox-image"' in page
-    found = inputs(response.content)
+    found = form_controls(response.content)
     ids = {c["id"] for c in found.controls}
     assert {"id_prompt", "id_param_width", "id_param_num_outputs", "id_files"} <= ids
     assert all(c.get("id") in found.label_for for c in found.controls), found.controls
