@@ -15,6 +15,17 @@ class Category(models.TextChoices):
     VIDEO = "video", "Video"
     AUDIO = "audio", "Audio"
     CHAT = "chat", "Chat"
+    TEXT = "text", "Text"  # synchronous text services: transcription, completion, translation
+
+
+class SingleType(models.TextChoices):
+    """The synchronous ("single") task types served at ``/api/v1/single/<type>/``
+    (``tasks.single.registry`` holds what each one runs)."""
+
+    TRANSCRIPTION = "transcription", "Transcription"
+    COMPLETION = "completion", "Completion"
+    TRANSLATION = "translation", "Translation"
+    TEXT_TO_SPEECH = "text_to_speech", "Text to speech"
 
 
 class AIModel(models.Model):
@@ -29,6 +40,7 @@ class AIModel(models.Model):
         PER_OUTPUT = "per_output", "Per output (e.g. per image)"
         PER_OUTPUT_SECOND = "per_output_second", "Per output second"
         PER_TOKEN = "per_token", "Per token"
+        PER_CHARACTER = "per_character", "Per input character"
 
     slug = models.SlugField(max_length=100, unique=True)
     name = models.CharField(max_length=200)
@@ -37,6 +49,12 @@ class AIModel(models.Model):
     provider = models.CharField(max_length=32, help_text="provider key, e.g. 'sandbox'")
     upstream_model = models.CharField(max_length=200, help_text="the provider's model id")
     runtime = models.CharField(max_length=8, choices=Runtime.choices, default=Runtime.ASYNC)
+    single_type = models.CharField(
+        max_length=32,
+        choices=SingleType.choices,
+        blank=True,
+        help_text="synchronous models: the /api/v1/single/<type>/ service they run",
+    )
     enabled = models.BooleanField(default=True, help_text="listed and usable")
     direct_generation = models.BooleanField(
         default=True, help_text="usable directly from the Studio / tasks API"
@@ -127,6 +145,16 @@ class Task(models.Model):
     prompt = models.TextField(blank=True)
     params = models.JSONField(default=dict, blank=True)
     upload_ids = models.JSONField(default=list, blank=True)
+    # A synchronous ("single") task: its runtime and type, snapshotted from the model, the
+    # dataset of files it was sent with, and the time by which the request (or, for one accepted
+    # with ``Prefer: respond-async``, the worker) running it must have finished it. Past that the
+    # reconciler refunds it: its process died mid-request. Async tasks leave these empty.
+    runtime = models.CharField(max_length=8, default=AIModel.Runtime.ASYNC)
+    single_type = models.CharField(max_length=32, choices=SingleType.choices, blank=True)
+    dataset = models.ForeignKey(
+        "Dataset", on_delete=models.PROTECT, null=True, blank=True, related_name="tasks"
+    )
+    sync_deadline_at = models.DateTimeField(null=True, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.WAITING)
     price_micro = models.BigIntegerField()
     billing_type = models.CharField(max_length=24)
@@ -245,6 +273,12 @@ class Task(models.Model):
                 fields=["timeout_unconfirmed_at"],
                 condition=Q(status="GENERATING", timeout_unconfirmed_at__isnull=False),
                 name="task_timeout_unconfirmed",
+            ),
+            # The single-task reconciler: synchronous tasks still running, by deadline.
+            models.Index(
+                fields=["sync_deadline_at"],
+                condition=Q(status="GENERATING", runtime="sync"),
+                name="task_sync_deadline",
             ),
             # Expiry: finished tasks whose files are still stored, by expiry time.
             models.Index(
@@ -377,3 +411,86 @@ class CapacityCounter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.scope}: {self.running}"
+
+
+def dataset_file_path(instance: DatasetFile, filename: str) -> str:
+    # Never the user's file name: the dataset's directory and the file's position in it.
+    return f"datasets/{instance.dataset.user_id}/{instance.dataset_id}/{instance.position}"
+
+
+class Dataset(models.Model):
+    """The files sent with a synchronous task, stored before the task is created.
+
+    PENDING while its files are uploaded to storage; COMPLETED when all are stored and their
+    ``DatasetFile`` rows written; FAILED when a file could not be stored (the files already
+    stored are removed, so nothing is left behind). A COMPLETED dataset is attached to its task.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "PENDING", "Pending"
+        COMPLETED = "COMPLETED", "Completed"
+        FAILED = "FAILED", "Failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="datasets"
+    )
+    purpose = models.CharField(max_length=32, help_text="the single task type it was sent to")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    file_count = models.PositiveIntegerField(default=0)
+    total_bytes = models.BigIntegerField(default=0)
+    error_message = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["user", "-created_at"], name="dataset_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.status}, {self.file_count} files)"
+
+
+class DatasetFile(models.Model):
+    """One stored file of a COMPLETED dataset, its type and size verified by content."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="files")
+    position = models.PositiveIntegerField()
+    file = models.FileField(upload_to=dataset_file_path, max_length=300)
+    original_name = models.CharField(max_length=255, blank=True)
+    mime = models.CharField(max_length=100)
+    bytes = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("dataset", "position")
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "position"], name="dataset_file_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.dataset_id}/{self.position} ({self.mime}, {self.bytes} B)"
+
+
+class GateSlot(models.Model):
+    """One slot of a concurrency gate kept in the database (``tasks.single.gate``), used when
+    no Redis is configured: a holder takes a free or expired slot with a conditional UPDATE and
+    keeps it until it gives it back or its lease ends (a killed process loses its slots when
+    their leases run out)."""
+
+    gate = models.CharField(max_length=32)
+    slot = models.PositiveIntegerField()
+    holder = models.CharField(max_length=64, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["gate", "slot"], name="gate_slot_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.gate}:{self.slot} {self.holder or 'free'}"

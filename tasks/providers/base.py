@@ -138,6 +138,91 @@ class ChatEnd:
     error: ProviderError | None = None  # set when the provider failed mid-stream
 
 
+# ---- synchronous ("single") services: one request, one answer ------------------------------
+# Called on an event loop (``await provider.translate(...)``), each bounded by ``timeout_s`` in
+# all. An answer saying the input itself is unusable (unreadable audio, a content policy) raises
+# ``InputRejected``; every other failure a ``ProviderError``.
+
+
+@dataclass(frozen=True)
+class TranslationRequest:
+    model: str  # the provider's model id (AIModel.upstream_model)
+    text: str
+    source_language: str  # ISO 639-1, e.g. "en"
+    target_language: str
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TranslationResult:
+    text: str
+    characters: int  # characters of the source text the provider counted (what it bills)
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompt: str
+    max_tokens: int
+    params: Mapping[str, Any]
+    files: tuple[InputFile, ...] = ()
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    usage: ChatUsage | None
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    model: str
+    text: str
+    voice: str
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SpeechResult:
+    audio: bytes
+    mime: str  # e.g. "audio/wav"
+    duration_ms: int
+    voice: str
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    model: str
+    audio: InputFile
+    language: str | None  # ISO 639-1; None: let the provider detect it
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    start_ms: int
+    end_ms: int
+    confidence: float  # 0..1
+
+
+@dataclass(frozen=True)
+class TranscriptionResult:
+    text: str
+    language: str
+    duration_ms: int
+    words: tuple[Word, ...]
+
+
+class InputRejected(ProviderError):
+    """The provider refused the input itself (content policy, an unreadable or unsupported
+    file): the task is REJECTED, not FAILED, and a retry with the same input will not help."""
+
+    def __init__(self, message: str, *, code: str = "input_rejected", status: int | None = None):
+        super().__init__(message, retryable=False, code=code, status=status)
+
+
 class InvalidSignature(Exception):
     """A callback whose signature (or timestamp) does not verify: refused with 401."""
 
@@ -169,6 +254,22 @@ class Provider(Protocol):
         ``timeout_s`` in all (else a retryable one: a slow trickle must not outlive the lease
         on storing the outputs)."""
         ...
+
+    async def translate(
+        self, request: TranslationRequest, *, timeout_s: float
+    ) -> TranslationResult: ...
+
+    async def complete(
+        self, request: CompletionRequest, *, timeout_s: float
+    ) -> CompletionResult: ...
+
+    async def synthesize_speech(
+        self, request: SpeechRequest, *, timeout_s: float
+    ) -> SpeechResult: ...
+
+    async def transcribe(
+        self, request: TranscriptionRequest, *, timeout_s: float
+    ) -> TranscriptionResult: ...
 
     def stream_chat(self, request: ChatRequest) -> AsyncIterator[ChatDelta | ChatEnd]:
         """A streamed chat reply (an async generator; close it with ``aclose()`` when you stop
