@@ -1,16 +1,19 @@
 """The one HTTP seam for every provider adapter.
 
-Adapters never build their own clients: they call ``request()`` / ``stream()`` (or, for streamed
-replies read on an event loop, ``astream()`` with ``aiter_sse()``) here, which turn transport
-failures into ``ProviderError(retryable=True)``, and ``raise_for_status()``, which maps an HTTP
-status to a ``ProviderError`` saying whether a retry may help.
+Adapters never build their own clients: they call ``request()`` / ``stream()`` (or, on an event
+loop, ``arequest()`` for one bounded request and ``astream()`` with ``aiter_sse()`` for streamed
+replies) here, which turn transport failures into ``ProviderError(retryable=True)``, and
+``raise_for_status()``, which maps an HTTP status to a ``ProviderError`` saying whether a retry
+may help.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -105,6 +108,84 @@ def _shared_ssl_context() -> ssl.SSLContext:
         if _ssl_context is None:
             _ssl_context = httpx.create_ssl_context()
         return _ssl_context
+
+
+# ---- one request on an event loop: arequest() ------------------------------------------------
+
+# An AsyncClient's pooled connections belong to the loop that opened them, so each loop has its
+# own client (an ASGI server's loop, a Celery worker's asyncio.run, a test's). Keyed weakly: a
+# loop that is garbage-collected takes its entry with it.
+_aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[int, httpx.AsyncClient]] = (
+    weakref.WeakKeyDictionary()
+)
+# Concurrency is bounded in front of us (the single tasks' gate), not by the pool: a pool wait
+# would spend the caller's deadline without saying so.
+ASYNC_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _loop_client() -> httpx.AsyncClient:
+    """The running loop's pooled client, created on first use. Clients of loops that have
+    closed are dropped (never reused: their connections belong to a dead loop; and since open
+    connections refer to their loop, the weak key alone would not free them); so is one
+    inherited across a fork."""
+    loop = asyncio.get_running_loop()
+    pid = os.getpid()
+    verify = _shared_ssl_context()  # takes _lock itself
+    with _lock:
+        for dead in [other for other in _aclients if other.is_closed()]:
+            del _aclients[dead]
+        entry = _aclients.get(loop)
+        if entry is None or entry[0] != pid or entry[1].is_closed:
+            client = httpx.AsyncClient(
+                timeout=TIMEOUT,
+                trust_env=False,
+                follow_redirects=False,
+                verify=verify,
+                limits=ASYNC_LIMITS,
+            )
+            entry = (pid, client)
+            _aclients[loop] = entry
+        return entry[1]
+
+
+async def aclose_clients() -> None:
+    """Close the running loop's pooled client, if it has one. Call it before a loop ends (a
+    worker's ``asyncio.run``): its connections are then closed cleanly instead of being left to
+    the garbage collector of a closed loop. The next ``arequest()`` on this loop opens a new
+    client."""
+    loop = asyncio.get_running_loop()
+    with _lock:
+        entry = _aclients.pop(loop, None)
+    if entry is not None and entry[0] == os.getpid():
+        await entry[1].aclose()
+
+
+async def arequest(method: str, url: str, *, timeout_s: float, **kwargs: Any) -> httpx.Response:
+    """Send one request from an event loop and read the whole answer, all within ``timeout_s``
+    (an overall deadline, not a per-read one: a trickling answer cannot stretch it). Does not
+    look at the status.
+
+    Raises ``ProviderError``: ``upstream_timeout`` (not retryable: the caller's time is spent;
+    ``maybe_received``: the upstream may be working on it) when the deadline passes, and the
+    same retryable errors as ``request()`` for transport failures. Cancelling the caller closes
+    the connection, which tells the upstream we left."""
+    client = _loop_client()
+    # httpx's own timeouts lie past the deadline, so the deadline decides; connecting keeps its
+    # shorter limit (a refused or unroutable upstream is "unreachable", not "slow").
+    timeout = httpx.Timeout(timeout_s + 1.0, connect=min(CONNECT_TIMEOUT_S, timeout_s + 1.0))
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await client.request(method, url, timeout=timeout, **kwargs)
+    except TimeoutError as exc:
+        raise ProviderError(
+            f"{method} {url}: no answer within {timeout_s:g} s",
+            retryable=False,
+            code="upstream_timeout",
+            maybe_received=True,
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise _transport_error(method, url, exc) from exc
 
 
 @asynccontextmanager

@@ -24,13 +24,24 @@ from tasks.providers.base import (
     ChatEnd,
     ChatRequest,
     ChatUsage,
+    CompletionRequest,
+    CompletionResult,
+    InputFile,
+    InputRejected,
     InvalidSignature,
     JobState,
     JobStatus,
     Output,
     ProviderError,
+    SpeechRequest,
+    SpeechResult,
     SubmitRequest,
     SubmitResult,
+    TranscriptionRequest,
+    TranscriptionResult,
+    TranslationRequest,
+    TranslationResult,
+    Word,
 )
 
 # Standard Webhooks' tolerance. The library checks it too, but we do not rely on a vendor
@@ -272,6 +283,164 @@ class SandboxProvider:
             )
         yield end
 
+    # ---- synchronous services (POST /v1/translate, /completions, /speech, /transcriptions) --
+
+    async def _single(self, path: str, body: dict[str, Any], timeout_s: float) -> httpx.Response:
+        """POST ``body`` to a synchronous service within ``timeout_s``: a 2xx answer, else
+        ``InputRejected`` for a 422 naming its code (the input itself is refused: an
+        unsupported language or voice, unreadable audio, a content policy), else the usual
+        ``ProviderError`` for the status (a 5xx such as ``sandbox_failure`` is retryable)."""
+        response = await http.arequest(
+            "POST", f"{self._base_url}{path}", json=body, timeout_s=timeout_s
+        )
+        if response.status_code == 422:
+            code = _error_code(response)
+            if code:
+                raise InputRejected(
+                    f"sandbox refused the input: {_error_message(response) or code}",
+                    code=code,
+                    status=422,
+                )
+        _raise_for_status(response)
+        return response
+
+    async def translate(
+        self, request: TranslationRequest, *, timeout_s: float
+    ) -> TranslationResult:
+        """``POST /v1/translate``. ``characters`` is what the sandbox counted (the text's
+        length in code points)."""
+        response = await self._single(
+            "/v1/translate",
+            {
+                "model": request.model,
+                "text": request.text,
+                "source_language": request.source_language,
+                "target_language": request.target_language,
+                "params": dict(request.params),
+            },
+            timeout_s,
+        )
+        data = _json(response, maybe_received=True)
+        text, characters = data.get("text"), data.get("characters")
+        if not isinstance(text, str) or not _count(characters):
+            raise _single_bad("translation", "no text or characters")
+        return TranslationResult(text=text, characters=characters)
+
+    async def complete(self, request: CompletionRequest, *, timeout_s: float) -> CompletionResult:
+        """``POST /v1/completions``: one whole completion (not streamed). ``finish_reason``
+        is "length" when ``max_tokens`` cut it, else "stop"; ``usage`` None when the answer
+        has none."""
+        response = await self._single(
+            "/v1/completions",
+            {
+                "model": request.model,
+                "prompt": request.prompt,
+                "max_tokens": request.max_tokens,
+                "params": dict(request.params),
+                "files": [_file_json(f) for f in request.files],
+            },
+            timeout_s,
+        )
+        data = _json(response, maybe_received=True)
+        text, reason, usage = data.get("text"), data.get("finish_reason"), data.get("usage")
+        if not isinstance(text, str) or not isinstance(reason, str):
+            raise _single_bad("completion", "no text or finish_reason")
+        result_usage: ChatUsage | None = None
+        if usage is not None:
+            counts = (
+                (usage.get("input_tokens"), usage.get("output_tokens"))
+                if isinstance(usage, dict)
+                else (None, None)
+            )
+            if not all(_count(c) for c in counts):
+                raise _single_bad("completion", f"usage {usage!r}")
+            result_usage = ChatUsage(input_tokens=counts[0], output_tokens=counts[1])
+        return CompletionResult(
+            text=text, finish_reason="length" if reason == "length" else "stop", usage=result_usage
+        )
+
+    async def synthesize_speech(self, request: SpeechRequest, *, timeout_s: float) -> SpeechResult:
+        """``POST /v1/speech``: the answer's body is the audio itself (``audio/wav``), its
+        length in ``X-Duration-Ms`` and the voice used in ``X-Voice``. An empty voice asks
+        for the sandbox's default ("aria")."""
+        response = await self._single(
+            "/v1/speech",
+            {
+                "model": request.model,
+                "text": request.text,
+                "voice": request.voice or None,
+                "params": dict(request.params),
+            },
+            timeout_s,
+        )
+        mime = response.headers.get("content-type", "").split(";")[0].strip()
+        duration = response.headers.get("x-duration-ms", "")
+        if not mime.startswith("audio/") or not duration.isdigit() or not response.content:
+            raise _single_bad("speech", f"{mime or 'no content type'}, duration {duration!r}")
+        return SpeechResult(
+            audio=response.content,
+            mime=mime,
+            duration_ms=int(duration),
+            voice=response.headers.get("x-voice") or request.voice,
+        )
+
+    async def transcribe(
+        self, request: TranscriptionRequest, *, timeout_s: float
+    ) -> TranscriptionResult:
+        """``POST /v1/transcriptions``: the text, the language (the one asked for, else the
+        detected one) and per-word timings measured from the audio. Audio the sandbox cannot
+        decode raises ``InputRejected(code="unreadable_audio")``."""
+        response = await self._single(
+            "/v1/transcriptions",
+            {
+                "model": request.model,
+                "language": request.language,
+                "params": dict(request.params),
+                "audio": _file_json(request.audio),
+            },
+            timeout_s,
+        )
+        data = _json(response, maybe_received=True)
+        text, language = data.get("text"), data.get("language")
+        duration, words = data.get("duration_ms"), data.get("words")
+        if not isinstance(text, str) or not isinstance(language, str) or not _count(duration):
+            raise _single_bad("transcription", "no text, language or duration_ms")
+        if not isinstance(words, list):
+            raise _single_bad("transcription", "words is not a list")
+        parsed: list[Word] = []
+        for word in words:
+            try:
+                item = Word(
+                    text=str(word["text"]),
+                    start_ms=int(word["start_ms"]),
+                    end_ms=int(word["end_ms"]),
+                    confidence=float(word["confidence"]),
+                )
+            except (KeyError, TypeError, ValueError):
+                raise _single_bad("transcription", f"word {word!r}") from None
+            parsed.append(item)
+        return TranscriptionResult(
+            text=text, language=language, duration_ms=duration, words=tuple(parsed)
+        )
+
+
+def _file_json(file: InputFile) -> dict[str, str]:
+    return {"name": file.name, "mime": file.mime, "data_b64": base64.b64encode(file.data).decode()}
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _single_bad(service: str, detail: str) -> ProviderError:
+    # A 2xx we cannot read: the sandbox did the work (and would bill it), we cannot use it.
+    return ProviderError(
+        f"unreadable sandbox {service} answer: {detail}",
+        retryable=True,
+        code="upstream_bad_response",
+        maybe_received=True,
+    )
+
 
 _TRANSPORT_CODES = frozenset({"upstream_unreachable", "upstream_protocol_error"})
 
@@ -367,6 +536,14 @@ def _error_code(response: httpx.Response) -> str | None:
         return (response.json().get("error") or {}).get("code")
     except (ValueError, AttributeError):
         return None
+
+
+def _error_message(response: httpx.Response) -> str | None:
+    try:
+        message = (response.json().get("error") or {}).get("message")
+    except (ValueError, AttributeError):
+        return None
+    return message if isinstance(message, str) else None
 
 
 def _raise_for_status(response: httpx.Response) -> None:

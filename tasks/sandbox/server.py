@@ -5,7 +5,9 @@ httpx, Pillow, standardwebhooks and PyAV only. Jobs live in memory behind one lo
 status is computed from the clock when asked (created_at + latency), so a job finishes whether
 or not anyone watches it. Callbacks go through a scheduler thread (a heap of due actions) and a
 small pool of sender threads. Chat completions (``chat.py`` plans the reply) are streamed by the
-connection's own handler thread, one write per token.
+connection's own handler thread, one write per token. The four synchronous services (``single.py``
+validates and does the work, ``speech.py`` makes and analyses the audio) answer on the handler
+thread too, after their latency, counted in flight for the concurrency stats.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -34,7 +36,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httpx
 from standardwebhooks import Webhook
 
-from tasks.sandbox import chat, media
+from tasks.sandbox import chat, media, single
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_LATENCY_MS = 600_000
@@ -188,6 +190,8 @@ class Sandbox:
         self._stats = self._empty_stats()
         self._chat_stats = self._empty_chat_stats()
         self._chat_open = 0  # a gauge of live streams: not cleared by reset()
+        self._single_stats = self._empty_single_stats()
+        self._single_open = 0  # a gauge of requests in flight: not cleared by reset()
         self._cache: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._cache_bytes = 0
         self._scheduler = Scheduler()
@@ -212,6 +216,15 @@ class Sandbox:
             "chat_completions": 0,
             "chat_disconnects": 0,
             "chat_tokens": 0,
+        }
+
+    @staticmethod
+    def _empty_single_stats() -> dict[str, Any]:
+        return {
+            "requests": 0,
+            "max_in_flight": 0,
+            "disconnects": 0,
+            "by_service": dict.fromkeys(single.SERVICES, 0),
         }
 
     def close(self) -> None:
@@ -394,12 +407,43 @@ class Sandbox:
         with self._lock:
             return dict(self._chat_stats, chat_streams_open=self._chat_open)
 
+    # ---- synchronous services ---------------------------------------------------------------
+
+    def single_enter(self, service: str) -> None:
+        """A request to one of the four services arrived (before its body is read). Under the
+        lock, so ``max_in_flight`` is exact: a benchmark proves with it that a concurrency gate
+        in front of us admits exactly its limit."""
+        with self._lock:
+            self._single_open += 1
+            stats = self._single_stats
+            stats["requests"] += 1
+            stats["by_service"][service] += 1
+            stats["max_in_flight"] = max(stats["max_in_flight"], self._single_open)
+
+    def single_exit(self, *, disconnected: bool) -> None:
+        """The request is answered, or its client left. Called before the answer is written:
+        a client cannot see its answer, and send its next request, while this one still
+        counts (which would overstate ``max_in_flight`` behind a gate)."""
+        with self._lock:
+            self._single_open -= 1
+            if disconnected:
+                self._single_stats["disconnects"] += 1
+
+    def single_stats(self) -> dict[str, Any]:
+        with self._lock:
+            stats = json.loads(json.dumps(self._single_stats))
+            stats["in_flight"] = self._single_open
+            return stats
+
     def reset(self) -> None:
         with self._lock:
             self._jobs.clear()
             self._by_key.clear()
             self._stats = self._empty_stats()
             self._chat_stats = self._empty_chat_stats()
+            self._single_stats = self._empty_single_stats()
+            # Requests still in flight count towards the new maximum.
+            self._single_stats["max_in_flight"] = self._single_open
             self._cache.clear()
             self._cache_bytes = 0
             self._scheduler.clear()
@@ -599,12 +643,15 @@ class Handler(BaseHTTPRequestHandler):
         *,
         data: bytes | None = None,
         content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if data is None:
             data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -658,6 +705,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, sandbox.stats())
             case ["v1", "chat", "stats"]:
                 self._send(200, sandbox.chat_stats())
+            case ["v1", "single", "stats"]:
+                self._send(200, sandbox.single_stats())
             case ["v1", "jobs"]:
                 key = parse_qs(urlsplit(self.path).query).get("idempotency_key", [""])[0]
                 if not key:
@@ -677,6 +726,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _post(self, parts: list[str]) -> None:
         sandbox = self.server.sandbox
+        if len(parts) == 2 and parts[0] == "v1" and parts[1] in single.SERVICES:
+            self._single(parts[1])  # reads its own body: in flight from its first byte
+            return
         if parts == ["v1", "jobs"]:
             sandbox.count_submit()  # every attempt counts, even one with an unreadable body
         elif parts == ["v1", "chat", "completions"]:
@@ -694,6 +746,56 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, {"ok": True})
             case _:
                 self._send(404, _error("not_found", f"No route POST {self.path}."))
+
+    # ---- synchronous services (docs/sandbox.md) ---------------------------------------------
+
+    def _single(self, service: str) -> None:
+        """One request to a synchronous service: validated at once (400 / 422), then the
+        latency (cut short when the client hangs up), the outcome knob, the work. In flight
+        from before the body is read until just before the answer is written."""
+        sandbox = self.server.sandbox
+        sandbox.single_enter(service)
+        answer: single.Answer | None = None
+        gone = False
+        try:
+            answer = self._single_answer(service)
+            gone = answer is None
+        finally:
+            # An exception (400 from the body, a bug) is answered by _dispatch after this.
+            sandbox.single_exit(disconnected=gone)
+        if answer is None:
+            self.close_connection = True
+        elif answer.data is not None:
+            self._send(
+                answer.status,
+                data=answer.data,
+                content_type=answer.content_type,
+                headers=answer.headers,
+            )
+        else:
+            self._send(answer.status, answer.payload)
+
+    def _single_answer(self, service: str) -> single.Answer | None:
+        """The answer to send, or None when the client hung up while we waited."""
+        body = self._body()
+        try:
+            plan = single.parse(service, body)
+        except single.Invalid as exc:
+            raise BadRequest(str(exc)) from None
+        except single.Refused as exc:
+            return single.Answer(status=422, payload=_error(exc.code, exc.message))
+        self._client_talks = False
+        try:
+            self._pause(plan.latency_s)
+        except ClientGone:
+            return None
+        if plan.outcome == "fail":
+            return single.Answer(status=500, payload=_error("sandbox_failure", single.FAIL_MESSAGE))
+        if plan.outcome == "reject":
+            return single.Answer(
+                status=422, payload=_error("content_policy", single.REJECT_MESSAGE)
+            )
+        return plan.work()
 
     # ---- chat completions (docs/sandbox.md) -------------------------------------------------
 
