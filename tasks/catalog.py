@@ -6,7 +6,7 @@ from typing import Any
 
 from django.db import transaction
 
-from tasks.models import AIModel, Category
+from tasks.models import AIModel, Category, SingleType
 
 C = 1_000_000
 
@@ -102,6 +102,34 @@ def _chat_schema() -> dict[str, Any]:
             },
             **CHAT_KNOBS,
         },
+    }
+
+
+# The sandbox's knobs for synchronous services (docs/sandbox.md).
+SINGLE_KNOBS: dict[str, Any] = {
+    "sandbox_latency_ms": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 600_000,
+        "default": 0,
+        "description": "time before the sandbox answers",
+    },
+    "sandbox_outcome": {
+        "enum": ["success", "fail", "reject"],
+        "default": "success",
+        "description": "fail: the provider errors; reject: it refuses the input",
+    },
+}
+
+LANGUAGES = ["en", "hi", "es", "fr", "de"]
+VOICES = ["aria", "dev", "meera", "sam"]
+
+
+def _single_schema(**properties: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {**properties, **SINGLE_KNOBS},
     }
 
 
@@ -213,6 +241,104 @@ SEED: list[dict[str, Any]] = [
         "file_rules": {"max": 0},
     },
 ]
+
+
+# Synchronous ("single") services, one sandbox model each (docs/single.md).
+SEED += [
+    {
+        "slug": "sandbox-translate",
+        "name": "Sandbox Translate",
+        "category": Category.TEXT,
+        "single_type": SingleType.TRANSLATION,
+        "runtime": AIModel.Runtime.SYNC,
+        "description": "Translates text between English, Hindi, Spanish, French and German. "
+        "Billed per character.",
+        "upstream_model": "sandbox/translate-v1",
+        "price_micro": 20,
+        "billing_type": AIModel.BillingType.PER_CHARACTER,
+        "max_prompt_length": 5000,
+        "params_schema": _single_schema(
+            source_language={"enum": LANGUAGES, "description": "language of the text"},
+            target_language={"enum": LANGUAGES, "description": "language to translate into"},
+        ),
+        "file_rules": {"max": 0},
+        "timeout_seconds": 30,
+    },
+    {
+        "slug": "sandbox-complete",
+        "name": "Sandbox Complete",
+        "category": Category.TEXT,
+        "single_type": SingleType.COMPLETION,
+        "runtime": AIModel.Runtime.SYNC,
+        "description": "Completes a prompt in one answer (optionally about up to 4 images). "
+        "Billed per request.",
+        "upstream_model": "sandbox/complete-v1",
+        "price_micro": C // 20,
+        "billing_type": AIModel.BillingType.PER_TASK,
+        "max_prompt_length": 20_000,
+        "params_schema": _single_schema(
+            max_tokens={
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 2048,
+                "default": 256,
+                "description": "the longest answer, in tokens",
+            },
+        ),
+        "file_rules": {"accept": IMAGE_TYPES, "min": 0, "max": 4, "max_bytes": 10 * 2**20},
+        "timeout_seconds": 30,
+    },
+    {
+        "slug": "sandbox-tts",
+        "name": "Sandbox Text to Speech",
+        "category": Category.AUDIO,
+        "single_type": SingleType.TEXT_TO_SPEECH,
+        "runtime": AIModel.Runtime.SYNC,
+        "description": "Speaks your text in one of four voices (WAV). Billed per character.",
+        "upstream_model": "sandbox/tts-v1",
+        "price_micro": 50,
+        "billing_type": AIModel.BillingType.PER_CHARACTER,
+        "max_prompt_length": 2000,
+        "params_schema": _single_schema(
+            voice={"enum": VOICES, "default": "aria", "description": "who speaks"},
+        ),
+        "file_rules": {"max": 0},
+        "timeout_seconds": 30,
+    },
+    {
+        "slug": "sandbox-transcribe",
+        "name": "Sandbox Transcribe",
+        "category": Category.TEXT,
+        "single_type": SingleType.TRANSCRIPTION,
+        "runtime": AIModel.Runtime.SYNC,
+        "description": "Transcribes a recording with word timings. Up to 2 minutes inside the "
+        "request; up to an hour in the background. Billed per second of audio.",
+        "upstream_model": "sandbox/transcribe-v1",
+        "price_micro": C // 100,
+        "billing_type": AIModel.BillingType.PER_OUTPUT_SECOND,
+        "prompt_required": False,
+        "params_schema": _single_schema(
+            language={"enum": LANGUAGES, "description": "spoken language (omit to detect)"},
+        ),
+        "file_rules": {
+            "accept": AUDIO_TYPES,
+            "min": 1,
+            "max": 1,
+            "max_bytes": 25 * 2**20,
+            "max_duration_ms": 3_600_000,
+            "sync_max_duration_ms": 120_000,
+        },
+        "timeout_seconds": 60,
+    },
+]
+
+# The model a single request without ``model`` runs.
+SINGLE_DEFAULT_MODELS: dict[str, str] = {
+    SingleType.TRANSLATION: "sandbox-translate",
+    SingleType.COMPLETION: "sandbox-complete",
+    SingleType.TEXT_TO_SPEECH: "sandbox-tts",
+    SingleType.TRANSCRIPTION: "sandbox-transcribe",
+}
 
 
 @transaction.atomic

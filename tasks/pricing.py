@@ -32,12 +32,19 @@ def output_count(params: Any) -> int:
     return count
 
 
-def task_price(*, model: AIModel, params: Mapping[str, Any], durations_ms: Sequence[int]) -> int:
+def task_price(
+    *,
+    model: AIModel,
+    params: Mapping[str, Any],
+    durations_ms: Sequence[int],
+    characters: int = 0,
+) -> int:
     """The task's price in micro-credits, fixed at submit.
 
     Per-output prices count ``output_count(params)``; per-second prices use the requested
     duration (``duration_s``) or, for models that process an uploaded file (audio isolation),
     the measured duration of the files (``durations_ms``), rounded up to whole seconds.
+    Per-character prices (translation, speech) count the ``characters`` of the input text.
     Raises ValidationFailed for per-token models (chat turns are not tasks).
     """
     price = model.price_micro
@@ -52,6 +59,8 @@ def task_price(*, model: AIModel, params: Mapping[str, Any], durations_ms: Seque
         else:
             seconds = math.ceil(sum(durations_ms) / 1000) if durations_ms else 1
         return price * max(1, seconds)
+    if kind == AIModel.BillingType.PER_CHARACTER:
+        return price * max(1, characters)
     raise ValidationFailed(
         {"model": ["This model is billed per token and cannot run as a generation task."]},
         code="model_not_available",

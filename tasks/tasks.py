@@ -151,3 +151,29 @@ def sweep_storage() -> int:
     if report.failed:
         logger.warning("storage sweep could not delete %d file(s)", report.failed)
     return report.deleted
+
+
+@shared_task(
+    name="tasks.run_single",
+    acks_late=True,
+    # Within the deadline the claim sets (budget + SINGLE_DEADLINE_MARGIN_S, 15 s by default):
+    # the reconciler never refunds a task a live worker may still finish.
+    soft_time_limit=settings.SINGLE_ASYNC_TIMEOUT_S + 5,
+    time_limit=settings.SINGLE_ASYNC_TIMEOUT_S + 10,
+)
+def run_single(task_id: str) -> None:
+    """Run a single task accepted with ``Prefer: respond-async`` (once; a redelivery is a
+    no-op). A worker killed mid-run leaves it to ``settle_interrupted_single``."""
+    from tasks.single.services import single_run_deferred
+
+    single_run_deferred(task_id=task_id)
+
+
+@shared_task(name="tasks.settle_interrupted_single", soft_time_limit=60, time_limit=90)
+def settle_interrupted_single() -> int:
+    from tasks.single.services import single_settle_interrupted
+
+    settled = single_settle_interrupted()
+    if settled:
+        logger.warning("refunded %d single task(s) whose process died mid-run", settled)
+    return settled

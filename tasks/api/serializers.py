@@ -86,6 +86,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "id",
             "model",
             "category",
+            "single_type",
             "status",
             "prompt",
             "params",

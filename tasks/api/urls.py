@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from tasks.api import views
+from tasks.api import single, views
 
 urlpatterns = [
     path("models/", views.ModelListView.as_view(), name="api-models"),
@@ -14,4 +14,5 @@ urlpatterns = [
     ),
     path("uploads/", views.UploadCreateView.as_view(), name="api-uploads"),
     path("callbacks/<slug:provider>/", views.callback_view, name="api-callback"),
+    path("single/<slug:single_type>/", single.single_view, name="api-single"),
 ]

@@ -13,6 +13,10 @@ def get_provider(key: str) -> Provider:
         from tasks.providers.sandbox import SandboxProvider
 
         return SandboxProvider(settings.SANDBOX_URL, settings.SANDBOX_WEBHOOK_SECRET)
+    if key == "noop":
+        from tasks.providers.noop import NoopProvider
+
+        return NoopProvider()  # type: ignore[return-value]
     raise ProviderError(
         f"No provider {key!r} is configured.", retryable=False, code="provider_not_configured"
     )

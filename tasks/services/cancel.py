@@ -15,7 +15,7 @@ from rivya.errors import (
     NotFound,
     TaskFinished,
 )
-from tasks.models import Task
+from tasks.models import AIModel, Task
 from tasks.providers.registry import get_provider
 from tasks.services import enqueue
 from tasks.services.common import (
@@ -85,7 +85,7 @@ def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
                 f"{task.model_slug}: {message} "
                 + ("Your credits were refunded." if not charge else ""),
             )
-        if task.upstream_id or task.submit_attempts:
+        if task.runtime == AIModel.Runtime.ASYNC and (task.upstream_id or task.submit_attempts):
             # A task still WAITING may have a job all the same (a submit answered unclearly):
             # the cancel then asks the provider for it by the task's key.
             transaction.on_commit(

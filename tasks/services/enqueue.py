@@ -17,6 +17,12 @@ def callback(delivery_id: int) -> None:
     celery_tasks.process_callback.delay(delivery_id)
 
 
+def run_single(task_id: Any) -> None:
+    from tasks import tasks as celery_tasks
+
+    celery_tasks.run_single.delay(str(task_id))
+
+
 def cancel_upstream(task_id: Any, upstream_id: str | None = None) -> None:
     from tasks import tasks as celery_tasks
 

@@ -45,12 +45,12 @@ def _result_dict(o: StoredOutput) -> dict[str, Any]:
     }
 
 
-def task_succeed(*, task_id: Any, outputs: Sequence[StoredOutput]) -> bool:
+def task_succeed(*, task_id: Any, outputs: Sequence[StoredOutput], notify: bool = True) -> bool:
     """GENERATING → SUCCESS with the stored outputs; capture the price (or, for K of N outputs,
     floor(price × K / N) when the model's policy allows partial success; N is the task's own
     ``num_outputs``, never the provider's report of it: ``tasks.pricing.success_charge``).
     Returns True if this call finished the task; False (and nothing written) if another outcome
-    won."""
+    won. ``notify`` False: no notification (a single task whose requester got the answer)."""
     now = timezone.now()
     with transaction.atomic():
         task = Task.objects.select_related("user").get(pk=task_id)
@@ -90,19 +90,20 @@ def task_succeed(*, task_id: Any, outputs: Sequence[StoredOutput]) -> bool:
             amount_micro=charge,
             released_micro=task.reserved_micro - charge,
         )
-        notify_user(
-            task,
-            Notification.Kind.GENERATION_SUCCESS,
-            "Your generation is ready",
-            f"{task.model_slug}: {got} result(s) ready"
-            + (
-                f" ({wanted - got} could not be produced; you were charged only for "
-                "what was delivered)"
-                if got < wanted
-                else ""
+        if notify:
+            notify_user(
+                task,
+                Notification.Kind.GENERATION_SUCCESS,
+                "Your generation is ready",
+                f"{task.model_slug}: {got} result(s) ready"
+                + (
+                    f" ({wanted - got} could not be produced; you were charged only for "
+                    "what was delivered)"
+                    if got < wanted
+                    else ""
+                )
+                + ".",
             )
-            + ".",
-        )
     return True
 
 
@@ -122,13 +123,15 @@ def task_fail(
     sources: Sequence[str] = Task.UNFINISHED,
     charge_policy: bool = True,
     cancel_upstream: bool = False,
+    notify: bool = True,
 ) -> bool:
     """→ FAILED or REJECTED with the error; release the hold, or capture the share the model's
     policy charges for failures after upstream acceptance (REJECTED never charges; nor does a
     failure with ``charge_policy`` False). With ``cancel_upstream``, the provider is asked after
     commit to stop the task's job (we give up on a job that may still be running), and the
-    cancel sweep retries it if that message is lost. Returns True if this call finished the
-    task."""
+    cancel sweep retries it if that message is lost. ``notify`` False: no notification (a
+    single task whose requester got the error in the response). Returns True if this call
+    finished the task."""
     now = timezone.now()
     with transaction.atomic():
         task = Task.objects.select_related("user").get(pk=task_id)
@@ -170,11 +173,12 @@ def task_fail(
             else "Refunded in full.",
             amount_micro=charge or task.reserved_micro,
         )
-        notif_kind, title = FAILURE_TITLES.get(status, FAILURE_TITLES[S.FAILED])
-        refund = (
-            "Your credits were refunded."
-            if not charge
-            else (f"Per this model's billing policy {percent}% was charged.")
-        )
-        notify_user(task, notif_kind, title, f"{task.model_slug}: {message} {refund}")
+        if notify:
+            notif_kind, title = FAILURE_TITLES.get(status, FAILURE_TITLES[S.FAILED])
+            refund = (
+                "Your credits were refunded."
+                if not charge
+                else (f"Per this model's billing policy {percent}% was charged.")
+            )
+            notify_user(task, notif_kind, title, f"{task.model_slug}: {message} {refund}")
     return True

@@ -129,7 +129,7 @@ def task_submit(
             upload_ids=[str(u.pk) for u in uploads],
             price_micro=price,
             billing_type=model.billing_type,
-            billing_policy=_policy(model),
+            billing_policy=task_policy(model),
             timeout_seconds=model.timeout_seconds,
             poll_interval_seconds=model.poll_interval_seconds,
             result_ttl_seconds=model.result_ttl_seconds or settings.TASK_RESULT_TTL,
@@ -151,7 +151,7 @@ def task_submit(
                     user=user, amount=price, subject_type=SUBJECT, subject_id=str(task.pk)
                 )
             except InsufficientCredits as exc:
-                _refuse_for_credits(task, exc)
+                refuse_for_credits(task, exc)
                 task.refresh_from_db()
                 return SubmitOutcome(task=task, accepted=False)
             Task.objects.filter(pk=task.pk).update(reserved_micro=price)
@@ -167,7 +167,7 @@ def task_submit(
     return SubmitOutcome(task=task, accepted=True)
 
 
-def _policy(model: AIModel) -> dict[str, Any]:
+def task_policy(model: AIModel) -> dict[str, Any]:
     """The model's billing policy, normalized: percentages are integers within 0-100 (a
     malformed catalog entry must never make a task impossible to settle)."""
     raw = model.billing_policy if isinstance(model.billing_policy, dict) else {}
@@ -185,7 +185,9 @@ def _policy(model: AIModel) -> dict[str, Any]:
     }
 
 
-def _refuse_for_credits(task: Task, exc: InsufficientCredits) -> None:
+def refuse_for_credits(task: Task, exc: InsufficientCredits) -> None:
+    """WAITING → FAILED ``insufficient_credits`` without a hold, and a notification: what a
+    submit (async or single) records when the balance is too low."""
     now = timezone.now()
     transition_task(
         task.pk,

@@ -151,6 +151,13 @@ def task_support_recheck(*, task_id: Any, actor: Any, reason: str, token: str) -
     def work() -> SupportOutcome:
         task = Task.objects.get(pk=task_id)
         _require(task, Task.UNFINISHED, "re-check upstream")
+        if task.runtime == AIModel.Runtime.SYNC:
+            raise ActionRefused(
+                "A single task runs inside its request: there is no upstream job to ask about. "
+                "If its process died, the reconciler refunds it at its deadline "
+                f"({task.sync_deadline_at:%Y-%m-%d %H:%M:%S} UTC).",
+                code="single_task",
+            )
         if task.status == S.WAITING and task.submit_attempts >= submit_attempts_limit():
             raise ActionRefused(
                 f"Not sent again: {task.submit_attempts} attempts got no answer (flagged stuck). "
@@ -331,6 +338,12 @@ def task_support_resubmit(
     def work() -> SupportOutcome:
         task = _locked(task_id)
         _require(task, (S.FAILED,), "resubmit (only a failed task is resubmitted)")
+        if task.runtime == AIModel.Runtime.SYNC:
+            raise ActionRefused(
+                "A single task is answered inside its request: the user sends it again. Refund "
+                "it instead if it was charged wrongly.",
+                code="single_task",
+            )
         grant_id = None
         if at_our_cost:
             price = _price_now(task)
