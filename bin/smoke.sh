@@ -67,8 +67,14 @@ if [ "$last" != "event: settlement" ] || [ "$deltas" != "50" ]; then
   echo "smoke: the chat stream ended with '$last' after $deltas deltas"; tail -50 "$tmp/dev.log"
   exit 1
 fi
+# A single task inside the request (the gate in the database, as on the embedded default).
+single=$(curl -fs -H "$auth" -H "$json" \
+  -d '{"text": "good morning", "source_language": "en", "target_language": "hi"}' \
+  "$base/api/v1/single/translation/")
+printf '%s' "$single" | $py -c 'import json,sys; b = json.load(sys.stdin); assert b["status"] == "SUCCESS" and b["result"]["text"], b' \
+  || { echo "smoke: the translation failed: $single"; tail -50 "$tmp/dev.log"; exit 1; }
 $py manage.py ledger_check
 if grep -q "callbacks cannot reach" "$tmp/dev.log"; then
   echo "smoke: callbacks cannot reach the server"; grep "callbacks cannot reach" "$tmp/dev.log"; exit 1
 fi
-echo "smoke: ok (a sandbox-image task reached SUCCESS and a chat turn streamed and settled through the embedded stack)"
+echo "smoke: ok (a sandbox-image task reached SUCCESS, a chat turn streamed and settled, and a translation answered inside the request, through the embedded stack)"

@@ -224,6 +224,11 @@ CELERY_BEAT_SCHEDULE = {
     "sweep-storage": {"task": "tasks.sweep_storage", "schedule": 3600.0},
     # Chat turns whose web process died mid-stream (docs/chat.md).
     "settle-abandoned-chat-turns": {"task": "chat.settle_abandoned", "schedule": 60.0},
+    # Single tasks whose web process (or worker) died mid-run (docs/single.md).
+    "settle-interrupted-single-tasks": {
+        "task": "tasks.settle_interrupted_single",
+        "schedule": env.float("SINGLE_RECONCILE_EVERY", default=10.0),
+    },
 }
 
 # --- DRF ------------------------------------------------------------------------------------
@@ -315,6 +320,16 @@ CHAT_HISTORY_MAX_MESSAGES = env.int("CHAT_HISTORY_MAX_MESSAGES", default=200)
 # (asyncio's default executor), they bound a worker's PostgreSQL connections.
 WEB_THREADS = env.int("WEB_THREADS", default=8)
 CHAT_START_CONCURRENCY = env.int("CHAT_START_CONCURRENCY", default=8)
+# Single (synchronous) tasks (docs/single.md): the longest a provider call may take inside a
+# request, and in a worker (Prefer: respond-async); a task still running this margin past its
+# budget was left by a dead process and is refunded by the beat (checked every
+# SINGLE_RECONCILE_EVERY s). The database phases of single requests run on this many threads
+# per web process (each keeps a connection; more requests wait their turn, holding nothing).
+SINGLE_TASK_TIMEOUT_S = env.int("SINGLE_TASK_TIMEOUT_S", default=60)
+SINGLE_ASYNC_TIMEOUT_S = env.int("SINGLE_ASYNC_TIMEOUT_S", default=900)
+SINGLE_DEADLINE_MARGIN_S = env.int("SINGLE_DEADLINE_MARGIN_S", default=15)
+SINGLE_RECONCILE_EVERY = env.float("SINGLE_RECONCILE_EVERY", default=10.0)
+SINGLE_DB_THREADS = env.int("SINGLE_DB_THREADS", default=8)
 
 SANDBOX_URL = env.str("SANDBOX_URL", default="http://127.0.0.1:8765").rstrip("/")
 
@@ -372,3 +387,15 @@ if not DEBUG:
     SESSION_COOKIE_HTTPONLY = True
     CSRF_COOKIE_SECURE = env.bool("SECURE_COOKIES", default=False)
     SESSION_COOKIE_SECURE = env.bool("SECURE_COOKIES", default=False)
+
+# --- single tasks ---------------------------------------------------------------------------
+# Single (synchronous) tasks run inside the request; a gate bounds how many run at once across
+# every web process and machine (tasks/single/gate.py). Beyond the limit a request waits up to
+# SINGLE_GATE_WAIT_S seconds for a slot, then gets 429 with Retry-After. The gate lives in Redis
+# ("auto" with REDIS_URL set) or in the database (GateSlot rows; "auto" without Redis): "redis"
+# or "db" force one.
+SINGLE_MAX_CONCURRENT = env.int("SINGLE_MAX_CONCURRENT", default=50)
+SINGLE_GATE_WAIT_S = env.float("SINGLE_GATE_WAIT_S", default=2.0)
+SINGLE_GATE_BACKEND = env.str("SINGLE_GATE_BACKEND", default="auto")
+if SINGLE_GATE_BACKEND not in ("auto", "redis", "db"):
+    raise ImproperlyConfigured("SINGLE_GATE_BACKEND must be auto, redis or db.")

@@ -33,7 +33,7 @@ from billing import selectors as billing_selectors
 from rivya.money import format_credits
 from tasks import selectors
 from tasks.admin_actions import action_links, action_urls
-from tasks.models import AIModel, CallbackDelivery, Task, Upload
+from tasks.models import AIModel, CallbackDelivery, Dataset, DatasetFile, Task, Upload
 from tasks.selectors import TASK_SUBJECT
 
 ONE_SECOND = Value(timedelta(seconds=1), output_field=DurationField())
@@ -195,6 +195,8 @@ class TaskAdmin(admin.ModelAdmin):
         OpenHoldFilter,
         RepeatedFailureFilter,
         "category",
+        "runtime",
+        "single_type",
         "model_slug",
         "provider",
         "error_kind",
@@ -385,6 +387,38 @@ class CallbackDeliveryAdmin(admin.ModelAdmin):
         return [f.name for f in CallbackDelivery._meta.fields]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+class DatasetFileInline(admin.TabularInline):
+    model = DatasetFile
+    extra = 0
+    can_delete = False
+    fields = ("position", "original_name", "mime", "bytes", "duration_ms", "file", "sha256")
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Dataset)
+class DatasetAdmin(admin.ModelAdmin):
+    """The files sent with single tasks (read-only): a FAILED one says which file could not be
+    stored and why."""
+
+    list_display = ("id", "user", "purpose", "status", "file_count", "total_bytes", "created_at")
+    list_filter = ("status", "purpose")
+    search_fields = ("id", "user__username")
+    list_select_related = ("user",)
+    inlines = [DatasetFileInline]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return [f.name for f in Dataset._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
 

@@ -585,9 +585,15 @@ def task_diagnosis(
             f"({task.model_slug} on {task.provider})",
         ),
         _credits_line(task, timeline, now),
-        _provider_line(task, now),
-        _callbacks_line(timeline, now),
-        _polling_line(task, timeline, now),
+        *(
+            [_single_line(task, now)]
+            if task.runtime == AIModel.Runtime.SYNC
+            else [
+                _provider_line(task, now),
+                _callbacks_line(timeline, now),
+                _polling_line(task, timeline, now),
+            ]
+        ),
         _duration_line(task, typical_run or None, now),
         _outcome_line(task, timeline),
         _user_sees_line(task, timeline, now),
@@ -620,6 +626,28 @@ def _credits_line(task: Task, timeline: list[TimelineItem], now: datetime) -> Di
     if task.price_micro == 0:
         return DiagnosisLine("credits", "no hold (free model)")
     return DiagnosisLine("credits", "no hold (free model / refused for credits)")
+
+
+def _single_line(task: Task, now: datetime) -> DiagnosisLine:
+    """A single task has no upstream job, callbacks or polls: it runs inside its request (or a
+    worker's run, with Prefer: respond-async) and must end by its deadline."""
+    # In a request the provider is called at the start; a worker calls it when it claims it.
+    in_request = task.submitted_at is not None and task.submitted_at == task.started_at
+    where = "its request" if in_request else "a worker (Prefer: respond-async)"
+    text = f"single {task.get_single_type_display().lower()} task, run inside {where}"
+    deadline = task.sync_deadline_at
+    if deadline is None:
+        return DiagnosisLine("single", text)
+    if task.is_finished:
+        return DiagnosisLine("single", f"{text}; finished {clock(task.finished_at, now=now)}")
+    if deadline < now:
+        return DiagnosisLine(
+            "single",
+            f"{text}; past its deadline ({clock(deadline, now=now)}): its process died, the "
+            "reconciler refunds it within seconds",
+            alarm=True,
+        )
+    return DiagnosisLine("single", f"{text}; deadline {clock(deadline, now=now)}")
 
 
 def _provider_line(task: Task, now: datetime) -> DiagnosisLine:

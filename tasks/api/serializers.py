@@ -21,6 +21,7 @@ class ModelSerializer(serializers.ModelSerializer):
             "description",
             "category",
             "runtime",
+            "single_type",
             "params_schema",
             "file_rules",
             "prompt_required",

@@ -481,3 +481,35 @@ def test_the_reconciler_refunds_a_task_whose_request_never_finished(
     assert result is None
     kept = [p for p in Path(settings.MEDIA_ROOT, "results", str(task.pk)).rglob("*") if p.is_file()]
     assert kept == []
+
+
+# --- support ----------------------------------------------------------------------------------
+
+
+def test_support_sees_a_single_task_and_its_dataset_and_cannot_recheck_it(
+    client: Any, admin_client: Any, admin_user: Any
+) -> None:
+    from tasks.services import ActionRefused, task_support_recheck
+
+    response = client.post(
+        URL.format("transcription"),
+        {"files": [SimpleUploadedFile("a.wav", wav(2), "audio/wav")]},
+        format="multipart",
+    )
+    task = Task.objects.get(pk=response.json()["task_id"])
+    page = admin_client.get(f"/admin/tasks/task/{task.pk}/change/")
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert "single transcription task, run inside its request" in text
+    assert admin_client.get(f"/admin/tasks/dataset/{task.dataset_id}/change/").status_code == 200
+    running = single.single_start(
+        user=client.user, single_type="translation", data=BODIES["translation"]
+    ).task
+    with pytest.raises(ActionRefused) as refused:
+        task_support_recheck(
+            task_id=running.pk,
+            actor=admin_user,
+            reason="why",
+            token="t-1",
+        )
+    assert refused.value.code == "single_task"
