@@ -13,7 +13,7 @@ from typing import Any
 
 from django.db import connection
 
-from billing.invariants import describe_rows, query_rows, register
+from billing.invariants import describe_rows, query_rows, register, register_report
 
 
 def _join() -> str:
@@ -150,3 +150,29 @@ def check_task_capacity(cursor: Any) -> list[str]:
         if running and scope not in expected
     ]
     return out
+
+
+@register_report("single_overdue", "single tasks still running well past their deadline")
+def report_single_overdue(cursor: Any) -> list[str]:
+    # Past the deadline the reconciler refunds a single task within SINGLE_RECONCILE_EVERY; one
+    # still running a minute after is waiting for a beat that does not run.
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    cutoff = timezone.now() - timedelta(seconds=60)
+    rows = query_rows(
+        cursor,
+        """
+        SELECT id, single_type, sync_deadline_at, reserved_micro FROM ai_task
+        WHERE status = 'GENERATING' AND runtime = 'sync' AND sync_deadline_at < %s
+        ORDER BY sync_deadline_at""",
+        (cutoff,),
+    )
+    return describe_rows(
+        rows,
+        lambda r: (
+            f"single {r[1]} task {r[0]} past its deadline {r[2]:%Y-%m-%d %H:%M:%S}, {r[3]} held: "
+            "is the beat running tasks.settle_interrupted_single?"
+        ),
+    )

@@ -513,3 +513,22 @@ def test_support_sees_a_single_task_and_its_dataset_and_cannot_recheck_it(
             token="t-1",
         )
     assert refused.value.code == "single_task"
+
+
+def test_ledger_check_reports_a_single_task_the_reconciler_left(client: Any) -> None:
+    from billing.invariants import run_reports
+
+    start = single.single_start(
+        user=client.user, single_type="translation", data=BODIES["translation"]
+    )
+
+    def overdue() -> list[str]:
+        return [b.detail for b in run_reports() if b.check == "single_overdue"]
+
+    assert overdue() == []
+    Task.objects.filter(pk=start.task.pk).update(
+        sync_deadline_at=start.task.sync_deadline_at - timedelta(minutes=5)
+    )
+    notes = overdue()
+    assert len(notes) == 1
+    assert str(start.task.pk) in notes[0]
