@@ -4,6 +4,7 @@ and how a failure's kind is said to the user."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 
@@ -50,7 +51,7 @@ TOKENS_QUOTED = 1_000_000
 def price_label(model: AIModel) -> str:
     """A catalog model's price in words, the same on every page: "1 credit per image",
     "0.5 credits per second", "10 credits per million input tokens, 30 per million output
-    tokens", "Free"."""
+    tokens", "0.00002 credits per character", "Free"."""
     kind = model.billing_type
     if kind == AIModel.BillingType.PER_TOKEN:
         limits = chat_limits(model)
@@ -71,4 +72,103 @@ def price_label(model: AIModel) -> str:
         return f"{amount} per {OUTPUT_NOUN.get(model.category, 'output')}"
     if kind == AIModel.BillingType.PER_OUTPUT_SECOND:
         return f"{amount} per second"
+    if kind == AIModel.BillingType.PER_CHARACTER:
+        return f"{amount} per character"
     return f"{amount} per run"
+
+
+# --- single (synchronous) tasks ----------------------------------------------------------------
+
+LANGUAGE_NAMES = {"en": "English", "hi": "Hindi", "es": "Spanish", "fr": "French", "de": "German"}
+
+
+def single_label(task: Any) -> str:
+    """A single task in a few words, from its own fields (never its stored result, so a list
+    can show it per row): "Translation en→hi", "Speech, voice aria", "Transcription (hi)";
+    "" for other tasks."""
+    kind = getattr(task, "single_type", "") or ""
+    params = task.params if isinstance(task.params, dict) else {}
+    if kind == "translation":
+        source, target = params.get("source_language"), params.get("target_language")
+        return f"Translation {source}→{target}" if source and target else "Translation"
+    if kind == "completion":
+        return "Completion"
+    if kind == "text_to_speech":
+        voice = params.get("voice")
+        return f"Speech, voice {voice}" if voice else "Speech"
+    if kind == "transcription":
+        language = params.get("language")
+        return f"Transcription ({language})" if language else "Transcription"
+    return ""
+
+
+def clock(ms: Any) -> str:
+    """Milliseconds as a timestamp a person reads: 1530 → "0:01.53"."""
+    try:
+        ms = max(0, int(ms))
+    except (TypeError, ValueError):
+        return ""
+    minutes, rest = divmod(ms, 60_000)
+    return f"{minutes}:{rest / 1000:05.2f}"
+
+
+def single_shown(task: Any, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A single task's stored result (``tasks.single.services.single_result``) as the pages
+    show it: its text, facts in words, and the word timings as rows. None without a result."""
+    if not result or not isinstance(result, dict):
+        return None
+    kind = getattr(task, "single_type", "") or ""
+    facts: list[str] = []
+    language = ""
+    if kind == "translation":
+        source, target = result.get("source_language"), result.get("target_language")
+        language = str(target or "")
+        if source and target:
+            facts.append(
+                f"{LANGUAGE_NAMES.get(source, source)} → {LANGUAGE_NAMES.get(target, target)}"
+            )
+        if result.get("characters") is not None:
+            facts.append(f"{result['characters']:,} characters")
+    elif kind == "completion":
+        usage = result.get("usage") if isinstance(result.get("usage"), dict) else {}
+        if usage:
+            facts.append(
+                f"{usage.get('input_tokens', 0):,} tokens in, {usage.get('output_tokens', 0):,} out"
+            )
+        if result.get("finish_reason") == "length":
+            facts.append("cut at max_tokens")
+    elif kind == "transcription":
+        language = str(result.get("language") or "")
+        if language:
+            facts.append(LANGUAGE_NAMES.get(language, language))
+        if result.get("duration_ms") is not None:
+            facts.append(f"{result['duration_ms'] / 1000:g} s of audio")
+    elif kind == "text_to_speech":
+        if result.get("voice"):
+            facts.append(f"voice {result['voice']}")
+        if result.get("duration_ms"):
+            facts.append(f"{result['duration_ms'] / 1000:g} s")
+        if result.get("characters") is not None:
+            facts.append(f"{result['characters']:,} characters")
+    words = [
+        {
+            "text": str(w.get("text", "")),
+            "start": clock(w.get("start_ms")),
+            "end": clock(w.get("end_ms")),
+            "start_ms": w.get("start_ms"),
+            "end_ms": w.get("end_ms"),
+            "confidence": f"{float(w['confidence']):.2f}"
+            if isinstance(w.get("confidence"), int | float)
+            else "",
+        }
+        for w in result.get("words") or []
+        if isinstance(w, dict)
+    ]
+    return {
+        "kind": kind,
+        "speech": kind == "text_to_speech",
+        "text": result.get("text") if isinstance(result.get("text"), str) else None,
+        "language": language,
+        "facts": facts,
+        "words": words,
+    }

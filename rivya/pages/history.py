@@ -3,12 +3,17 @@
 The views read through ``tasks.selectors`` and write through ``tasks.services``; what is here
 is presentation: which results can still be shown, the error's kind in plain words, and the
 timeline told as sentences a person understands.
+
+A single (synchronous) task's row says what it was from its own fields ("Translation en→hi");
+only its page reads the stored result back (``single_result``): a list never reads storage per
+row.
 """
 
 from __future__ import annotations
 
 import contextlib
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from django.contrib import messages
@@ -24,10 +29,11 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from rivya.errors import NotFound, TaskFinished
 from rivya.money import credits_phrase
-from rivya.pages.common import FAULT, is_htmx, mark_changed
+from rivya.pages.common import FAULT, is_htmx, mark_changed, single_label, single_shown
 from rivya.pages.task_display import Shown, timeline_steps
 from tasks import selectors, services
 from tasks.models import AIModel, Category, Task
+from tasks.single.services import single_result
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -55,8 +61,17 @@ def _model_name(task: Task) -> str:
     return name or task.model_slug
 
 
-def _one(request: HttpRequest, task: Task, *, model_name: str | None = None) -> Shown:
-    return Shown(task=task, model_name=model_name or _model_name(task), now=timezone.now())
+@dataclass
+class ShownTask(Shown):
+    """A task as History shows it, with a single task's label (from its own fields)."""
+
+    @property
+    def single_label(self) -> str:
+        return single_label(self.task)
+
+
+def _one(request: HttpRequest, task: Task, *, model_name: str | None = None) -> ShownTask:
+    return ShownTask(task=task, model_name=model_name or _model_name(task), now=timezone.now())
 
 
 # --- the list -----------------------------------------------------------------------------
@@ -84,7 +99,7 @@ def history(request: HttpRequest) -> HttpResponse:
     models = list(selectors.history_filter_models().values("slug", "name", "category"))
     names = {m["slug"]: m["name"] for m in models}
     page = None
-    shown: list[Shown] = []
+    shown: list[ShownTask] = []
     if not errors:
         page = selectors.history_page(
             user=request.user,
@@ -93,7 +108,7 @@ def history(request: HttpRequest) -> HttpResponse:
         )
         now = timezone.now()
         shown = [
-            Shown(task=t, model_name=names.get(t.model_slug, t.model_slug), now=now)
+            ShownTask(task=t, model_name=names.get(t.model_slug, t.model_slug), now=now)
             for t in page.tasks
         ]
     present = {m["category"] for m in models}
@@ -139,8 +154,12 @@ def history_row(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
 
 
 def _task_context(request: HttpRequest, task: Task) -> dict[str, Any]:
+    single = None
+    if task.single_type and task.status == Task.Status.SUCCESS and task.results_available:
+        single = single_shown(task, single_result(task))
     return {
         "item": _one(request, task),
+        "single": single,
         "steps": timeline_steps(selectors.task_timeline(task=task)),
         "error_kinds": {kind: capfirst(words) for kind, words in FAULT.items()},
     }

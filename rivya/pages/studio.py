@@ -3,6 +3,12 @@
 Views only translate: the form comes from the model's schema (``rivya.pages.forms``), the price
 from ``tasks.pricing.task_price``, the duplicate rule from ``tasks.selectors``, and every write
 is a service. The page works with htmx (partials swapped in place) and without it (full pages).
+
+Synchronous ("single") models (``runtime == "sync"``: translation, completion, text to speech,
+transcription) are offered too: their form posts straight to ``POST /api/v1/single/<type>/``
+from ``static/js/studio-single.js`` (the answer is the result), which then shows the result
+rendered here (``studio_result``) and the run's card; the price and the form come from the same
+places as for the other models.
 """
 
 from __future__ import annotations
@@ -15,16 +21,27 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import path, reverse
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from billing import selectors as billing
 from rivya.errors import CapacityExceeded, TaskFinished, ValidationFailed
 from rivya.money import credits_phrase, format_credits
 from rivya.pages import forms
-from rivya.pages.common import OUTPUT_NOUN, fault, is_htmx, mark_changed, price_label
+from rivya.pages.common import (
+    FAULT,
+    OUTPUT_NOUN,
+    fault,
+    is_htmx,
+    mark_changed,
+    price_label,
+    single_label,
+    single_shown,
+)
 from tasks import selectors, services
 from tasks.models import AIModel, Category, Task
 from tasks.pricing import output_count, task_price
+from tasks.single.registry import SingleService, get_service
+from tasks.single.services import single_result
 from tasks.uploads import upload_too_large
 from tasks.validation import normalize_params
 
@@ -38,11 +55,43 @@ TESTING_FIRST = ("sandbox_outcome", "sandbox_latency_ms")
 
 
 def _studio_models() -> list[AIModel]:
-    """The models the Studio can run: enabled, direct, asynchronous generations (the chat model
-    is used through chat, and ``task_submit`` refuses it)."""
-    return list(
-        selectors.models_enabled().filter(direct_generation=True, runtime=AIModel.Runtime.ASYNC)
-    )
+    """The models the Studio can run: enabled, direct generations (the chat model is used
+    through chat, and ``task_submit`` refuses it), asynchronous ones and the synchronous ones
+    of a registered single type."""
+    return [
+        m
+        for m in selectors.models_enabled().filter(
+            direct_generation=True, runtime__in=[AIModel.Runtime.ASYNC, AIModel.Runtime.SYNC]
+        )
+        if m.runtime == AIModel.Runtime.ASYNC or _service(m) is not None
+    ]
+
+
+def _service(model: AIModel | None) -> SingleService | None:
+    """The single service a synchronous model runs (None for the others)."""
+    if model is None or model.runtime != AIModel.Runtime.SYNC or not model.single_type:
+        return None
+    return get_service(model.single_type)
+
+
+def _text_field(service: SingleService) -> str:
+    """The body field holding the text a single type works on ("text", "prompt"), or ""."""
+    fields = service.request_serializer().fields
+    return next((name for name in ("text", "prompt") if name in fields), "")
+
+
+def _characters(model: AIModel, text: str | None, params: dict[str, Any]) -> int:
+    """How many characters a per-character price counts for this text: what the type's own
+    payload validator says (``Payload.characters``), never counted here."""
+    service = _service(model)
+    field = _text_field(service) if service else ""
+    if not field or not text:
+        return 0
+    data = {field: text, "params": {}, **{name: params.get(name) for name in service.param_fields}}
+    try:
+        return service.validate_payload(data).characters
+    except (KeyError, TypeError, ValueError, ValidationFailed):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -71,15 +120,22 @@ class Quote:
         return credits_phrase(max(0, (self.price_micro or 0) - self.available_micro))
 
 
-def _quote(*, user: Any, model: AIModel, params: dict[str, Any]) -> Quote:
+def _quote(*, user: Any, model: AIModel, params: dict[str, Any], text: str | None = None) -> Quote:
     available = billing.balance_for_user(user=user).available
+    characters = _characters(model, text, params)
     try:
         normalized = normalize_params(model.params_schema, params)
-        price = task_price(model=model, params=normalized, durations_ms=[])
+        price = task_price(model=model, params=normalized, durations_ms=[], characters=characters)
     except ValidationFailed:
         return Quote(price_micro=None, available_micro=available)
     detail, from_price = "", False
     unit = format_credits(model.price_micro)
+    if model.billing_type == AIModel.BillingType.PER_CHARACTER:
+        detail = (
+            f"{characters:,} character{'s' if characters != 1 else ''} × {unit}"
+            if characters
+            else f"{unit} per character of the text"
+        )
     if model.billing_type == AIModel.BillingType.PER_OUTPUT:
         count = output_count(normalized)
         noun = OUTPUT_NOUN.get(model.category, "output")
@@ -183,6 +239,13 @@ def _workspace(
     slots, _ = _errors_by_slot(errors, model)
     rules = model.file_rules if isinstance(model.file_rules, dict) else {}
     shown, testing = forms.split_testing(fields, TESTING_FIRST)
+    service = _service(model)
+    if service is not None:
+        fields = forms.param_fields(
+            model.params_schema, _single_values(model, service, values), errors
+        )
+        shown, testing = forms.split_testing(fields, TESTING_FIRST)
+        context["single"] = _single_context(model, service, fields)
     context.update(
         fields=shown,
         testing_fields=testing,
@@ -200,9 +263,91 @@ def _workspace(
             user=request.user,
             model=model,
             params={f.name: f.value for f in fields if f.value is not None},
+            text=prompt,
         ),
     )
     return context
+
+
+# What the single types' forms say: the submit button, and the text input's help.
+SINGLE_SUBMIT = {
+    "translation": "Translate",
+    "completion": "Complete",
+    "text_to_speech": "Speak",
+    "transcription": "Transcribe",
+}
+SINGLE_TEXT_HELP = {
+    "translation": "The text to translate.",
+    "completion": "What to answer or complete.",
+    "text_to_speech": "What to say.",
+}
+
+
+def _single_values(
+    model: AIModel, service: SingleService, values: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The form's starting values: ``values`` (a re-run, a resubmit) over the schema's defaults;
+    a required choice without a default (translation's languages) starts on an option no other
+    such choice took, so the form starts as a valid request (en → hi)."""
+    values = dict(values or {})
+    required = _required_body_fields(service)
+    taken: set[Any] = {values[name] for name in required if name in values}
+    for f in forms.param_fields(model.params_schema):
+        wanted = f.name in required and f.widget == "select" and f.default is None
+        if wanted and f.name not in values:
+            choice = next((o for o in f.options if o not in taken), None)
+            if choice is not None:
+                values[f.name] = choice
+                taken.add(choice)
+    return values
+
+
+def _required_body_fields(service: SingleService) -> set[str]:
+    fields = service.request_serializer().fields
+    return {name for name in service.param_fields if name in fields and fields[name].required}
+
+
+def _single_context(
+    model: AIModel, service: SingleService, fields: list[forms.ParamField]
+) -> dict[str, Any]:
+    """What the single form and studio-single.js need: where to post, which inputs are body
+    fields (the others go in ``params``), and how to read the parameter inputs back."""
+    required = _required_body_fields(service)
+    text_field = _text_field(service)
+    return {
+        "type": service.type.value,
+        "type_label": service.type.label,
+        "api_url": reverse("api-single", args=[service.type.value]),
+        "text_field": text_field,
+        "text_label": "Prompt" if text_field == "prompt" else "Text",
+        "text_help": SINGLE_TEXT_HELP.get(service.type.value, ""),
+        "submit_label": SINGLE_SUBMIT.get(service.type.value, "Run"),
+        # An optional choice without a default (transcription's language) can be left unset.
+        "blank_choices": [
+            f.name
+            for f in fields
+            if f.widget == "select" and f.default is None and f.name not in required
+        ],
+        "config": {
+            "type": service.type.value,
+            "apiUrl": reverse("api-single", args=[service.type.value]),
+            "textField": text_field,
+            "bodyFields": list(service.param_fields),
+            "params": [
+                {"name": f.name, "widget": f.widget, "kind": f.kind, "options": list(f.options)}
+                for f in fields
+            ],
+            "resultUrl": reverse("studio-result", args=[ANY_TASK]),
+            "cardUrl": reverse("studio-task", args=[ANY_TASK]),
+            "historyUrl": reverse("history-task", args=[ANY_TASK]),
+            "anyTask": str(ANY_TASK),
+            "faults": FAULT,
+        },
+    }
+
+
+# A placeholder task id in the URLs studio-single.js fills in.
+ANY_TASK = "00000000-0000-0000-0000-000000000000"
 
 
 @dataclass(frozen=True)
@@ -234,6 +379,7 @@ def _card(task: Task, *, note: str = "") -> dict[str, Any]:
     return {
         "task": task,
         "results": results,
+        "label": single_label(task),
         "fault": fault(task.error_kind),
         "note": note,
         "reserved": credits_phrase(task.reserved_micro),
@@ -310,17 +456,19 @@ def studio_form(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-@require_GET
+@require_http_methods(["GET", "POST"])
 def studio_price(request: HttpRequest) -> HttpResponse:
-    """The price bar: this request's price (``task_price``) next to the available credits."""
-    model = _pick(_studio_models(), slug=request.GET.get("model"))
-    if model is None or model.slug != request.GET.get("model"):
+    """The price bar: this request's price (``task_price``) next to the available credits.
+    A per-character model's form posts its text (``prompt``), which may be long."""
+    data = request.POST if request.method == "POST" else request.GET
+    model = _pick(_studio_models(), slug=data.get("model"))
+    if model is None or model.slug != data.get("model"):
         raise Http404("No such model.")
-    params, errors = forms.params_from_form(model.params_schema, request.GET)
+    params, errors = forms.params_from_form(model.params_schema, data)
     quote = (
         Quote(None, billing.balance_for_user(user=request.user).available)
         if errors
-        else _quote(user=request.user, model=model, params=params)
+        else _quote(user=request.user, model=model, params=params, text=data.get("prompt"))
     )
     return render(request, "pages/studio/_price.html", {"quote": quote, "model": model})
 
@@ -338,6 +486,14 @@ def studio_submit(request: HttpRequest) -> HttpResponse:
         return _answer(request, models, None, notice=("error", "Pick a model first."))
     prompt = data.get("prompt", "")
     context = {"models": models, "model": model, "prompt": prompt, "data": data}
+    if _service(model) is not None:
+        # The single form posts to the API from the page's script; without it, it lands here.
+        notice = (
+            "error",
+            f"{model.name} answers inside the page, which needs JavaScript: turn it on and "
+            "try again, or use the API (POST /api/v1/single/…).",
+        )
+        return _answer(request, **context, notice=notice)
     if upload_too_large(request):
         errors = {"files": ["This file is over the upload limit; choose a smaller one."]}
         return _answer(request, **context, errors=errors)
@@ -459,6 +615,26 @@ def studio_task(request: HttpRequest, pk: str) -> HttpResponse:
 
 
 @login_required
+@require_GET
+def studio_result(request: HttpRequest, pk: str) -> HttpResponse:
+    """A single task's result as the Studio shows it under its form once the request has
+    answered: the text and word timings (read back with ``single_result``) or the speech."""
+    task = selectors.task_get_for_user(user=request.user, task_id=pk)
+    if task is None or not task.single_type:
+        raise Http404("No such task.")
+    result = single_result(task) if task.status == Task.Status.SUCCESS else None
+    context = {
+        "task": task,
+        "run": _card(task),
+        "shown": single_shown(task, result),
+        "audio_url": reverse("api-task-result", args=[task.pk, 0])
+        if task.results_available and str(task.results[0].get("mime", "")).startswith("audio/")
+        else "",
+    }
+    return render(request, "pages/studio/_single_result.html", context)
+
+
+@login_required
 @require_POST
 def studio_cancel(request: HttpRequest, pk: str) -> HttpResponse:
     """Cancel a run (its credits released); one that finished meanwhile is shown as it is."""
@@ -484,5 +660,6 @@ urlpatterns = [
     path("studio/price/", studio_price, name="studio-price"),
     path("studio/submit/", studio_submit, name="studio-submit"),
     path("studio/tasks/<uuid:pk>/", studio_task, name="studio-task"),
+    path("studio/tasks/<uuid:pk>/result/", studio_result, name="studio-result"),
     path("studio/tasks/<uuid:pk>/cancel/", studio_cancel, name="studio-cancel"),
 ]
