@@ -15,7 +15,11 @@ ratio: absolute times on a shared VM drift, ratios within one run much less. Sui
 - ``chat``: a streamed chat turn's time to first token and total time vs the sandbox's own
   stream; 200 streams of 30 s held at once, with the API's latency meanwhile vs idle and the
   PostgreSQL connections used; the API under ASGI with ``CONN_MAX_AGE=0`` vs the earlier WSGI
-  gthread server with persistent connections. Not in the default run (``--suite chat``).
+  gthread server with persistent connections. Not in the default run (``--suite chat``);
+- ``single``: a synchronous translation (``POST /api/v1/single/translation/``, the sandbox as
+  its provider) per second and p50/p99 vs the same request to a ``noop`` provider; the gate's
+  admitted maximum under 200 clients at once (Redis and database backends) vs its limit; also
+  vs pgbench TPC-B-like tps. Not in the default run (``--suite single``).
 
 Each suite runs in a process of its own (``bench/suite.py``) on a scratch database of its own
 (``rivya_bench_<suite>``; pgbench uses ``rivya_bench_pgbench``), dropped and recreated at the
@@ -47,7 +51,7 @@ from bench.procs import reap_recorded  # noqa: E402
 
 DEFAULT_URL = "postgres://postgres@127.0.0.1:5432/rivya"
 PGBENCH_DB = f"{DB_PREFIX}pgbench"
-ALL_SUITES = ("holds", "submit", "callbacks", "latency", "scale", "chat")
+ALL_SUITES = ("holds", "submit", "callbacks", "latency", "scale", "chat", "single")
 DEFAULT_SUITES = ("holds", "submit", "callbacks", "latency", "scale")
 DEFAULT_SCENARIOS = "hot,many,hot+capture,many+capture"
 STOP_GRACE_S = 60
@@ -195,6 +199,9 @@ def suite_timeout(args: argparse.Namespace, suite: str) -> float:
         # Two rounds of streams, the timed turns, six load windows and pgbench, with margins.
         rounds = 2 * (args.chat_ramp + args.chat_stream_seconds * 3 + 180)
         return 600 + rounds + args.chat_turns * 5 + args.seconds * 10
+    if suite == "single":
+        # Warm-ups and 3 pairs of rounds, 4 bursts, pgbench, with margins.
+        return 420 + args.seconds * 10
     return 600 + args.scale_rows[1] / 10_000 * 5  # a million tasks: about 2 min of loading
 
 
@@ -323,7 +330,7 @@ def main(argv: list[str]) -> int:
     databases = [f"{DB_PREFIX}{suite}" for suite in args.suites]
     if "scale" in args.suites:
         databases.append(f"{DB_PREFIX}scale_large")
-    needs_pgbench = bool({"holds", "submit", "callbacks", "chat"} & set(args.suites))
+    needs_pgbench = bool({"holds", "submit", "callbacks", "chat", "single"} & set(args.suites))
     if needs_pgbench:
         databases.append(PGBENCH_DB)
     run_dir = Path(tempfile.mkdtemp(prefix="rivya-bench-"))
@@ -371,7 +378,8 @@ def main(argv: list[str]) -> int:
         "at the same client count (mean of the runs before and after); latency against the round "
         "trip of GET /api/v1/credits/ on the same server; scale and queries: at the large "
         "count / at the small one (~1 = does not grow with history); chat: Rivya / the sandbox "
-        "direct, during the streams / idle, ASGI (CONN_MAX_AGE 0) / WSGI gthread (60)."
+        "direct, during the streams / idle, ASGI (CONN_MAX_AGE 0) / WSGI gthread (60); single: "
+        "the sandbox translation / the noop provider, the gate's most in flight / its limit."
     )
     for problem in failed:
         print(f"FAILED {problem}")

@@ -1,12 +1,11 @@
 """One benchmark suite in a process of its own: ``python bench/suite.py CONFIG.json OUT.json``.
 
 Started by ``bench/run.py`` for each suite (``holds``, ``submit``, ``callbacks``, ``latency``,
-``scale``, ``chat``): the process points Django at the suite's scratch database, migrates it,
-runs the suite and writes its rows (``SuiteResult``) to ``OUT.json``. Exit status 0 when the
-suite's checks passed, 1 when they did not (the rows are still written), 2 when it could not
-run. SIGTERM (the orchestrator
-giving up) or SIGINT (Ctrl-C) ends it through the same clean-up as an error: the servers it
-started are stopped.
+``scale``, ``chat``, ``single``): the process points Django at the suite's scratch database,
+migrates it, runs the suite and writes its rows (``SuiteResult``) to ``OUT.json``. Exit status
+0 when the suite's checks passed, 1 when they did not (the rows are still written), 2 when it
+could not run. SIGTERM (the orchestrator giving up) or SIGINT (Ctrl-C) ends it through the same
+clean-up as an error: the servers it started are stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import SuiteConfig, SuiteResult, setup_django  # noqa: E402
 from bench.scratch import url_with_db  # noqa: E402
 
-SUITES = ("holds", "submit", "callbacks", "latency", "scale", "chat")
+SUITES = ("holds", "submit", "callbacks", "latency", "scale", "chat", "single")
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -58,6 +57,10 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
         from bench import chat
 
         return chat.run(config)
+    if config.suite == "single":
+        from bench import single
+
+        return single.run(config)
     raise SystemExit(f"unknown suite {config.suite!r}; choose among {', '.join(SUITES)}")
 
 
