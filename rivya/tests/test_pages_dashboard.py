@@ -299,7 +299,7 @@ def test_home_shows_a_visitor_the_catalog_by_category_with_prices(
     html = response.content.decode()
     assert response.status_code == 200
     headings = re.findall(r'<h3 id="cat-(\w+)">', html)
-    assert headings == ["image", "video", "audio", "chat"]
+    assert headings == ["image", "video", "audio", "chat", "text"]
     image = html.split('data-testid="model-sandbox-image"')[1].split("</li>")[0]
     assert "Sandbox Image" in image
     assert "PNG images drawn from your prompt" in image

@@ -1,11 +1,12 @@
 """``POST /api/v1/single/<type>/``: a single task run inside the request (docs/single.md).
 
 ``single_view`` (async, served by Django's ASGI handler under ``make run``, rivya/asgi.py) takes a
-gate slot, then runs the three phases of ``tasks.single.services``: the database phases on a
-small pool of threads of their own (``SINGLE_DB_THREADS``, each keeping its connection), the
-provider call on the event loop, so a request waiting for its provider holds no thread and no
-database connection. The work is shielded from the client: one that hangs up does not stop a
-task half-way (it finishes, is settled and shows in History).
+gate slot once the caller has authenticated, then runs the three phases of
+``tasks.single.services``: the database phases on a small pool of threads of their own
+(``SINGLE_DB_THREADS``, each keeping its connection), the provider call on the event loop, so a
+request waiting for its provider holds no thread and no database connection. The work is
+shielded from the client: one that hangs up does not stop a task half-way (it finishes, is
+settled and shows in History).
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from drf_spectacular.utils import (
     inline_serializer,
 )
 from rest_framework import serializers
+from rest_framework.exceptions import APIException
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from rivya.errors import DomainError, ValidationFailed
@@ -272,7 +275,23 @@ async def single_view(request: HttpRequest, single_type: str) -> Any:
     return await asyncio.shield(work)
 
 
+def caller_known(request: HttpRequest) -> bool:
+    """Whether the request authenticates (API key, or session with its CSRF token), checked
+    before it may wait for a gate slot: anonymous traffic never takes a place from paying users.
+    The view authenticates again and answers 401/403 for the others."""
+    drf_request = Request(
+        request, authenticators=[cls() for cls in api_settings.DEFAULT_AUTHENTICATION_CLASSES]
+    )
+    try:
+        return bool(drf_request.user and drf_request.user.is_authenticated)
+    except APIException:
+        return False
+
+
 async def _run(request: HttpRequest, single_type: str) -> Any:
+    phase = _database_phase(request)
+    if not await phase(caller_known, request):
+        return await phase(_single_drf_view, request, single_type=single_type)
     gate = single_gate()
     slot = await gate.acquire(lease_s=gate_lease_s(), wait_s=settings.SINGLE_GATE_WAIT_S)
     if slot is None:
@@ -289,7 +308,6 @@ async def _run(request: HttpRequest, single_type: str) -> Any:
         response["Retry-After"] = str(wait)
         return response
     try:
-        phase = _database_phase(request)
         response = await phase(_single_drf_view, request, single_type=single_type)
         start: SingleStart | None = getattr(response, "single_start", None)
         if start is None or start.run is None:

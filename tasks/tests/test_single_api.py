@@ -532,3 +532,20 @@ def test_ledger_check_reports_a_single_task_the_reconciler_left(client: Any) -> 
     notes = overdue()
     assert len(notes) == 1
     assert str(start.task.pk) in notes[0]
+
+
+def test_anonymous_requests_never_wait_for_the_gate(
+    sandbox: Any, catalog: None, settings: Any
+) -> None:
+    from rest_framework.test import APIClient
+
+    settings.SINGLE_MAX_CONCURRENT = 1
+    settings.SINGLE_GATE_WAIT_S = 5
+    gate = single_gate()
+    slot = asyncio.run(gate.acquire(lease_s=30, wait_s=0))
+    try:
+        response = APIClient().post(URL.format("translation"), BODIES["translation"], format="json")
+        # At once (not after waiting 5 s for the full gate), and not a 429.
+        assert response.status_code in (401, 403)
+    finally:
+        asyncio.run(gate.release(slot))
