@@ -56,6 +56,10 @@ SEED_SLUGS = {
     "sandbox-audio-isolation",
     "sandbox-chat",
     "sandbox-chat-mini",
+    "sandbox-translate",
+    "sandbox-complete",
+    "sandbox-tts",
+    "sandbox-transcribe",
 }
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

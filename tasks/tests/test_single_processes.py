@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
+from django.conf import settings
 from django.db import connection
 
 from billing import selectors as billing_selectors
@@ -24,7 +26,7 @@ from rivya import services as rivya_services
 from tasks.catalog import seed_catalog
 from tasks.models import Task
 from tasks.single import services as single
-from tasks.single.gate import single_gate
+from tasks.single.gate import REDIS_KEY, SINGLE_GATE, single_gate
 from tasks.tests.sandbox_process import stop_sandbox
 from tests.asgi_process import start_asgi
 
@@ -47,6 +49,9 @@ def servers(asgi_env: dict[str, str], sandbox: Any, transactional_db: Any) -> An
     yield start
     for _, process in started:
         stop_sandbox(process)
+    # A killed server's slots would stay taken until their leases end (a minute): give them
+    # back, so that later tests see the whole gate.
+    redis.Redis.from_url(settings.REDIS_URL).delete(REDIS_KEY.format(name=SINGLE_GATE))
 
 
 def bearer(user: Any) -> dict[str, str]:
