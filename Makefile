@@ -48,7 +48,7 @@ schema: $(STAMP)
 
 # Browser tests save screenshots of every page (desktop and mobile) under var/screenshots/;
 # this runs them and copies the ones the README shows into docs/screenshots/.
-SHOWN := studio-result history task dashboard chat chat-sessions
+SHOWN := studio-result history task dashboard chat chat-sessions studio-single-transcription studio-single-speech
 screenshots: $(STAMP)
 	$(MAKE) test PYTEST_ARGS="tests/browser -q"
 	mkdir -p docs/screenshots

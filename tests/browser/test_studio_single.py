@@ -172,3 +172,37 @@ def test_a_refused_field_is_shown_next_to_it(page: Any, signed_up: str) -> None:
     assert "nothing was charged" in page.get_by_test_id("notice").inner_text()
     assert page.locator("#studio-runs [data-testid=task]").count() == 0  # nothing recorded
     assert page.evaluate("document.activeElement.id") == "id_param_target_language"
+
+
+def test_a_recording_too_long_for_the_request_runs_in_the_background(
+    page: Any, signed_up: str
+) -> None:
+    import io
+    import wave
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:  # 2:01 of silence: over the 2 minutes of a request
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(bytes(2 * 8000 * 121))
+    page.goto("/studio/")
+    pick(page, "text", "sandbox-transcribe")
+    page.set_input_files(
+        "#id_files",
+        files=[{"name": "long.wav", "mimeType": "audio/wav", "buffer": buffer.getvalue()}],
+    )
+
+    page.get_by_test_id("submit").click()
+
+    offer = page.get_by_test_id("run-async")
+    offer.wait_for(timeout=30_000)
+    assert "Too long to run here." in page.get_by_test_id("notice").inner_text()
+    assert page.locator("#studio-runs [data-testid=task]").count() == 0
+    offer.click()
+    page.get_by_text("Running in the background.").wait_for()
+    card = page.locator("#studio-runs [data-testid=task][data-status=SUCCESS]").first
+    card.wait_for(timeout=60_000)  # polled while a worker runs it
+    assert card.get_by_test_id("single-label").inner_text() == "Transcription"
+    assert "Charged 1.21 credits." in card.inner_text()
+    header_credits_are(page, "8.79 credits")
