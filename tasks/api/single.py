@@ -101,9 +101,12 @@ def outcome_body(task: Task, result: dict[str, Any] | None = None) -> dict[str, 
 def start_response(start: SingleStart) -> Response:
     """Phase 1's answer when there is nothing to run in this request."""
     task = start.task
-    if start.deferred:
+    if start.deferred:  # answered 202 the first time: the task as it is now
         body = TaskSerializer(task).data
-        return Response(body, status=202, headers={"Location": body["poll_url"]})
+        response = Response(body, status=202, headers={"Location": body["poll_url"]})
+        if start.replayed:
+            response["Idempotent-Replayed"] = "true"
+        return response
     if task.status in Task.UNFINISHED:  # a replay while the first request still runs
         return Response(
             {

@@ -168,11 +168,12 @@ def single_start(
 
 
 def _replay(user: Any, body: Any) -> SingleStart:
+    """The first request's task, as its record names it (and whether it was answered 202)."""
     task_id = body.get("single_task_id") if isinstance(body, dict) else None
     task = Task.objects.filter(pk=task_id, user=user).first() if task_id else None
     if task is None:  # pragma: no cover - the record names the task it created
         raise NotFound("The task of this idempotency key no longer exists.")
-    return SingleStart(task=task, run=None, replayed=True)
+    return SingleStart(task=task, run=None, deferred=bool(body.get("deferred")), replayed=True)
 
 
 def _validate(service: SingleService, data: Mapping[str, Any], files: Sequence[Any]) -> _Valid:
@@ -303,7 +304,10 @@ def _record(
         if record is not None:
             # Completed with the work: a retry with this key gets this task, never a second.
             billing.idempotency_complete(
-                record=record, status=200, body={"single_task_id": str(task.pk)}, headers={}
+                record=record,
+                status=202 if deferred else 200,
+                body={"single_task_id": str(task.pk), "deferred": deferred},
+                headers={},
             )
         if valid.price:
             try:

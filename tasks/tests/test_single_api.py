@@ -417,11 +417,17 @@ def test_audio_too_long_for_the_request_is_refused_or_run_by_a_worker(
     assert queued == []
 
     with django_capture_on_commit_callbacks(execute=True):
-        accepted = send(Prefer="respond-async")
+        accepted = send(Prefer="respond-async", **{"Idempotency-Key": "long-1"})
     assert accepted.status_code == 202, accepted.content
     body = accepted.json()
     assert body["status"] == "GENERATING"
     assert accepted["Location"] == body["poll_url"]
+    assert queued == [body["id"]]
+    # A retry with the key while it runs gets the same 202 (the task as it is now), no new task.
+    again = send(Prefer="respond-async", **{"Idempotency-Key": "long-1"})
+    assert again.status_code == 202
+    assert again.json()["id"] == body["id"]
+    assert again["Idempotent-Replayed"] == "true"
     assert queued == [body["id"]]
     assert single.single_run_deferred(task_id=body["id"]) is True
     assert single.single_run_deferred(task_id=body["id"]) is False  # a redelivery: nothing
