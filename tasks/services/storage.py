@@ -1,10 +1,12 @@
 """Storage sweep: files nothing references (lifecycle "Known limits", issue 13 point 10).
 
-Two paths leave files behind that no row refers to: a multipart submit whose transaction rolls
-back after ``upload_create`` wrote its file, and a worker killed between storing an attempt's
-result files and committing the outcome. The sweep walks ``uploads/`` and ``results/`` through
-the Django storage API only (``listdir``, ``get_modified_time``, ``size``, ``delete``), so it
-works on the filesystem storage and on S3 through django-storages alike.
+Three paths leave files behind that no row refers to: a multipart submit whose transaction rolls
+back after ``upload_create`` wrote its file, a worker killed between storing an attempt's
+result files and committing the outcome, and a web process killed while it stored a single
+task's dataset (before its ``DatasetFile`` rows). The sweep walks ``uploads/``, ``results/``
+and ``datasets/`` through the Django storage API only (``listdir``, ``get_modified_time``,
+``size``, ``delete``), so it works on the filesystem storage and on S3 through django-storages
+alike.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
-from tasks.models import Task, Upload
+from tasks.models import DatasetFile, Task, Upload
 
 RESULTS = "results"
 UPLOADS = "uploads"
+DATASETS = "datasets"
 BATCH = 200  # directories whose references are read in one query
 NAMES_LIMIT = 1000  # orphaned names kept in the report
 
@@ -50,11 +53,13 @@ class SweepReport:
 def storage_sweep(
     *, min_age: timedelta, dry_run: bool = False, now: datetime | None = None
 ) -> SweepReport:
-    """Delete stored files under ``results/`` and ``uploads/`` that no row references and
-    that were last modified at least ``min_age`` before ``now`` (default: the current time).
+    """Delete stored files under ``results/``, ``uploads/`` and ``datasets/`` that no row
+    references and that were last modified at least ``min_age`` before ``now`` (default: the
+    current time).
 
     Referenced, and so never deleted however old: the ``file`` of an ``Upload`` row (looked up
-    by the id in ``uploads/<user>/<upload id>/``), and each ``results[*].name`` of a task whose
+    by the id in ``uploads/<user>/<upload id>/``), the ``file`` of each ``DatasetFile`` of a
+    dataset (``datasets/<user>/<dataset id>/``), and each ``results[*].name`` of a task whose
     ``results_expired_at`` is null (looked up by the id in ``results/<task id>/``; a task
     directory whose task does not exist holds only orphans). Files younger than ``min_age``
     are never touched: a submit or an outcome may be about to commit the row that refers to
@@ -72,6 +77,7 @@ def storage_sweep(
     sweep = _Sweep(cutoff=(now or timezone.now()) - min_age, report=SweepReport(dry_run=dry_run))
     sweep.results()
     sweep.uploads()
+    sweep.datasets()
     return sweep.report
 
 
@@ -127,6 +133,31 @@ class _Sweep:
                         continue
                     name = known.get(upload_id)
                     self._sweep_dir(prefix, {name} if name else set(), remove_root=True)
+
+    # --- datasets/<user>/<dataset id>/<n> -------------------------------------------------
+
+    def datasets(self) -> None:
+        """A dataset's files are referenced by its ``DatasetFile`` rows, written once all are
+        stored; a process killed mid-upload leaves files without rows (the dataset PENDING)."""
+        user_dirs, files = _listdir(DATASETS)
+        self._skip(f"{DATASETS}/{f}" for f in files)
+        for user_dir in user_dirs:
+            base = f"{DATASETS}/{user_dir}"
+            dirs, files = _listdir(base)
+            self._skip(f"{base}/{f}" for f in files)
+            for chunk in _chunks(dirs):
+                ids = {d: _uuid(d) for d in chunk}
+                referenced: dict[uuid.UUID, set[str]] = {}
+                for dataset_id, name in DatasetFile.objects.filter(
+                    dataset_id__in=[i for i in ids.values() if i is not None]
+                ).values_list("dataset_id", "file"):
+                    referenced.setdefault(dataset_id, set()).add(name)
+                for directory, dataset_id in ids.items():
+                    prefix = f"{base}/{directory}"
+                    if dataset_id is None:
+                        self._skip(_walk(prefix))
+                        continue
+                    self._sweep_dir(prefix, referenced.get(dataset_id, set()), remove_root=True)
 
     # --- common ----------------------------------------------------------------------------
 

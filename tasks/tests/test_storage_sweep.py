@@ -350,3 +350,34 @@ def test_celery_task_sweeps_with_the_setting_and_logs_only_when_it_deleted(
     caplog.clear()
     assert sweep_storage() == 0
     assert caplog.records == []
+
+
+def test_a_dataset_left_half_stored_by_a_killed_process_is_removed_its_completed_one_kept(
+    funded: Any, settings: Any, tmp_path: Path
+) -> None:
+    from tasks.media import MediaInfo
+    from tasks.models import Dataset
+    from tasks.single.datasets import CheckedFile, dataset_path, dataset_store
+
+    # given: a COMPLETED dataset (its files referenced by its rows), and the files a process
+    # killed mid-upload left for a PENDING dataset (no rows yet), all a day old
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    user = funded(10)
+    info = MediaInfo(mime="image/png", kind="image", width=16, height=12, duration_ms=None)
+    kept = dataset_store(
+        user=user,
+        purpose="completion",
+        files=[CheckedFile(SimpleUploadedFile("a.png", png()), "a.png", info, len(png()))],
+    )
+    pending = Dataset.objects.create(user=user, purpose="completion", file_count=2)
+    left = default_storage.save(
+        dataset_path(user_id=user.pk, dataset_id=pending.pk, position=0), ContentFile(png())
+    )
+    age(hours=30)
+
+    # when: swept
+    report = services.storage_sweep(min_age=HOUR)
+
+    # then: only the half-stored dataset's file is gone
+    assert report.names == [left]
+    assert stored() == [kept.files.get().file.name]
