@@ -284,6 +284,13 @@ SEED += [
                 "default": 256,
                 "description": "the longest answer, in tokens",
             },
+            sandbox_reply_tokens={
+                "type": "integer",
+                "minimum": 0,
+                "maximum": 8192,
+                "default": 120,
+                "description": "length of the sandbox's answer (cut by max_tokens)",
+            },
         ),
         "file_rules": {"accept": IMAGE_TYPES, "min": 0, "max": 4, "max_bytes": 10 * 2**20},
         "timeout_seconds": 30,

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
 from PIL import Image
 
 from billing import selectors as billing_selectors
@@ -555,3 +556,34 @@ def test_anonymous_requests_never_wait_for_the_gate(
         assert response.status_code in (401, 403)
     finally:
         asyncio.run(gate.release(slot))
+
+
+def test_a_signed_in_browser_is_served_with_its_csrf_token_and_refused_without(
+    sandbox: Any, catalog: None, funded: Any
+) -> None:
+    from django.test import Client
+
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(funded(10))
+    browser.get("/studio/")
+    token = browser.cookies["csrftoken"].value
+    body = json.dumps(BODIES["translation"])
+    served = browser.post(
+        URL.format("translation"),
+        body,
+        content_type="application/json",
+        headers={"X-CSRFToken": token},
+    )
+    assert served.status_code == 200, served.content
+    refused = browser.post(URL.format("translation"), body, content_type="application/json")
+    assert refused.status_code == 403
+    assert Task.objects.count() == 1
+
+
+def test_a_replay_after_the_result_expired_says_so(client: Any) -> None:
+    first = post(client, "translation", BODIES["translation"], **{"Idempotency-Key": "exp"})
+    Task.objects.filter(pk=first.json()["task_id"]).update(results_expired_at=timezone.now())
+    again = post(client, "translation", BODIES["translation"], **{"Idempotency-Key": "exp"})
+    assert again.status_code == 200
+    assert again.json()["result"] is None
+    assert again.json()["expired"] is True
