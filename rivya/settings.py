@@ -141,8 +141,25 @@ STATIC_ROOT.mkdir(exist_ok=True)
 STATICFILES_DIRS = [BASE_DIR / "static"]
 MEDIA_ROOT = env.path("MEDIA_ROOT", default=str(VAR_DIR / "media"))
 MEDIA_URL = "media/"
+# Where uploads, datasets and results are stored (docs/storage.md): the filesystem under
+# MEDIA_ROOT by default; S3, Google Cloud Storage or Azure Blob Storage through django-storages
+# (install the extra: pip install -e '.[s3]', '.[gcs]' or '.[azure]'), with the backend's options
+# as JSON in STORAGE_OPTIONS (e.g. {"bucket_name": "rivya-media", "region_name": "eu-west-1"})
+# and its credentials from the environment as the vendor's SDK reads them.
+STORAGE_BACKENDS = {
+    "filesystem": "django.core.files.storage.FileSystemStorage",
+    "s3": "storages.backends.s3.S3Storage",
+    "gcs": "storages.backends.gcloud.GoogleCloudStorage",
+    "azure": "storages.backends.azure_storage.AzureStorage",
+}
+STORAGE_BACKEND = env.str("STORAGE_BACKEND", default="filesystem")
+if STORAGE_BACKEND not in STORAGE_BACKENDS:
+    raise ImproperlyConfigured(f"STORAGE_BACKEND must be one of {', '.join(STORAGE_BACKENDS)}.")
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": {
+        "BACKEND": STORAGE_BACKENDS[STORAGE_BACKEND],
+        "OPTIONS": env.json("STORAGE_OPTIONS", default={}),
+    },
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 if DEBUG:
@@ -329,6 +346,9 @@ SINGLE_TASK_TIMEOUT_S = env.int("SINGLE_TASK_TIMEOUT_S", default=60)
 SINGLE_ASYNC_TIMEOUT_S = env.int("SINGLE_ASYNC_TIMEOUT_S", default=900)
 SINGLE_DEADLINE_MARGIN_S = env.int("SINGLE_DEADLINE_MARGIN_S", default=15)
 SINGLE_RECONCILE_EVERY = env.float("SINGLE_RECONCILE_EVERY", default=10.0)
+# A task accepted with Prefer: respond-async that no worker took this long after it was queued
+# is queued again (its message may have been lost).
+SINGLE_REQUEUE_AFTER_S = env.int("SINGLE_REQUEUE_AFTER_S", default=60)
 SINGLE_DB_THREADS = env.int("SINGLE_DB_THREADS", default=8)
 
 SANDBOX_URL = env.str("SANDBOX_URL", default="http://127.0.0.1:8765").rstrip("/")

@@ -171,8 +171,13 @@ def run_single(task_id: str) -> None:
 
 @shared_task(name="tasks.settle_interrupted_single", soft_time_limit=60, time_limit=90)
 def settle_interrupted_single() -> int:
-    from tasks.single.services import single_settle_interrupted
+    from tasks.single.services import single_requeue_unclaimed, single_settle_interrupted
 
+    requeued = single_requeue_unclaimed()
+    if requeued:
+        logger.warning(
+            "queued %d respond-async single task(s) again: no worker took them", requeued
+        )
     settled = single_settle_interrupted()
     if settled:
         logger.warning("refunded %d single task(s) whose process died mid-run", settled)

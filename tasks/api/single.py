@@ -195,6 +195,7 @@ class SingleTaskView(APIView):
         """Run a transcription, completion, translation or text-to-speech task and answer with
         its result. Credits are held before the provider is called and settled on the outcome:
         a failure refunds them."""
+        request.data  # noqa: B018 - parses the body: only then is an oversized file known
         if getattr(request._request, "upload_too_large", False):
             raise DomainError("A file is over the upload limit.", code="file_too_large", status=413)
         data, files = _body(request)
@@ -280,8 +281,30 @@ async def single_view(request: HttpRequest, single_type: str) -> Any:
         return JsonResponse(
             error_body("not_found", f"No single task type {single_type!r}."), status=404
         )
-    work = asyncio.ensure_future(_run(request, single_type))
-    # A client that hangs up cancels this view, not the work: it finishes and is settled.
+    phase = _database_phase(request)
+    if not await phase(caller_known, request):
+        return await phase(_single_drf_view, request, single_type=single_type)
+    gate = single_gate()
+    # A client that hangs up while it waits for a place just leaves (the gate gives back a
+    # place taken as it is cancelled).
+    slot = await gate.acquire(lease_s=gate_lease_s(), wait_s=settings.SINGLE_GATE_WAIT_S)
+    if slot is None:
+        wait = retry_after_s()
+        response = JsonResponse(
+            error_body(
+                "system_busy",
+                f"All {settings.SINGLE_MAX_CONCURRENT} places for single tasks are taken; "
+                f"retry in {wait} s.",
+                kind="infra",
+            ),
+            status=429,
+        )
+        response["Retry-After"] = str(wait)
+        return response
+    # From here on a client that hangs up cancels this view, not the work: the task is
+    # recorded, run and settled (and shows in History). No await before this line, so the slot
+    # always goes to the work, which gives it back.
+    work = asyncio.ensure_future(_run(request, single_type, phase, gate, slot))
     return await asyncio.shield(work)
 
 
@@ -305,25 +328,9 @@ def caller_known(request: HttpRequest) -> bool:
     return False
 
 
-async def _run(request: HttpRequest, single_type: str) -> Any:
-    phase = _database_phase(request)
-    if not await phase(caller_known, request):
-        return await phase(_single_drf_view, request, single_type=single_type)
-    gate = single_gate()
-    slot = await gate.acquire(lease_s=gate_lease_s(), wait_s=settings.SINGLE_GATE_WAIT_S)
-    if slot is None:
-        wait = retry_after_s()
-        response = JsonResponse(
-            error_body(
-                "system_busy",
-                f"All {settings.SINGLE_MAX_CONCURRENT} places for single tasks are taken; "
-                f"retry in {wait} s.",
-                kind="infra",
-            ),
-            status=429,
-        )
-        response["Retry-After"] = str(wait)
-        return response
+async def _run(
+    request: HttpRequest, single_type: str, phase: Callable[..., Any], gate: Any, slot: Any
+) -> Any:
     try:
         response = await phase(_single_drf_view, request, single_type=single_type)
         start: SingleStart | None = getattr(response, "single_start", None)

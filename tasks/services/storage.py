@@ -138,7 +138,9 @@ class _Sweep:
 
     def datasets(self) -> None:
         """A dataset's files are referenced by its ``DatasetFile`` rows, written once all are
-        stored; a process killed mid-upload leaves files without rows (the dataset PENDING)."""
+        stored, while a task uses the dataset. A process killed mid-upload leaves files without
+        rows (the dataset PENDING); one killed before the task was recorded, a dataset that no
+        task uses."""
         user_dirs, files = _listdir(DATASETS)
         self._skip(f"{DATASETS}/{f}" for f in files)
         for user_dir in user_dirs:
@@ -148,9 +150,14 @@ class _Sweep:
             for chunk in _chunks(dirs):
                 ids = {d: _uuid(d) for d in chunk}
                 referenced: dict[uuid.UUID, set[str]] = {}
-                for dataset_id, name in DatasetFile.objects.filter(
-                    dataset_id__in=[i for i in ids.values() if i is not None]
-                ).values_list("dataset_id", "file"):
+                for dataset_id, name in (
+                    DatasetFile.objects.filter(
+                        dataset_id__in=[i for i in ids.values() if i is not None],
+                        dataset__tasks__isnull=False,
+                    )
+                    .values_list("dataset_id", "file")
+                    .distinct()
+                ):
                     referenced.setdefault(dataset_id, set()).add(name)
                 for directory, dataset_id in ids.items():
                     prefix = f"{base}/{directory}"

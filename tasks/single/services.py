@@ -20,7 +20,6 @@ worker runs 2 and 3 (``single_run_deferred``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -150,7 +149,7 @@ def single_start(
     if idempotency_key is not None:
         claim = billing.idempotency_claim(user=user, key=idempotency_key, fingerprint=fingerprint)
         if claim.replay is not None:
-            return _replay(user, claim.replay.response_body)
+            return _replay(user, claim.replay)
         record = claim.record
     try:
         valid = _validate(service, data, files)
@@ -167,13 +166,14 @@ def single_start(
         raise
 
 
-def _replay(user: Any, body: Any) -> SingleStart:
-    """The first request's task, as its record names it (and whether it was answered 202)."""
+def _replay(user: Any, record: Any) -> SingleStart:
+    """The first request's task, as its record names it (answered 202 when it was deferred)."""
+    body = record.response_body
     task_id = body.get("single_task_id") if isinstance(body, dict) else None
     task = Task.objects.filter(pk=task_id, user=user).first() if task_id else None
     if task is None:  # pragma: no cover - the record names the task it created
         raise NotFound("The task of this idempotency key no longer exists.")
-    return SingleStart(task=task, run=None, deferred=bool(body.get("deferred")), replayed=True)
+    return SingleStart(task=task, run=None, deferred=record.response_status == 202, replayed=True)
 
 
 def _validate(service: SingleService, data: Mapping[str, Any], files: Sequence[Any]) -> _Valid:
@@ -187,7 +187,8 @@ def _validate(service: SingleService, data: Mapping[str, Any], files: Sequence[A
     if not serializer.is_valid():
         raise validation_error(serializer.errors)
     fields = dict(serializer.validated_data)
-    unknown = sorted(set(data) - set(serializer.fields) - {"files", "csrfmiddlewaretoken"})
+    # (The view takes multipart files out of ``data``: a JSON ``files`` is an unknown field.)
+    unknown = sorted(set(data) - set(serializer.fields) - {"csrfmiddlewaretoken"})
     if unknown:
         raise ValidationFailed({k: ["Unknown field."] for k in unknown})
     model = _model(service, fields.get("model"))
@@ -240,6 +241,7 @@ def _model(service: SingleService, slug: Any) -> AIModel:
     if (
         model.runtime != AIModel.Runtime.SYNC
         or model.single_type != service.type
+        or model.category != service.category
         or not model.direct_generation
     ):
         raise ValidationFailed(
@@ -255,10 +257,12 @@ def _model(service: SingleService, slug: Any) -> AIModel:
 
 
 def task_timeout_s(model: AIModel, *, deferred: bool) -> int:
-    """A single task's time budget: the model's timeout, capped by SINGLE_TASK_TIMEOUT_S inside
-    a request and by SINGLE_ASYNC_TIMEOUT_S in a worker."""
-    cap = settings.SINGLE_ASYNC_TIMEOUT_S if deferred else settings.SINGLE_TASK_TIMEOUT_S
-    return max(1, min(model.timeout_seconds, cap))
+    """A single task's time budget: inside a request the model's timeout, capped by
+    SINGLE_TASK_TIMEOUT_S; in a worker (Prefer: respond-async, for inputs too big for a
+    request) SINGLE_ASYNC_TIMEOUT_S."""
+    if deferred:
+        return max(1, settings.SINGLE_ASYNC_TIMEOUT_S)
+    return max(1, min(model.timeout_seconds, settings.SINGLE_TASK_TIMEOUT_S))
 
 
 def _record(
@@ -306,7 +310,7 @@ def _record(
             billing.idempotency_complete(
                 record=record,
                 status=202 if deferred else 200,
-                body={"single_task_id": str(task.pk), "deferred": deferred},
+                body={"single_task_id": str(task.pk)},
                 headers={},
             )
         if valid.price:
@@ -321,15 +325,20 @@ def _record(
             record_event(task.pk, "credits_held", amount_micro=valid.price)
         else:
             record_event(task.pk, "free", "Free model: no credits held.")
-        deadline = now + timedelta(seconds=timeout_s + settings.SINGLE_DEADLINE_MARGIN_S)
+        # In a worker the budget starts at its claim (which sets the deadline again): until
+        # then the deadline leaves the budget once more for the time in the queue.
+        deadline = now + timedelta(
+            seconds=timeout_s * (2 if deferred else 1) + settings.SINGLE_DEADLINE_MARGIN_S
+        )
         Task.objects.filter(pk=task.pk).update(
             status=S.GENERATING,
             reserved_micro=valid.price,
             started_at=now,
             sync_deadline_at=deadline,
-            # In the request the handler runs right away; a worker counts its own start.
+            # In the request the handler runs right away; a worker counts its own start (and
+            # ``last_submit_at`` is when the task was last handed to the workers).
             **(
-                {}
+                {"last_submit_at": now}
                 if deferred
                 else {"submitted_at": now, "submit_attempts": 1, "last_submit_at": now}
             ),
@@ -405,6 +414,13 @@ def single_finish(run: SingleRun, outcome: Outcome) -> tuple[Task, dict[str, Any
     finished it with SUCCESS (None when it failed, or another outcome won: the deadline's
     refund, a cancellation)."""
     won = False
+    # The finish may have waited for a database thread: its deadline starts again now, so the
+    # reconciler does not refund a task whose answer is being recorded (the transition below is
+    # conditional all the same).
+    now = timezone.now()
+    Task.objects.filter(pk=run.task_id, status=S.GENERATING, sync_deadline_at__gt=now).update(
+        sync_deadline_at=now + timedelta(seconds=settings.SINGLE_DEADLINE_MARGIN_S)
+    )
     if isinstance(outcome, SingleOutput):
         name = default_storage.save(
             f"results/{run.task_id}/{uuid.uuid4().hex[:12]}/0.{outcome.file.ext}",
@@ -418,12 +434,9 @@ def single_finish(run: SingleRun, outcome: Outcome) -> tuple[Task, dict[str, Any
             height=None,
             duration_ms=outcome.file.duration_ms,
         )
-        try:
-            won = task_succeed(task_id=run.task_id, outputs=[stored], notify=run.notify)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                default_storage.delete(name)
-            raise
+        # An error here may come after the commit (a connection lost during COMMIT): the file is
+        # left for the storage sweep, which deletes it only if no row refers to it.
+        won = task_succeed(task_id=run.task_id, outputs=[stored], notify=run.notify)
         if not won:
             default_storage.delete(name)
             record_event(
@@ -476,17 +489,26 @@ def single_run_deferred(*, task_id: Any) -> bool:
     0 → 1, so a redelivered message does nothing), then phases 2 and 3. Returns whether this
     call ran it."""
     now = timezone.now()
+    timeout_s = Task.objects.filter(pk=task_id).values_list("timeout_seconds", flat=True).first()
+    if timeout_s is None:
+        return False
+    # One UPDATE claims it (once) and starts its budget; never past its deadline, when the
+    # reconciler may be refunding it.
     claimed = Task.objects.filter(
-        pk=task_id, status=S.GENERATING, runtime=AIModel.Runtime.SYNC, submit_attempts=0
-    ).update(submit_attempts=1, submitted_at=now, last_submit_at=now)
+        pk=task_id,
+        status=S.GENERATING,
+        runtime=AIModel.Runtime.SYNC,
+        submit_attempts=0,
+        sync_deadline_at__gt=now,
+    ).update(
+        submit_attempts=1,
+        submitted_at=now,
+        last_submit_at=now,
+        sync_deadline_at=now + timedelta(seconds=timeout_s + settings.SINGLE_DEADLINE_MARGIN_S),
+    )
     if not claimed:
         return False
     task = Task.objects.get(pk=task_id)
-    # The deadline runs from now: time spent in the queue is not the worker's.
-    Task.objects.filter(pk=task_id, status=S.GENERATING).update(
-        sync_deadline_at=now
-        + timedelta(seconds=task.timeout_seconds + settings.SINGLE_DEADLINE_MARGIN_S)
-    )
     inputs = tuple(
         InputFile(f.original_name or f"file{f.position}", f.mime, _read(f))
         for f in (DatasetFile.objects.filter(dataset_id=task.dataset_id) if task.dataset_id else [])
@@ -521,6 +543,33 @@ def _read(dataset_file: DatasetFile) -> bytes:
 
 
 # --- the reconciler ---------------------------------------------------------------------------
+
+
+def single_requeue_unclaimed(*, now: Any = None, limit: int = 200) -> int:
+    """Hand again to the workers the respond-async tasks no worker has claimed
+    (``submit_attempts`` 0) SINGLE_REQUEUE_AFTER_S after they were last handed over: the
+    broker may have lost the message (it is sent after commit). A duplicate message is harmless
+    (the claim runs a task once). Returns how many were queued again."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.SINGLE_REQUEUE_AFTER_S)
+    due = list(
+        Task.objects.filter(
+            status=S.GENERATING,
+            runtime=AIModel.Runtime.SYNC,
+            submit_attempts=0,
+            last_submit_at__lt=cutoff,
+            sync_deadline_at__gt=now,
+        ).values_list("pk", flat=True)[:limit]
+    )
+    queued = 0
+    for task_id in due:
+        if Task.objects.filter(pk=task_id, submit_attempts=0, last_submit_at__lt=cutoff).update(
+            last_submit_at=now
+        ):
+            record_event(task_id, "requeued", "No worker had taken it yet: queued again.")
+            enqueue.run_single(task_id)
+            queued += 1
+    return queued
 
 
 INTERRUPTED_MESSAGE = (

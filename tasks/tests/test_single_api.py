@@ -390,6 +390,7 @@ def test_an_idempotent_retry_gets_the_first_answer_and_pays_once(
 
 
 def test_audio_too_long_for_the_request_is_refused_or_run_by_a_worker(
+    settings: Any,
     client: Any,
     ledger_ok: None,
     monkeypatch: pytest.MonkeyPatch,
@@ -433,6 +434,8 @@ def test_audio_too_long_for_the_request_is_refused_or_run_by_a_worker(
     assert single.single_run_deferred(task_id=body["id"]) is True
     assert single.single_run_deferred(task_id=body["id"]) is False  # a redelivery: nothing
     task = Task.objects.get(pk=body["id"])
+    # A worker's budget is the background one, from its claim.
+    assert task.timeout_seconds == settings.SINGLE_ASYNC_TIMEOUT_S
     assert task.status == "SUCCESS"
     assert task.charged_micro == (C // 100) * 125
     # Nobody waited for this answer: it is a notification.
@@ -587,3 +590,113 @@ def test_a_replay_after_the_result_expired_says_so(client: Any) -> None:
     assert again.status_code == 200
     assert again.json()["result"] is None
     assert again.json()["expired"] is True
+
+
+def test_an_oversized_file_is_a_413_for_api_key_clients_too(
+    sandbox: Any, catalog: None, funded: Any, settings: Any
+) -> None:
+    from rest_framework.test import APIClient
+
+    from rivya import services as rivya_services
+
+    settings.MAX_UPLOAD_BYTES = 10_000
+    user = funded(10)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {rivya_services.api_key_create(user=user).raw}")
+    big = png() + b"\0" * 20_000
+    for single_type, body in (
+        ("completion", {"prompt": "what is it?", "files": [SimpleUploadedFile("a.png", big)]}),
+        ("transcription", {"files": [SimpleUploadedFile("a.wav", wav(10))]}),
+    ):
+        response = api.post(URL.format(single_type), body, format="multipart")
+        assert response.status_code == 413, (single_type, response.content)
+        assert response.json()["error"]["code"] == "file_too_large"
+    assert not Task.objects.exists()
+    assert balance(user) == 10 * C
+
+
+def test_files_in_a_json_body_are_refused_not_ignored(client: Any) -> None:
+    response = post(client, "completion", {"prompt": "what is it?", "files": ["aGVsbG8="]})
+    assert response.status_code == 400
+    assert "files" in response.json()["error"]["fields"]
+    no_task_no_charge(client, 10 * C)
+
+
+def test_a_lost_worker_message_is_queued_again_and_a_late_claim_runs_nothing(
+    client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.services import enqueue
+
+    queued: list[str] = []
+    monkeypatch.setattr(enqueue, "run_single", lambda task_id: queued.append(str(task_id)))
+    task = single.single_start(
+        user=client.user,
+        single_type="translation",
+        data=BODIES["translation"],
+        prefer_async=True,
+    ).task
+    assert single.single_requeue_unclaimed() == 0  # just queued
+    later = timezone.now() + timedelta(seconds=settings_value("SINGLE_REQUEUE_AFTER_S") + 1)
+    assert single.single_requeue_unclaimed(now=later) == 1
+    assert queued == [str(task.pk)]
+    assert single.single_requeue_unclaimed(now=later) == 0  # not again at once
+    # Past its deadline the reconciler refunds it, and a worker that comes late runs nothing.
+    task.refresh_from_db()
+    past = task.sync_deadline_at + timedelta(seconds=1)
+    assert single.single_settle_interrupted(now=past) == 1
+    assert single.single_run_deferred(task_id=task.pk) is False
+    task.refresh_from_db()
+    assert (task.status, task.submit_attempts) == ("FAILED", 0)
+
+
+def settings_value(name: str) -> Any:
+    from django.conf import settings
+
+    return getattr(settings, name)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_reconciler_leaves_a_task_whose_answer_is_being_stored(
+    client: Any, settings: Any, tmp_path: Any
+) -> None:
+    import threading
+    import time
+
+    from django.db import connection
+
+    # given: a task whose provider answered just before its deadline, its result going to a
+    # slow storage
+    start = single.single_start(
+        user=client.user, single_type="translation", data=BODIES["translation"]
+    )
+    outcome = asyncio.run(single.single_execute(start.run))
+    Task.objects.filter(pk=start.task.pk).update(
+        sync_deadline_at=timezone.now() + timedelta(seconds=1)
+    )
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {
+            "BACKEND": "tasks.tests.storages.SlowSave",
+            "OPTIONS": {"location": str(tmp_path / "slow"), "delay": 2.0},
+        },
+    }
+    finished: list[Any] = []
+
+    def finish() -> None:
+        try:
+            finished.append(single.single_finish(start.run, outcome))
+        finally:
+            connection.close()
+
+    # when: the reconciler runs after the old deadline, while the result is being stored
+    recording = threading.Thread(target=finish)
+    recording.start()
+    time.sleep(1.5)
+    refunded = single.single_settle_interrupted()
+    recording.join()
+
+    # then: it leaves the task, which succeeds with its result
+    assert refunded == 0
+    task, result = finished[0]
+    assert task.status == "SUCCESS"
+    assert result is not None

@@ -352,22 +352,30 @@ def test_celery_task_sweeps_with_the_setting_and_logs_only_when_it_deleted(
     assert caplog.records == []
 
 
-def test_a_dataset_left_half_stored_by_a_killed_process_is_removed_its_completed_one_kept(
+def test_datasets_no_task_uses_are_removed_the_one_a_task_uses_is_kept(
     funded: Any, settings: Any, tmp_path: Path
 ) -> None:
     from tasks.media import MediaInfo
     from tasks.models import Dataset
     from tasks.single.datasets import CheckedFile, dataset_path, dataset_store
+    from tasks.single.services import single_start
 
-    # given: a COMPLETED dataset (its files referenced by its rows), and the files a process
-    # killed mid-upload left for a PENDING dataset (no rows yet), all a day old
+    # given, all a day old: the dataset of a recorded single task; a COMPLETED dataset whose
+    # process died before its task was recorded; and the file a process killed mid-upload left
+    # for a PENDING dataset (no rows yet)
     settings.MEDIA_ROOT = str(tmp_path / "media")
     user = funded(10)
+    used = single_start(
+        user=user,
+        single_type="completion",
+        data={"prompt": "what is this?"},
+        files=[SimpleUploadedFile("a.png", png(), "image/png")],
+    ).task.dataset
     info = MediaInfo(mime="image/png", kind="image", width=16, height=12, duration_ms=None)
-    kept = dataset_store(
+    unused = dataset_store(
         user=user,
         purpose="completion",
-        files=[CheckedFile(SimpleUploadedFile("a.png", png()), "a.png", info, len(png()))],
+        files=[CheckedFile(SimpleUploadedFile("b.png", png()), "b.png", info, len(png()))],
     )
     pending = Dataset.objects.create(user=user, purpose="completion", file_count=2)
     left = default_storage.save(
@@ -378,6 +386,6 @@ def test_a_dataset_left_half_stored_by_a_killed_process_is_removed_its_completed
     # when: swept
     report = services.storage_sweep(min_age=HOUR)
 
-    # then: only the half-stored dataset's file is gone
-    assert report.names == [left]
-    assert stored() == [kept.files.get().file.name]
+    # then: only the files of the dataset a task uses remain
+    assert sorted(report.names) == sorted([left, unused.files.get().file.name])
+    assert stored() == [used.files.get().file.name]
