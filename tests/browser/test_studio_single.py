@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tasks.sandbox.speech import synthesize
-from tests.browser.test_studio import MEDIA_DURATION, pick, set_knobs
+from tests.browser.studio_steps import MEDIA_DURATION, pick, set_knobs
 
 pytestmark = pytest.mark.usefixtures("e2e")
 
