@@ -17,3 +17,11 @@ def credits(micro: int | None) -> str:
 def credits_phrase_filter(micro: int | None) -> str:
     """Micro-credits in words: 1000000 -> "1 credit", 2500000 -> "2.5 credits"."""
     return credits_phrase(int(micro or 0))
+
+
+@register.filter(name="single_label")
+def single_label_filter(task: object) -> str:
+    """A single task in a few words ("Translation en→hi"); "" for other tasks."""
+    from rivya.pages.common import single_label
+
+    return single_label(task)

@@ -390,3 +390,11 @@ def test_another_users_single_task_is_404(history_user: Any) -> None:
     assert client.get(f"/studio/tasks/{task.pk}/result/").status_code == 404
     assert client.get(f"/studio/tasks/{task.pk}/").status_code == 404
     assert "धन्यवाद" not in client.get(f"/history/{task.pk}/").content.decode()
+
+
+def test_the_dashboard_names_a_single_task_that_has_no_prompt(history_user: Any) -> None:
+    user = history_user()
+    _transcribed(user)
+    page = text(logged_in(user).get("/dashboard/"))
+    assert "Transcription (en)" in page
+    assert "(no prompt)" not in page
