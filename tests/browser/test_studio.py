@@ -159,13 +159,14 @@ def test_audio_and_video_results_play(page: Any, signed_up: str) -> None:
 
     pick(page, "video", "sandbox-video")
     submit(page, "a short clip of the sea")
-    # Finished one way or the other (encoding WebM takes the sandbox a few seconds on a busy
-    # machine); a failure must say what it was, not time out
+    # Finished one way or the other; a failure must say what it was, not time out. Encoding the
+    # WebM takes the sandbox a few seconds, and over a minute when the 2 cores are shared with
+    # other work (seen in CI): the wait is generous, the outcome is what is asserted.
     finished = page.locator(
         "[data-testid=task]:not([data-status=WAITING]):not([data-status=GENERATING])",
         has_text="a short clip of the sea",
     ).first
-    finished.wait_for(timeout=60_000)
+    finished.wait_for(timeout=150_000)
     assert finished.get_attribute("data-status") == "SUCCESS", finished.inner_text()
     video = finished.locator("video")
     video.wait_for()
