@@ -166,9 +166,31 @@ def test_audio_and_video_results_play(page: Any, signed_up: str) -> None:
         "[data-testid=task]:not([data-status=WAITING]):not([data-status=GENERATING])",
         has_text="a short clip of the sea",
     ).first
-    finished.wait_for(timeout=150_000)
+    try:
+        finished.wait_for(timeout=150_000)
+    except Exception as exc:  # say what the page and the task were at, not only "timeout"
+        raise AssertionError(video_diagnosis(page, "a short clip of the sea")) from exc
     assert finished.get_attribute("data-status") == "SUCCESS", finished.inner_text()
     video = finished.locator("video")
     video.wait_for()
     video.scroll_into_view_if_needed()
     assert video.evaluate(MEDIA_DURATION) > 0
+
+
+def video_diagnosis(page: Any, prompt: str) -> str:
+    """The cards showing ``prompt`` and the task's row and timeline, for a failure message."""
+    from tasks.models import Task, TaskEvent
+
+    cards = page.locator("[data-testid=task]", has_text=prompt)
+    shown = [cards.nth(i).evaluate("el => el.outerHTML")[:600] for i in range(cards.count())]
+    lines = [f"cards: {shown}"]
+    for task in Task.objects.filter(prompt=prompt):
+        lines.append(
+            f"task {task.pk} {task.status} {task.error_code} upstream {task.upstream_id!r} "
+            f"results {task.results}"
+        )
+        lines += [
+            f"  {e.created_at:%H:%M:%S.%f} {e.kind} {e.message[:200]} {e.data}"
+            for e in TaskEvent.objects.filter(task=task).order_by("created_at")
+        ]
+    return "\n".join(lines)
