@@ -184,6 +184,16 @@ def video_diagnosis(page: Any, prompt: str) -> str:
     cards = page.locator("[data-testid=task]", has_text=prompt)
     shown = [cards.nth(i).evaluate("el => el.outerHTML")[:600] for i in range(cards.count())]
     lines = [f"cards: {shown}"]
+    from tests.browser.conftest import SCREENSHOTS
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "failed-video.png"), full_page=True)
+    form = page.locator("[data-testid=studio-form-card]")
+    lines.append(f"url {page.url}")
+    lines.append(f"form: {form.first.inner_text()[:1500] if form.count() else 'none'}")
+    notice = page.locator("#form-notice")
+    lines.append(f"notice: {notice.first.inner_text() if notice.count() else 'none'}")
+    lines.append(f"runs: {page.locator('[data-testid=task]').count()} cards in all")
     for task in Task.objects.filter(prompt=prompt):
         lines.append(
             f"task {task.pk} {task.status} {task.error_code} upstream {task.upstream_id!r} "
