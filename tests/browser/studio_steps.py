@@ -31,7 +31,14 @@ def set_knobs(page: Any, **knobs: str) -> None:
 
 
 def pick(page: Any, category: str, slug: str) -> None:
-    """Choose a category, then one of its models; the form is swapped in place."""
+    """Choose a category, then one of its models; the form is swapped in place.
+
+    The category's answer already shows a model's form (often this one), so the form being
+    there does not mean the model's own answer has landed: wait until no htmx request is in
+    flight, or that answer may replace the form after the prompt was typed into it (the prompt
+    is then empty, the browser refuses to submit, and no run starts: seen in CI)."""
     page.locator(f"#cat-{category}").click()
     page.locator(f"#pick-{slug}").click()
+    page.wait_for_selector(f"[data-testid=studio-form-card][data-model={slug}]")
+    page.wait_for_function("document.querySelector('#studio-workspace .htmx-request') === null")
     page.wait_for_selector(f"[data-testid=studio-form-card][data-model={slug}]")
