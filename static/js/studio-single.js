@@ -119,47 +119,8 @@
 
   // --- reading the form --------------------------------------------------------------------
 
-  // The parameter inputs back into typed params (as rivya.pages.forms.params_from_form reads
-  // them): empty inputs are left out (the model's default applies), unchecked boxes are false.
-  // Ranges, enums and the rest are the server's to check.
-  const readParams = (form, cfg) => {
-    const params = {};
-    const errors = {};
-    for (const spec of cfg.params) {
-      const input = form.querySelector("#id_param_" + spec.name);
-      if (!input) continue;
-      const key = "params." + spec.name;
-      if (spec.widget === "checkbox") {
-        params[spec.name] = input.checked;
-        continue;
-      }
-      if (input.validity && input.validity.badInput) {
-        errors[key] = [spec.kind === "integer" ? "Enter a whole number." : "Enter a number."];
-        continue;
-      }
-      const raw = input.value.trim();
-      if (!raw) continue;
-      if (spec.widget === "select") {
-        const option = spec.options.find((o) => String(o) === raw);
-        if (option === undefined) errors[key] = ["Choose one of the options."];
-        else params[spec.name] = option;
-      } else if (spec.kind === "integer" || spec.kind === "number") {
-        const number = Number(raw);
-        if (!Number.isFinite(number)) errors[key] = ["Enter a number."];
-        else if (spec.kind === "integer" && !Number.isInteger(number)) errors[key] = ["Enter a whole number."];
-        else params[spec.name] = number;
-      } else if (spec.widget === "json") {
-        try {
-          params[spec.name] = JSON.parse(raw);
-        } catch (error) {
-          errors[key] = ["Enter valid JSON."];
-        }
-      } else {
-        params[spec.name] = raw;
-      }
-    }
-    return { params, errors };
-  };
+  // The parameter inputs back into typed params: static/js/params-form.js.
+  const readParams = (form, cfg) => window.rivyaReadParams(form, cfg.params);
 
   // The request: the type's text field, the body fields that are parameters (source_language,
   // max_tokens, voice, language) at the top level, the other parameters in `params`; multipart
