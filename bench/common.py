@@ -36,7 +36,10 @@ class SuiteConfig:
     quick: bool
     run_dir: str  # logs of the servers this suite starts, and the registry of their pids
     scenarios: list[str] = field(default_factory=list)  # holds
-    submit_keepalive: bool = False  # submit: one connection per client instead of per request
+    submit_keepalive: bool = False  # load clients: one connection per client instead of per
+    # request (chat, single, callbacks; the submit suite keeps connections unless submit_close)
+    submit_close: bool = False  # submit: one connection per request instead of keep-alive
+    submit_servers: list[str] = field(default_factory=list)  # submit: default sync,gthread
     latency_tasks: int = 100  # latency
     finalize_tasks: int = 1000  # callbacks
     latency_pool: str = "prefork"  # latency: the Celery worker's pool (prefork ×2 or threads ×8)
@@ -75,6 +78,7 @@ class SuiteResult:
     rows: list[Row]
     ok: bool = True  # False: a check after the measurement failed (the rows are still shown)
     problems: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # printed under the table, not failures
 
     def dump(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -86,6 +90,7 @@ class SuiteResult:
             rows=[Row(**row) for row in data["rows"]],
             ok=data["ok"],
             problems=list(data["problems"]),
+            notices=list(data.get("notices", [])),
         )
 
 

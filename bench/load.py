@@ -13,6 +13,10 @@ With ``requests`` (a list of ``[headers, body]``) instead of ``keys`` and ``body
 is sent once: thread i sends ``requests[i::threads]`` in order and stops when they are sent (or
 at the deadline). The callback benchmark uses it for pre-signed provider callbacks, which a
 replay would not test.
+
+With ``"idempotency": true`` every request carries a header ``Idempotency-Key:
+<idempotency_prefix>-<thread>-<n>`` (n counts the thread's requests from 0), unique per request
+as long as the prefix is unique per run (the submit suite passes its window's tag).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def _client(
     expect: int,
     keepalive: bool,
     method: str = "POST",
+    idempotency: str | None = None,
 ) -> None:
     parts = urlsplit(base)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -69,6 +74,8 @@ def _client(
                 headers, body = dict(headers), None
             else:
                 headers = {"Content-Type": "application/json", **headers}
+            if idempotency is not None:
+                headers["Idempotency-Key"] = f"{idempotency}-{index}"
             if not keepalive:
                 headers["Connection"] = "close"
             if conn is None:
@@ -131,6 +138,9 @@ def main(argv: list[str]) -> int:
                 int(config["expect"]),
                 bool(config.get("keepalive", False)),
                 str(config.get("method", "POST")),
+                f"{config.get('idempotency_prefix', 'bench')}-{i}"
+                if config.get("idempotency")
+                else None,
             ),
             daemon=True,
         )

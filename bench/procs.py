@@ -30,6 +30,12 @@ from bench.common import ROOT
 STOP_GRACE_S = 15.0
 PIDS_FILE = "pids"
 UVICORN_WORKER = "uvicorn_worker.UvicornWorker"  # as make run (bin/dev.py)
+# The submit suite's WSGI servers (issue 18): gunicorn's sync worker, 4 processes; and gthread,
+# 2 processes of 4 threads. Same arguments for Rivya and the bare anchor (bench/bare_wsgi.py).
+WSGI_SERVERS = {
+    "sync": ["--worker-class", "sync", "--workers", "4"],
+    "gthread": ["--worker-class", "gthread", "--workers", "2", "--threads", "4"],
+}
 
 
 def free_port() -> int:
@@ -178,6 +184,36 @@ class Processes:
             proc=proc,
             timeout=60,
             what="gunicorn to answer /api/v1/models/",
+        )
+        return f"http://127.0.0.1:{port}", proc
+
+    def gunicorn_wsgi(
+        self, app: str, server: str, *, name: str, ready_path: str, **env: str
+    ) -> tuple[str, Proc]:
+        """A WSGI ``app`` (``module:callable``) under one of ``WSGI_SERVERS`` (the submit
+        suite's command lines, the same for Rivya and the bare anchor) on a free port; returns
+        its URL once ``GET ready_path`` answers 200."""
+        port = free_port()
+        proc = self.start(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                app,
+                "--bind",
+                f"127.0.0.1:{port}",
+                *WSGI_SERVERS[server],
+                "--graceful-timeout",
+                "5",
+            ],
+            **env,
+        )
+        wait_until(
+            lambda: http_status("127.0.0.1", port, ready_path) == 200,
+            proc=proc,
+            timeout=60,
+            what=f"{name} to answer {ready_path}",
         )
         return f"http://127.0.0.1:{port}", proc
 

@@ -1,34 +1,60 @@
-"""Submit throughput through the HTTP API: ``POST /api/v1/tasks/`` served by gunicorn (as ``make
-run``: ASGI, 2 uvicorn workers; ``--server wsgi``: the earlier gthread 2 × 8), driven by
-a separate load process (``bench/load.py``), next to pgbench's TPC-B-like tps at the same client
-count, measured just before and just after in the same run.
+"""Submit throughput (issue 18): ``POST /api/v1/tasks/`` served by gunicorn, against a bare WSGI
+app doing one pgbench TPC-B-like transaction per request (``bench/bare_wsgi.py``) served by the
+same gunicorn command line and driven by the same load client, and against pgbench itself.
 
-Runs in a suite process whose Django points at the scratch database ``rivya_bench_submit``. No
-Celery worker runs: a submit validates, records the task, holds its credits and enqueues the
-upstream submission in Redis (db 9, flushed before and after); nothing consumes it. With no
-worker every submitted task stays ``WAITING``, so the bench server runs with
-``TASK_MAX_RUNNING_PER_USER`` and ``TASK_MAX_RUNNING`` set far above what a run can submit: the
-capacity checks still run (two COUNTs per submit), they never refuse.
+For each server configuration (``--submit-servers``, default ``sync,gthread``: gunicorn
+``-k sync -w 4`` and ``-k gthread -w 2 --threads 4``, ``bench.procs.WSGI_SERVERS``), three
+windows, each after a warm-up of its own, all with keep-alive clients (``--submit-close``: one
+connection per request; gunicorn's sync worker closes every connection anyway):
+
+(a) the bare WSGI app (``bench.bare_wsgi:application`` on ``rivya_bench_pgbench``);
+(b) ``POST /api/v1/tasks/`` on ``rivya.wsgi:application``;
+(c) the same submit with a unique ``Idempotency-Key`` per request.
+
+pgbench's TPC-B-like tps at the same client count is measured before the first window and after
+the last one. Printed per configuration: submit ÷ bare WSGI (target ≥ 0.5, aim 0.6), submit ÷
+pgbench, idempotent submit ÷ bare WSGI (target ≥ 0.35). A missed target is printed (BELOW
+TARGET) and listed under the summary table; it does not fail the suite, whose checks are about
+correctness: every answer 202 (200 from the bare app), the database holds exactly the accepted
+tasks (warm-ups included) and one idempotency record per accepted keyed submit, ``ledger_check``
+clean.
+
+Rivya's environment is only ``SECRET_KEY``, ``DATABASE_URL`` and ``REDIS_URL``, plus
+``CELERY_BROKER_URL`` (the bench Redis, db 9, flushed before and after) and the capacity limits
+``TASK_MAX_RUNNING_PER_USER`` / ``TASK_MAX_RUNNING`` set far above what a run can submit: no
+Celery worker runs, so the tasks never finish (the capacity checks still run, they never refuse).
+
+When ``tasks/management/commands/dispatch_submits.py`` exists (the outbox dispatcher, which hands
+committed tasks to Celery), ``python manage.py dispatch_submits`` runs next to Rivya's gunicorn
+with the same environment; its CPU is a group of its own, and after each configuration's windows
+the suite waits (at most ``DISPATCH_WAIT_S``) until no task has ``queued_at`` unset: "dispatched
+N of M". The messages in the broker's ``celery`` list are counted either way.
+
+``--server asgi`` / ``--server wsgi`` (or ``--submit-servers asgi``) still measure the earlier
+servers (``make run``'s ASGI; gthread 2 × 8): submits only, against pgbench.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    BENCH_REDIS_URL,
+    INHERITED,
     ROOT,
+    SECRET_KEY,
     Row,
     SuiteConfig,
     SuiteResult,
     api_key,
-    bench_env,
     cpu_cores,
     cpu_report,
     cpu_sample,
@@ -39,11 +65,22 @@ from bench.common import (
     top_others,
     tree_pids,
 )
-from bench.procs import Processes
+from bench.procs import WSGI_SERVERS, Proc, Processes
 from bench.scratch import Pgbench, url_with_db
 
 NO_LIMIT = str(10**9)
 WARMUP_SECONDS = 2
+DISPATCH_WAIT_S = 30.0
+DISPATCHER = ROOT / "tasks" / "management" / "commands" / "dispatch_submits.py"
+TARGET_SUBMIT = 0.5  # submit ÷ bare WSGI
+AIM_SUBMIT = 0.6
+TARGET_IDEMPOTENT = 0.35  # submit with Idempotency-Key ÷ bare WSGI
+SERVER_LABELS = {
+    "sync": "sync -w 4",
+    "gthread": "gthread -w 2 --threads 4",
+    "asgi": "ASGI (make run)",
+    "wsgi": "gthread 2x8 (earlier)",
+}
 BODY = {
     "model": "sandbox-image",
     "prompt": "a lighthouse at dusk, bench",
@@ -74,8 +111,9 @@ def run_load(
     extra: dict[str, Callable[[], list[int]]] | None = None,
 ) -> LoadResult:
     """Run ``bench/load.py`` (``spec``: its ``path``, ``expect`` and ``keys`` + ``body`` or
-    ``requests``) and sample CPU of gunicorn, PostgreSQL, Redis, the load process and ``extra``
-    over the window it reports (between its START and END lines)."""
+    ``requests``; ``keepalive`` defaults to ``--submit-keepalive``) and sample CPU of gunicorn,
+    PostgreSQL, Redis, the load process and ``extra`` over the window it reports (between its
+    START and END lines)."""
     run_dir = Path(config.run_dir)
     load_config = run_dir / f"load-{tag}.json"
     load_out = run_dir / f"load-{tag}-out.json"
@@ -143,8 +181,242 @@ def check_load(result: LoadResult, what: str, expect: str = "202") -> list[str]:
     return problems
 
 
+@dataclass
+class Window:
+    """One measured window: its answers, rate and CPU."""
+
+    what: str
+    result: LoadResult
+    expect: str
+
+    @property
+    def ok_count(self) -> int:
+        return self.result.statuses.get(self.expect, 0)
+
+    @property
+    def rate(self) -> float:
+        return self.ok_count / self.result.seconds if self.result.seconds > 0 else 0.0
+
+    def cores(self, group: str) -> float:
+        return (self.result.cores or {}).get(group, 0.0)
+
+    def cpu_ms(self, group: str = "gunicorn") -> float:
+        """CPU milliseconds of ``group`` per answered request."""
+        return self.cores(group) / self.rate * 1000 if self.rate else 0.0
+
+    def notes(self, extra: str = "") -> str:
+        lat = self.result.latencies
+        p50, p99 = (percentile(lat, 50), percentile(lat, 99)) if lat else (0.0, 0.0)
+        parts = [
+            f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms",
+            f"gunicorn {self.cores('gunicorn'):.2f} cores = {self.cpu_ms():.1f} ms/req",
+            f"postgres {self.cores('postgres'):.2f}",
+        ]
+        if "dispatcher" in (self.result.cores or {}):
+            parts.append(f"dispatcher {self.cores('dispatcher'):.2f}")
+        parts.append(f"load {self.cores('load client'):.2f}")
+        return "; ".join(([extra] if extra else []) + parts)
+
+
+@dataclass
+class ServerRun:
+    server: str
+    bare: Window | None = None
+    submit: Window | None = None
+    idempotent: Window | None = None
+    accepted: int = 0  # 202s of submits, warm-ups included
+    accepted_keyed: int = 0  # of which with an Idempotency-Key
+    dispatch: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def rivya_env(config: SuiteConfig) -> dict[str, str]:
+    """Rivya's environment: the process basics (``PATH``, ``HOME``, locale) and only the
+    settings the issue allows."""
+    return {
+        **{name: os.environ[name] for name in INHERITED if name in os.environ},
+        "SECRET_KEY": SECRET_KEY,
+        "DATABASE_URL": url_with_db(config.url, config.database),
+        "REDIS_URL": BENCH_REDIS_URL,
+        "CELERY_BROKER_URL": BENCH_REDIS_URL,
+        "TASK_MAX_RUNNING_PER_USER": NO_LIMIT,
+        "TASK_MAX_RUNNING": NO_LIMIT,
+    }
+
+
+def bare_env(config: SuiteConfig) -> dict[str, str]:
+    return {
+        **{name: os.environ[name] for name in INHERITED if name in os.environ},
+        "BARE_DATABASE_URL": url_with_db(config.url, config.pgbench_database),
+    }
+
+
+def _window(
+    config: SuiteConfig,
+    url: str,
+    spec: dict[str, Any],
+    gunicorn: Proc,
+    tag: str,
+    what: str,
+    expect: str,
+    extra: dict[str, Callable[[], list[int]]] | None,
+    problems: list[str],
+) -> tuple[LoadResult, Window]:
+    """A warm-up, then the measured window, of the same load."""
+    warm = run_load(
+        config,
+        url,
+        spec | {"idempotency_prefix": f"{tag}-w"},
+        WARMUP_SECONDS,
+        gunicorn.pid,
+        f"{tag}-warmup",
+        extra,
+    )
+    problems += check_load(warm, f"{what} warm-up", expect)
+    result = run_load(
+        config, url, spec | {"idempotency_prefix": tag}, config.seconds, gunicorn.pid, tag, extra
+    )
+    problems += check_load(result, what, expect)
+    window = Window(what=what, result=result, expect=expect)
+    print(
+        f"  {what}: {window.ok_count} in {result.seconds:.2f} s = {window.rate:.1f}/s; "
+        f"{window.notes()}",
+        flush=True,
+    )
+    if result.cpu_line:
+        print(f"    {result.cpu_line}", flush=True)
+    return warm, window
+
+
+def _unqueued() -> int | None:
+    """Tasks whose ``queued_at`` is unset (None before the field exists)."""
+    from tasks.models import Task
+
+    if not any(f.name == "queued_at" for f in Task._meta.get_fields()):
+        return None
+    return Task.objects.filter(queued_at__isnull=True).count()
+
+
+def _broker_messages() -> int:
+    import redis
+
+    return int(redis.Redis.from_url(BENCH_REDIS_URL).llen("celery"))
+
+
+def measure_server(
+    config: SuiteConfig, server: str, keys: list[str], keepalive: bool, run_dir: Path
+) -> ServerRun:
+    from tasks.models import Task
+
+    out = ServerRun(server=server)
+    label = SERVER_LABELS[server]
+    base = {"keys": keys, "body": BODY, "keepalive": keepalive}
+    if server in WSGI_SERVERS:
+        with Processes(run_dir, bare_env(config)) as procs:
+            url, gunicorn = procs.gunicorn_wsgi(
+                "bench.bare_wsgi:application",
+                server,
+                name=f"bare-{server}",
+                ready_path="/",
+            )
+            spec = {**base, "path": "/bare/", "expect": 200}
+            _, out.bare = _window(
+                config,
+                url,
+                spec,
+                gunicorn,
+                f"bare-{server}",
+                f"bare WSGI, {label}",
+                "200",
+                None,
+                out.problems,
+            )
+    with Processes(run_dir, rivya_env(config)) as procs:
+        extra: dict[str, Callable[[], list[int]]] = {}
+        dispatcher = None
+        if DISPATCHER.exists():
+            dispatcher = procs.start(
+                f"dispatcher-{server}", [sys.executable, "manage.py", "dispatch_submits"]
+            )
+            extra["dispatcher"] = lambda: tree_pids(dispatcher.pid)
+        if server in WSGI_SERVERS:
+            url, gunicorn = procs.gunicorn_wsgi(
+                "rivya.wsgi:application",
+                server,
+                name=f"rivya-{server}",
+                ready_path="/api/v1/models/",
+            )
+        else:
+            url, gunicorn = procs.gunicorn(server=server)
+        spec = {**base, "path": "/api/v1/tasks/", "expect": 202}
+        tasks_before = Task.objects.count()
+        warm, out.submit = _window(
+            config,
+            url,
+            spec,
+            gunicorn,
+            f"submit-{server}",
+            f"submit, {label}",
+            "202",
+            extra,
+            out.problems,
+        )
+        out.accepted += warm.statuses.get("202", 0) + out.submit.ok_count
+        spec = {**spec, "idempotency": True}
+        warm, out.idempotent = _window(
+            config,
+            url,
+            spec,
+            gunicorn,
+            f"idem-{server}",
+            f"submit + Idempotency-Key, {label}",
+            "202",
+            extra,
+            out.problems,
+        )
+        keyed = warm.statuses.get("202", 0) + out.idempotent.ok_count
+        out.accepted += keyed
+        out.accepted_keyed = keyed
+        if dispatcher is not None:
+            out.dispatch = wait_dispatched(Task.objects.count() - tasks_before)
+            if not dispatcher.alive():
+                out.problems.append(f"the dispatcher exited early:\n{dispatcher.tail()}")
+            print(f"  {out.dispatch}", flush=True)
+    return out
+
+
+def wait_dispatched(submitted: int) -> str:
+    """Wait (bounded) until every task has ``queued_at``; 'dispatched N of M in S s'."""
+    started = time.monotonic()
+    left = _unqueued()
+    while left and time.monotonic() - started < DISPATCH_WAIT_S:
+        time.sleep(0.25)
+        left = _unqueued()
+    waited = time.monotonic() - started
+    from tasks.models import Task
+
+    total = Task.objects.count()
+    if left is None:
+        return f"dispatcher ran; tasks have no queued_at yet ({total} tasks in all)"
+    return (
+        f"dispatched {total - left} of {total} tasks in all ({submitted} in this configuration), "
+        f"{waited:.1f} s after the load"
+        + ("" if not left else f"; {left} still without queued_at after {DISPATCH_WAIT_S:.0f} s")
+    )
+
+
+def _verdict(ratio: float, target: float, aim: float | None = None) -> str:
+    goal = f"target >= {target:.2f}" + (f" (aim {aim:.2f})" if aim else "")
+    if ratio < target:
+        return f"BELOW TARGET ({goal})"
+    if aim is not None and ratio < aim:
+        return f"meets target, below aim ({goal})"
+    return f"meets target ({goal})"
+
+
 def run(config: SuiteConfig) -> SuiteResult:
     from billing.invariants import run_checks
+    from billing.models import IdempotencyRecord
     from tasks.catalog import seed_catalog
     from tasks.models import Task
 
@@ -153,68 +425,118 @@ def run(config: SuiteConfig) -> SuiteResult:
     pgbench = Pgbench(
         url=config.url, database=config.pgbench_database, executable=config.pgbench_executable
     )
-    env = {
-        **bench_env(url_with_db(config.url, config.database)),
-        "TASK_MAX_RUNNING_PER_USER": NO_LIMIT,
-        "TASK_MAX_RUNNING": NO_LIMIT,
-        "SANDBOX_URL": "http://127.0.0.1:9",  # nowhere: nothing may call the provider here
-        "MEDIA_ROOT": str(Path(config.run_dir) / "media"),
-    }
-    flush_bench_redis()
-    problems: list[str] = []
-    try:
-        with Processes(Path(config.run_dir), env) as procs:
-            url, gunicorn = procs.gunicorn(server=config.server)
-            # Warm up: every gunicorn thread opens its database connection, code paths load.
-            spec = {"path": "/api/v1/tasks/", "keys": keys, "body": BODY, "expect": 202}
-            warmup = run_load(config, url, spec, WARMUP_SECONDS, gunicorn.pid, "warmup")
-            problems += check_load(warmup, "warm-up")
-            before = pgbench.tpcb_tps(clients=config.clients, seconds=config.seconds)
-            print(f"  pgbench before: {before:.1f} tps", flush=True)
-            result = run_load(config, url, spec, config.seconds, gunicorn.pid, "measure")
-            problems += check_load(result, "submit")
-            after = pgbench.tpcb_tps(clients=config.clients, seconds=config.seconds)
-            print(f"  pgbench after: {after:.1f} tps", flush=True)
-    finally:
-        flush_bench_redis()
-
-    accepted = result.statuses.get("202", 0)
-    rate = accepted / result.seconds if result.seconds > 0 else 0.0
-    tps = (before + after) / 2
-    p50, p99 = percentile(result.latencies, 50), percentile(result.latencies, 99)
-    client_cores = result.cpu_seconds / result.seconds if result.seconds > 0 else 0.0
+    servers = config.submit_servers or ["sync", "gthread"]
+    keepalive = not config.submit_close
     print(
-        f"  submit: {accepted} accepted in {result.seconds:.2f} s = {rate:.1f}/s; "
-        f"response p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
-        f"load client {client_cores:.2f} cores",
+        f"  servers: {', '.join(SERVER_LABELS[s] for s in servers)}; "
+        f"{'keep-alive' if keepalive else 'one connection per request'}; dispatcher: "
+        f"{'manage.py dispatch_submits' if DISPATCHER.exists() else 'none (no such command)'}",
         flush=True,
     )
-    if result.cpu_line:
-        print(f"  {result.cpu_line}", flush=True)
+    flush_bench_redis()
+    runs: list[ServerRun] = []
+    problems: list[str] = []
+    try:
+        before = pgbench.tpcb_tps(clients=config.clients, seconds=config.seconds)
+        print(f"  pgbench before: {before:.1f} tps", flush=True)
+        for server in servers:
+            runs.append(measure_server(config, server, keys, keepalive, Path(config.run_dir)))
+            problems += runs[-1].problems
+        after = pgbench.tpcb_tps(clients=config.clients, seconds=config.seconds)
+        print(f"  pgbench after: {after:.1f} tps", flush=True)
+        broker = _broker_messages()
+    finally:
+        flush_bench_redis()
+    tps = (before + after) / 2
 
-    stored = Task.objects.filter(status=Task.Status.WAITING).count()
-    expected = accepted + warmup.statuses.get("202", 0)
+    stored = Task.objects.count()
+    expected = sum(r.accepted for r in runs)
     if stored != expected:
         problems.append(f"counted {expected} accepted submits, the database has {stored} tasks")
+    records = IdempotencyRecord.objects.filter(status=IdempotencyRecord.Status.COMPLETED).count()
+    keyed = sum(r.accepted_keyed for r in runs)
+    if records != keyed:
+        problems.append(f"counted {keyed} accepted keyed submits, {records} idempotency records")
+    unqueued = _unqueued()
+    if DISPATCHER.exists() and unqueued:
+        problems.append(f"{unqueued} of {stored} tasks were never dispatched (queued_at unset)")
     breaches = run_checks()
     problems += [f"ledger_check: {b.check}: {b.detail}" for b in breaches]
-    print(f"  tasks stored: {stored}; ledger_check: {'ok' if not breaches else 'BREACH'}")
-
-    cores = result.cores or {}
-    notes = (
-        f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; cores: gunicorn "
-        f"{cores.get('gunicorn', 0):.2f}, postgres {cores.get('postgres', 0):.2f}, "
-        f"load {cores.get('load client', 0):.2f}, other {cores.get('other processes', 0):.2f}"
+    print(
+        f"  tasks stored: {stored} (accepted {expected}); idempotency records {records} "
+        f"(keyed {keyed}); messages in the broker's celery list: {broker}; "
+        f"ledger_check: {'ok' if not breaches else 'BREACH'}",
+        flush=True,
     )
-    rows = [
-        Row(
-            suite="submit",
-            measurement=f"POST /api/v1/tasks/, {config.clients} clients"
-            + (", keep-alive" if config.submit_keepalive else ""),
-            value=f"{rate:.0f} submits/s",
-            reference=f"pgbench {tps:.0f} tps",
-            ratio=rate / tps if tps else None,
-            notes=notes,
+
+    rows: list[Row] = []
+    notices: list[str] = []
+    ref_pgbench = f"pgbench {tps:.0f} tps"
+    conn = "keep-alive" if keepalive else "conn/request"
+    for r in runs:
+        label = SERVER_LABELS[r.server]
+        assert r.submit is not None
+        assert r.idempotent is not None
+        if r.bare is not None:
+            bare_ref = f"bare WSGI {r.bare.rate:.0f}/s"
+            rows.append(
+                Row(
+                    "submit",
+                    f"bare WSGI (pgbench txn), {label}",
+                    f"{r.bare.rate:.0f} req/s",
+                    ref_pgbench,
+                    r.bare.rate / tps if tps else None,
+                    r.bare.notes(conn),
+                )
+            )
+            ratio = r.submit.rate / r.bare.rate if r.bare.rate else 0.0
+            verdict = _verdict(ratio, TARGET_SUBMIT, AIM_SUBMIT)
+            rows.append(
+                Row(
+                    "submit",
+                    f"POST /api/v1/tasks/, {label}",
+                    f"{r.submit.rate:.0f} submits/s",
+                    bare_ref,
+                    ratio,
+                    verdict,
+                )
+            )
+            notices.append(f"{label}: submit / bare WSGI = {ratio:.3f}: {verdict}")
+        rows.append(
+            Row(
+                "submit",
+                f"POST /api/v1/tasks/, {label}",
+                f"{r.submit.rate:.0f} submits/s",
+                ref_pgbench,
+                r.submit.rate / tps if tps else None,
+                r.submit.notes(r.dispatch.split(",")[0] if r.dispatch else ""),
+            )
         )
-    ]
-    return SuiteResult(rows=rows, ok=not problems, problems=problems)
+        if r.bare is not None:
+            ratio = r.idempotent.rate / r.bare.rate if r.bare.rate else 0.0
+            verdict = _verdict(ratio, TARGET_IDEMPOTENT)
+            rows.append(
+                Row(
+                    "submit",
+                    f"+ Idempotency-Key, {label}",
+                    f"{r.idempotent.rate:.0f} submits/s",
+                    f"bare WSGI {r.bare.rate:.0f}/s",
+                    ratio,
+                    f"{verdict}; {r.idempotent.notes()}",
+                )
+            )
+            notices.append(f"{label}: idempotent submit / bare WSGI = {ratio:.3f}: {verdict}")
+        else:
+            rows.append(
+                Row(
+                    "submit",
+                    f"+ Idempotency-Key, {label}",
+                    f"{r.idempotent.rate:.0f} submits/s",
+                    ref_pgbench,
+                    r.idempotent.rate / tps if tps else None,
+                    r.idempotent.notes(),
+                )
+            )
+    for notice in notices:
+        print(f"  {notice}", flush=True)
+    return SuiteResult(rows=rows, ok=not problems, problems=problems, notices=notices)
