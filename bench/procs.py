@@ -35,6 +35,7 @@ UVICORN_WORKER = "uvicorn_worker.UvicornWorker"  # as make run (bin/dev.py)
 WSGI_SERVERS = {
     "sync": ["--worker-class", "sync", "--workers", "4"],
     "gthread": ["--worker-class", "gthread", "--workers", "2", "--threads", "4"],
+    "sync1": ["--worker-class", "sync", "--workers", "1"],  # bench/profile_submit.py's round trips
 }
 
 
@@ -83,9 +84,10 @@ class Proc:
 class Processes:
     """Start background processes; stop every one of them when the ``with`` block ends."""
 
-    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, run_dir: Path, env: dict[str, str], cwd: Path = ROOT) -> None:
         self.run_dir = run_dir
         self.env = env
+        self.cwd = cwd  # the project whose code the processes run (another checkout: profile)
         self.procs: list[Proc] = []
         run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -105,7 +107,7 @@ class Processes:
         with open(log_path, "wb") as log:  # the child keeps its own handle
             popen = subprocess.Popen(
                 argv,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env={**self.env, **env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
