@@ -70,6 +70,7 @@ from bench.scratch import Pgbench, url_with_db
 
 NO_LIMIT = str(10**9)
 WARMUP_SECONDS = 2
+NOT_QUIET_CORES = 0.3  # other processes busier than this during a window: said in its notes
 DISPATCH_WAIT_S = 30.0
 DISPATCHER = ROOT / "tasks" / "management" / "commands" / "dispatch_submits.py"
 TARGET_SUBMIT = 0.5  # submit ÷ bare WSGI
@@ -215,6 +216,8 @@ class Window:
         if "dispatcher" in (self.result.cores or {}):
             parts.append(f"dispatcher {self.cores('dispatcher'):.2f}")
         parts.append(f"load {self.cores('load client'):.2f}")
+        if self.cores("other processes") > NOT_QUIET_CORES:
+            parts.append(f"NOT QUIET: other processes {self.cores('other processes'):.2f}")
         return "; ".join(([extra] if extra else []) + parts)
 
 
