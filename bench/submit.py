@@ -214,7 +214,10 @@ class Window:
             f"postgres {self.cores('postgres'):.2f}",
         ]
         if "dispatcher" in (self.result.cores or {}):
-            parts.append(f"dispatcher {self.cores('dispatcher'):.2f}")
+            parts.append(
+                f"dispatcher {self.cores('dispatcher'):.2f} = "
+                f"{self.cpu_ms('dispatcher'):.1f} ms/req"
+            )
         parts.append(f"load {self.cores('load client'):.2f}")
         if self.cores("other processes") > NOT_QUIET_CORES:
             parts.append(f"NOT QUIET: other processes {self.cores('other processes'):.2f}")
