@@ -478,9 +478,10 @@ def run(config: SuiteConfig) -> SuiteResult:
     rows: list[Row] = []
     notices: list[str] = []
     ref_pgbench = f"pgbench {tps:.0f} tps"
-    conn = "keep-alive" if keepalive else "conn/request"
     for r in runs:
         label = SERVER_LABELS[r.server]
+        # gunicorn's sync worker closes every connection after its answer (keep-alive or not).
+        conn = "conn/request" if not keepalive or r.server == "sync" else "keep-alive"
         assert r.submit is not None
         assert r.idempotent is not None
         if r.bare is not None:
