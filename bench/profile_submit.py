@@ -65,6 +65,7 @@ from bench.common import (  # noqa: E402
     flush_bench_redis,
 )
 from bench.procs import WSGI_SERVERS, Processes  # noqa: E402
+from bench.run import background_load  # noqa: E402
 from bench.submit import BODY, NO_LIMIT, Window, check_load, run_load  # noqa: E402
 
 DATABASE = f"{DB_PREFIX}profile"
@@ -402,6 +403,12 @@ def main(argv: list[str]) -> int:
     print(f"profile of POST /api/v1/tasks/: {args.app} at {commit[:70]}", flush=True)
     if dirty:
         print(f"  (uncommitted changes outside bench/: {len(dirty.splitlines())} files)")
+    busy = background_load()
+    print(
+        f"  background load: {busy:.2f} cores busy"
+        + ("  WARNING: the machine is not quiet; CPU per request reads high" if busy > 0.3 else ""),
+        flush=True,
+    )
     run_dir = Path(tempfile.mkdtemp(prefix="rivya-profile-"))
     scratch.recreate_database(url, DATABASE)
     flush_bench_redis()
@@ -447,7 +454,11 @@ def main(argv: list[str]) -> int:
     for kind in ("plain", "idempotent"):
         window = windows[kind]
         extra = ""
-        connections = "one connection per request" if args.close else "keep-alive"
+        connections = (
+            "one connection per request"
+            if args.close or args.server == "sync"  # the sync worker closes every connection
+            else "keep-alive"
+        )
         if "dispatcher" in (window.result.cores or {}):
             extra = f", dispatcher {window.cpu_ms('dispatcher'):.2f} ms"
         print(
@@ -457,6 +468,7 @@ def main(argv: list[str]) -> int:
             f"{window.result.seconds:.1f} s = {window.rate:.0f}/s; "
             f"postgres {window.cpu_ms('postgres'):.1f} ms{extra})"
         )
+        print(f"  {window.notes()}")
     print()
     for kind in ("plain", "idempotent"):
         print(f"statements {names[kind]}:")
