@@ -18,6 +18,16 @@ from tasks.tests.sandbox_process import SandboxProcess, sandbox_process  # noqa:
 
 C = 1_000_000
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Test users' passwords are hashed with a fast hasher: the production one (PBKDF2, a
+    million rounds) costs about half a second of CPU per user, and the suite makes hundreds.
+    Logging in works the same way; only the stored hash differs."""
+    from django.conf import settings
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 _counter = itertools.count()
 
 

@@ -1,5 +1,5 @@
-"""Start Rivya's processes in one terminal (web, Celery worker, Celery beat and the sandbox
-provider); Ctrl-C stops all.
+"""Start Rivya's processes in one terminal (web, Celery worker, Celery beat, the submit
+dispatcher and the sandbox provider); Ctrl-C stops all.
 
 Used by ``make run``. Each child gets its own process group so that one Ctrl-C (or SIGTERM)
 reaches every process, and if any child dies the others are stopped too.
@@ -164,6 +164,8 @@ def commands(settings: Any) -> list[tuple[str, list[str]]]:
             ],
         ),
         ("beat", [PY, "-m", "celery", "-A", "rivya", "beat", "--loglevel", loglevel]),
+        # The outbox dispatcher: hands each committed submit to the worker (docs/submit.md).
+        ("dispatcher", [PY, str(ROOT / "manage.py"), "dispatch_submits"]),
     ]
 
 

@@ -54,13 +54,19 @@ def _flatten(detail: Any) -> Any:
     return str(detail)
 
 
+def domain_error_answer(exc: DomainError) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """The body, status and headers of the answer to a domain error."""
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:  # capacity refusals: 429 with Retry-After
+        headers["Retry-After"] = str(retry_after)
+    return {"error": exc.as_dict()}, exc.status, headers
+
+
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, DomainError):
-        response = Response({"error": exc.as_dict()}, status=exc.status)
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:  # capacity refusals: 429 with Retry-After
-            response["Retry-After"] = str(retry_after)
-        return response
+        body, status, headers = domain_error_answer(exc)
+        return Response(body, status=status, headers=headers)
     if isinstance(exc, RequestDataTooBig):
         # DRF reads a JSON or form body whole (and Django's multipart parser counts the non-file
         # fields) before any parser of ours sees it; left alone, Django answers an HTML 400 and

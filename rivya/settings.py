@@ -311,6 +311,10 @@ TASK_MAX_RUNNING_PER_CATEGORY = {
 TASK_SUBMIT_MAX_ATTEMPTS = env.int("TASK_SUBMIT_MAX_ATTEMPTS", default=6)
 # A WAITING task not submitted for this long is handed to the submitter again.
 TASK_RESUBMIT_AFTER = env.int("TASK_RESUBMIT_AFTER", default=30)
+# The dispatcher (manage.py dispatch_submits) queues a committed task at once on PostgreSQL
+# (LISTEN/NOTIFY); it also looks at the outbox this often (seconds), which is how it works on
+# SQLite.
+DISPATCH_POLL_S = env.float("DISPATCH_POLL_S", default=1.0)
 TASK_POLL_BATCH = env.int("TASK_POLL_BATCH", default=200)
 # A task past its model's timeout whose job the provider never confirms stopped (status checks
 # failing, or a cancel it does not honour) is failed and refunded this long after it was flagged

@@ -76,6 +76,18 @@ def capacity_acquire(*, task: Task) -> None:
     Task.objects.filter(pk=task.pk).update(capacity_scopes=task.capacity_scopes)
 
 
+def capacity_plan(*, task: Task) -> list[tuple[str, int]]:
+    """The scopes a one-statement accept (``tasks.services.accept``) takes, with their limits:
+    the user's scopes and one global shard picked at random. That statement takes each with the
+    condition ``_take`` uses (``running < limit``); if the shard is full it refuses, and the
+    submit falls back to ``capacity_acquire``, which tries every shard before refusing."""
+    shard = random.randrange(SHARDS)  # noqa: S311 - spreading load, not a secret
+    return [
+        *_user_scopes(task),
+        (f"global:{shard}", _shard_limit(shard, settings.TASK_MAX_RUNNING)),
+    ]
+
+
 def _take_global_slot(total: int) -> int | None:
     shards = list(range(SHARDS))
     random.shuffle(shards)  # spread submits over the shards

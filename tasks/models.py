@@ -215,6 +215,9 @@ class Task(models.Model):
     # cancel sweep resends what has ``cancel_requested_at`` but no ``upstream_cancel_done_at``.
     late_upstream_id = models.CharField(max_length=200, blank=True)
     upstream_cancel_done_at = models.DateTimeField(null=True, blank=True)
+    # When the dispatcher handed this WAITING task to the worker queue (the outbox: a task is
+    # committed with this unset, and ``manage.py dispatch_submits`` queues it within moments).
+    queued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "ai_task"
@@ -258,6 +261,12 @@ class Task(models.Model):
             # The poller: GENERATING tasks by due time.
             models.Index(
                 fields=["next_poll_at"], condition=Q(status="GENERATING"), name="task_poll_due"
+            ),
+            # The outbox: committed WAITING tasks not yet handed to the worker queue.
+            models.Index(
+                fields=["created_at"],
+                condition=Q(status="WAITING", runtime="async", queued_at=None),
+                name="task_outbox",
             ),
             # The reconciler: WAITING tasks by age.
             models.Index(fields=["created_at"], condition=Q(status="WAITING"), name="task_waiting"),

@@ -1,7 +1,9 @@
-"""End-to-end harness: the sandbox upstream, a real Celery worker and beat, the live server.
+"""End-to-end harness: the sandbox upstream, a real Celery worker and beat, the submit
+dispatcher, the live server.
 
 Everything is real and on loopback: PostgreSQL (the test database), Redis (the broker), the
-sandbox provider process, Celery worker and beat processes, and pytest-django's live server
+sandbox provider process, Celery worker and beat processes, the outbox dispatcher
+(``manage.py dispatch_submits``), and pytest-django's live server
 receiving the sandbox's signed callbacks. Nothing is eager or mocked (eager mode hides
 after-commit, serialization and retry bugs).
 """
@@ -38,7 +40,26 @@ class Stack:
     env: dict[str, str]
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     beat: subprocess.Popen[bytes] | None = None
+    dispatcher: subprocess.Popen[bytes] | None = None
     logdir: Path = ROOT / "var"
+
+    def start_dispatcher(self) -> None:
+        """The outbox dispatcher (``manage.py dispatch_submits``), as ``make run`` starts it:
+        without it a submitted task waits for the reconciler."""
+        with open(self.logdir / "dispatcher.log", "wb") as log:  # the child keeps its own
+            self.dispatcher = subprocess.Popen(  # noqa: S603 - our own command line
+                [sys.executable, str(ROOT / "manage.py"), "dispatch_submits"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def services(self) -> list[subprocess.Popen[bytes]]:
+        """The stack's processes: workers, beat and the dispatcher."""
+        others = [p for p in (self.beat, self.dispatcher) if p is not None]
+        return [*self.workers, *others]
 
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
         """Start one more worker (``env``: variables that differ from the stack's) and wait
@@ -153,10 +174,10 @@ class Stack:
                 os.killpg(self.beat.pid, signal.SIGCONT)
 
     def stop(self) -> None:
-        for proc in [*self.workers, *([self.beat] if self.beat else [])]:
+        for proc in self.services():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        for proc in [*self.workers, *([self.beat] if self.beat else [])]:
+        for proc in self.services():
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -212,6 +233,7 @@ def stack(
     stack = Stack(sandbox_url=sandbox_url, secret=secret, media_root=media_root, env=env)
     try:
         stack.start_worker()
+        stack.start_dispatcher()
         beat_path = stack.logdir / "beat.log"
         schedule = tmp_path_factory.mktemp("beat") / "schedule"
         with open(beat_path, "wb") as beat_log:  # the child keeps its own handle

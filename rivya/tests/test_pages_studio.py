@@ -20,6 +20,7 @@ from rivya.pages import forms
 from tasks import selectors, services
 from tasks.catalog import SEED
 from tasks.models import Task
+from tasks.services.dispatch import dispatch_all
 
 pytestmark = pytest.mark.django_db
 C = 1_000_000
@@ -288,7 +289,7 @@ def test_a_submit_creates_the_task_and_shows_it_running(
     assert task.params["width"] == 256
     assert task.params["sandbox_latency_ms"] == 5000
     assert task.params["sandbox_outcome"] == "fail"
-    assert studio_queued["submit"] == [str(task.pk)]
+    assert (dispatch_all(), studio_queued["submit"]) == (1, [str(task.pk)])
     assert json.loads(response["HX-Trigger"]) == {"rivya:changed": True}
     page = response.content.decode()
     assert 'hx-swap-oob="afterbegin:#studio-runs"' in page
@@ -334,7 +335,7 @@ def test_validation_errors_appear_next_to_their_fields(
     assert "Enter a whole number." in oob_slot(not_a_number.content, "err-params-width")
     assert "x.png" in oob_slot(bad_file.content, "err-files")
     assert not Task.objects.filter(user=some_user).exists()
-    assert studio_queued["submit"] == []
+    assert (dispatch_all(), studio_queued["submit"]) == (0, [])
 
 
 def test_without_htmx_a_refused_submit_renders_the_page_with_its_errors(
@@ -364,7 +365,7 @@ def test_a_submit_short_of_credits_says_so_and_records_the_refusal(
     assert (task.status, task.error_code) == (Task.Status.FAILED, "insufficient_credits")
     # the bell has a new notification
     assert json.loads(response["HX-Trigger"]) == {"rivya:changed": True}
-    assert studio_queued["submit"] == []
+    assert (dispatch_all(), studio_queued["submit"]) == (0, [])
 
 
 def test_a_submit_over_capacity_asks_to_wait(

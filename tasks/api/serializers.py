@@ -73,6 +73,16 @@ class ResultSerializer(serializers.Serializer):
     duration_ms = serializers.IntegerField(allow_null=True)
 
 
+_DATETIME = serializers.DateTimeField()  # formats as every DRF field does (ISO 8601, "Z")
+
+
+def _when(value: Any) -> str | None:
+    return None if value is None else _DATETIME.to_representation(value)
+
+
+# A task as the API shows it. The fields below define it for the schema; the answer itself is
+# built by ``represent``, without DRF's per-field machinery (it is on the path of every submit).
+# ``tasks/tests/test_api.py`` checks that the two agree.
 class TaskSerializer(serializers.ModelSerializer):
     model = serializers.CharField(source="model_slug")
     expired = serializers.SerializerMethodField()
@@ -104,25 +114,56 @@ class TaskSerializer(serializers.ModelSerializer):
             "poll_url",
         ]
 
-    def get_expired(self, obj: Task) -> bool:
+    def to_representation(self, instance: Task) -> dict[str, Any]:
+        return self.represent(instance)
+
+    @classmethod
+    def represent(cls, task: Task) -> dict[str, Any]:
+        """The task's JSON, field by field as ``Meta.fields`` lists them."""
+        return {
+            "id": str(task.pk),
+            "model": task.model_slug,
+            "category": task.category,
+            "single_type": task.single_type,
+            "status": task.status,
+            "prompt": task.prompt,
+            "params": task.params,
+            "upload_ids": task.upload_ids,
+            "created_at": _when(task.created_at),
+            "submitted_at": _when(task.submitted_at),
+            "started_at": _when(task.started_at),
+            "finished_at": _when(task.finished_at),
+            "expires_at": _when(task.expires_at),
+            "expired": cls.get_expired(task),
+            "error": cls.get_error(task),
+            "credits": cls.get_credits(task),
+            "results": cls.get_results(task),
+            "poll_url": cls.get_poll_url(task),
+        }
+
+    @staticmethod
+    def get_expired(obj: Task) -> bool:
         return obj.results_expired_at is not None
 
+    @staticmethod
     @extend_schema_field(ErrorSerializer(allow_null=True))
-    def get_error(self, obj: Task) -> dict[str, str] | None:
+    def get_error(obj: Task) -> dict[str, str] | None:
         if not obj.error_code:
             return None
         return {"code": obj.error_code, "message": obj.error_message, "kind": obj.error_kind}
 
+    @staticmethod
     @extend_schema_field(CreditsOfTaskSerializer)
-    def get_credits(self, obj: Task) -> dict[str, Any]:
+    def get_credits(obj: Task) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in ("reserved", "charged", "refunded"):
             micro = getattr(obj, f"{name}_micro")
             out[name], out[f"{name}_micro"] = format_credits(micro), micro
         return out
 
+    @staticmethod
     @extend_schema_field(ResultSerializer(many=True))
-    def get_results(self, obj: Task) -> list[dict[str, Any]]:
+    def get_results(obj: Task) -> list[dict[str, Any]]:
         if obj.results_expired_at is not None:
             return []
         return [
@@ -137,7 +178,8 @@ class TaskSerializer(serializers.ModelSerializer):
             for n, r in enumerate(obj.results)
         ]
 
-    def get_poll_url(self, obj: Task) -> str:
+    @staticmethod
+    def get_poll_url(obj: Task) -> str:
         return reverse("api-task-detail", args=[obj.pk])
 
 

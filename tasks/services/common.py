@@ -16,8 +16,13 @@ SUBJECT = "tasks.task"  # how billing and notifications refer to a task
 S = Task.Status
 
 
+def task_event(task_id: Any, kind: str, message: str = "", **data: Any) -> TaskEvent:
+    """A timeline event of the task, not saved yet."""
+    return TaskEvent(task_id=task_id, kind=kind, message=message[:2000], data=data)
+
+
 def record_event(task_id: Any, kind: str, message: str = "", **data: Any) -> None:
-    TaskEvent.objects.create(task_id=task_id, kind=kind, message=message[:2000], data=data)
+    task_event(task_id, kind, message, **data).save(force_insert=True)
 
 
 def transition_task(task_id: Any, sources: Sequence[str], target: str, **fields: Any) -> bool:

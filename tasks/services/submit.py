@@ -12,6 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing import services as billing
+from billing.models import Hold
 from notifications.models import Notification
 from rivya.errors import (
     MAX_JSON_DEPTH,
@@ -20,12 +21,21 @@ from rivya.errors import (
     contains_nul,
     json_depth,
 )
-from tasks.capacity import capacity_acquire, capacity_release
+from tasks import model_cache
+from tasks.capacity import capacity_acquire, capacity_plan, capacity_release
 from tasks.media import MediaInfo
-from tasks.models import AIModel, Task, Upload
+from tasks.models import AIModel, Task, TaskEvent, Upload
 from tasks.pricing import task_price
-from tasks.services import enqueue
-from tasks.services.common import SUBJECT, S, notify_user, record_event, result_ttl, transition_task
+from tasks.services import accept, dispatch
+from tasks.services.common import (
+    SUBJECT,
+    S,
+    notify_user,
+    record_event,
+    result_ttl,
+    task_event,
+    transition_task,
+)
 from tasks.services.uploads import inspect_upload, upload_create
 from tasks.validation import FileCheck, check_files, check_prompt, normalize_params
 
@@ -47,11 +57,42 @@ def task_submit(
 ) -> SubmitOutcome:
     """Validate a generation request, record it and hold its credits.
 
-    Before: nothing. After, if accepted: a WAITING task with its hold, and (after commit) the
-    upstream submission queued. If the balance is too low: a FAILED task
-    (``insufficient_credits``, no hold) and a notification, both committed; ``accepted`` False.
+    Before: nothing. After, if accepted: a WAITING task with its hold, in the outbox (the
+    dispatcher queues its upstream submission as soon as it is committed). If the balance is
+    too low: a FAILED task (``insufficient_credits``, no hold) and a notification, both
+    committed; ``accepted`` False.
     Raises ValidationFailed (400) or CapacityExceeded (429); then nothing was written.
+
+    On PostgreSQL a request without files is accepted by one statement
+    (``tasks.services.accept``) against the process's copy of the model; whatever that
+    statement refuses, and every request elsewhere, goes step by step (``accept_step_by_step``).
     """
+    check_request_shape(model_slug, prompt, params, upload_ids)
+    if accept.fast_path_available() and not files:
+        for _ in range(2):  # a second time only if the cached model row had changed
+            cached = model_cache.cached_model(model_slug)
+            if cached is None:
+                break  # unknown or disabled: the step-by-step path answers
+            task, _ = prepare_task(
+                user=user, model=cached.model, prompt=prompt, params=params, upload_ids=upload_ids
+            )
+            outcome = accept_fast(task, cached.fingerprint)
+            if outcome is accept.Accept.ACCEPTED:
+                return SubmitOutcome(task=task, accepted=True)
+            if outcome is accept.Accept.REFUSED:
+                break
+            model_cache.forget_model(model_slug)
+    model = AIModel.objects.filter(slug=model_slug, enabled=True).first()
+    if model is None:
+        raise ValidationFailed({"model": [f"No model {model_slug!r}."]}, code="unknown_model")
+    task, uploads = prepare_task(
+        user=user, model=model, prompt=prompt, params=params, upload_ids=upload_ids, files=files
+    )
+    return accept_step_by_step(task, uploads=uploads, files=files)
+
+
+def check_request_shape(model_slug: Any, prompt: Any, params: Any, upload_ids: Any) -> None:
+    """What must hold of a submit's fields before any model is looked up (400 otherwise)."""
     if not isinstance(model_slug, str) or not model_slug:
         raise ValidationFailed({"model": ["Give the slug of a model from /api/v1/models/."]})
     for name, value in (
@@ -66,9 +107,19 @@ def task_submit(
             raise ValidationFailed(
                 {name: ["Must not contain NUL characters or unpaired surrogates."]}
             )
-    model = AIModel.objects.filter(slug=model_slug, enabled=True).first()
-    if model is None:
-        raise ValidationFailed({"model": [f"No model {model_slug!r}."]}, code="unknown_model")
+
+
+def prepare_task(
+    *,
+    user: Any,
+    model: AIModel,
+    prompt: Any,
+    params: Any,
+    upload_ids: Any,
+    files: Sequence[Any] = (),
+) -> tuple[Task, list[Upload]]:
+    """Validate the request against the enabled ``model`` and price it: the unsaved WAITING
+    task, with the uploads it names. Raises ValidationFailed (400)."""
     if not model.direct_generation or model.runtime != AIModel.Runtime.ASYNC:
         raise ValidationFailed(
             {"model": [f"{model.name} cannot be used as an asynchronous generation."]},
@@ -114,33 +165,61 @@ def task_submit(
     price = task_price(
         model=model, params=params, durations_ms=[c.info.duration_ms or 0 for c in checks]
     )
+    task = Task(
+        user=user,
+        model=model,
+        model_slug=model.slug,
+        category=model.category,
+        provider=model.provider,
+        upstream_model=model.upstream_model,
+        prompt=prompt,
+        params=params,
+        upload_ids=[str(u.pk) for u in uploads],
+        price_micro=price,
+        billing_type=model.billing_type,
+        billing_policy=task_policy(model),
+        timeout_seconds=model.timeout_seconds,
+        poll_interval_seconds=model.poll_interval_seconds,
+        result_ttl_seconds=model.result_ttl_seconds or settings.TASK_RESULT_TTL,
+    )
+    return task, uploads
 
+
+def accept_fast(task: Task, model_fingerprint: str) -> accept.Accept:
+    """The one-statement accept of a prepared task (PostgreSQL)."""
+    scopes = capacity_plan(task=task)
+    task.capacity_scopes = [scope for scope, _ in scopes]
+    price = task.price_micro
+    if price:
+        task.reserved_micro = price
+        hold = Hold(amount=price, subject_type=SUBJECT, subject_id=str(task.pk))
+        events = [created_event(task), task_event(task.pk, "credits_held", amount_micro=price)]
+    else:
+        hold, events = None, [created_event(task), free_event(task)]
+    outcome = accept.accept_in_one_statement(
+        task=task,
+        model_fingerprint=model_fingerprint,
+        scopes=scopes,
+        events=events,
+        hold=hold,
+    )
+    if outcome is not accept.Accept.ACCEPTED:
+        task.reserved_micro, task.capacity_scopes = 0, []
+    return outcome
+
+
+def accept_step_by_step(
+    task: Task, *, uploads: list[Upload], files: Sequence[Any] = ()
+) -> SubmitOutcome:
+    """Store a prepared task with the ORM, one step at a time (any database; the answer to
+    everything the one-statement accept refuses)."""
+    price = task.price_micro
     with transaction.atomic():
-        uploads.extend(upload_create(user=user, file=file) for file in files)
-        task = Task.objects.create(
-            user=user,
-            model=model,
-            model_slug=model.slug,
-            category=model.category,
-            provider=model.provider,
-            upstream_model=model.upstream_model,
-            prompt=prompt,
-            params=params,
-            upload_ids=[str(u.pk) for u in uploads],
-            price_micro=price,
-            billing_type=model.billing_type,
-            billing_policy=task_policy(model),
-            timeout_seconds=model.timeout_seconds,
-            poll_interval_seconds=model.poll_interval_seconds,
-            result_ttl_seconds=model.result_ttl_seconds or settings.TASK_RESULT_TTL,
-        )
-        record_event(
-            task.pk,
-            "created",
-            f"Submitted {model.slug} at {price} micro-credits.",
-            price_micro=price,
-            billing_policy=task.billing_policy,
-        )
+        if files:
+            uploads.extend(upload_create(user=task.user, file=file) for file in files)
+            task.upload_ids = [str(u.pk) for u in uploads]
+        task.save(force_insert=True)
+        created_event(task).save()
         # Capacity is part of validation (429, nothing stored), so it comes before credits.
         # Exact under concurrency: conditional UPDATEs on capacity counters; a refusal raises
         # and rolls back the task, so a refused submit leaves nothing behind.
@@ -148,23 +227,37 @@ def task_submit(
         if price:
             try:
                 billing.hold_create(
-                    user=user, amount=price, subject_type=SUBJECT, subject_id=str(task.pk)
+                    user=task.user, amount=price, subject_type=SUBJECT, subject_id=str(task.pk)
                 )
             except InsufficientCredits as exc:
                 refuse_for_credits(task, exc)
                 task.refresh_from_db()
                 return SubmitOutcome(task=task, accepted=False)
             Task.objects.filter(pk=task.pk).update(reserved_micro=price)
-            record_event(task.pk, "credits_held", amount_micro=price)
+            task.reserved_micro = price
+            task_event(task.pk, "credits_held", amount_micro=price).save()
         else:
             # A free model (price 0, which the catalog allows): nothing to hold, so no hold; the
             # outcome settles nothing and ledger_check expects no hold for it.
-            record_event(task.pk, "free", "Free model: no credits held.")
-        # robust: a broker outage must not turn a committed submit into a 500 (the client
-        # might retry and pay twice); the reconciler submits what was not queued.
-        transaction.on_commit(lambda: enqueue.submit(task.pk), robust=True)
-    task.refresh_from_db()
+            free_event(task).save()
+        # In the outbox now (``queued_at`` unset): wake the dispatcher when this commits.
+        dispatch.notify_dispatcher()
     return SubmitOutcome(task=task, accepted=True)
+
+
+def created_event(task: Task) -> TaskEvent:
+    price = task.price_micro
+    return task_event(
+        task.pk,
+        "created",
+        f"Submitted {task.model_slug} at {price} micro-credits.",
+        price_micro=price,
+        billing_policy=task.billing_policy,
+    )
+
+
+def free_event(task: Task) -> TaskEvent:
+    return task_event(task.pk, "free", "Free model: no credits held.")
 
 
 def task_policy(model: AIModel) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import struct
-import threading
 import uuid
 import wave
 from datetime import UTC, datetime, timedelta
@@ -39,6 +38,7 @@ from rivya.idempotency import request_fingerprint
 from tasks import services
 from tasks.api.views import REFUSED_COUNTER
 from tasks.models import AIModel, CallbackDelivery, Task, Upload
+from tasks.services.dispatch import dispatch_all
 from tasks.tests.lifecycle import deliver, job_event, signed_headers
 
 pytestmark = pytest.mark.usefixtures("catalog", "media_root")
@@ -172,7 +172,7 @@ def test_disabled_model_is_neither_listed_nor_usable(
     assert listed == SEED_SLUGS - {"sandbox-video"}
     assert_error(response, 400, "unknown_model")
     assert_nothing_recorded()
-    assert queued["submit"] == []
+    assert (dispatch_all(), queued["submit"]) == (0, [])
 
 
 # --- POST /api/v1/tasks/ (JSON) -------------------------------------------------------------
@@ -211,52 +211,15 @@ def test_create_answers_202_with_the_waiting_task(
     assert body["poll_url"] == f"/api/v1/tasks/{task_id}/"
     assert response["Location"] == body["poll_url"]
     assert held(user) == 2 * C
-    assert queued["submit"] == [task_id]
+    # In the outbox, then handed to the worker once by the dispatcher.
+    assert Task.objects.get(pk=task_id).queued_at is None
+    assert (dispatch_all(), dispatch_all(), queued["submit"]) == (1, 0, [task_id])
+    assert Task.objects.get(pk=task_id).queued_at is not None
 
     polled = client.get(body["poll_url"])
 
     assert polled.status_code == 200
     assert polled.json() == body
-
-
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("idempotency_key", [None, "submit-once"])
-def test_submission_is_queued_only_after_commit(
-    funded: Any,
-    api_for: Any,
-    queued: dict[str, list[Any]],
-    ledger_ok: None,
-    monkeypatch: pytest.MonkeyPatch,
-    idempotency_key: str | None,
-) -> None:
-    # Another connection sees only committed rows: if the task and its hold are visible to it
-    # when the submission is queued, the queueing happened after commit (else the worker may
-    # run before the row exists).
-    seen: list[tuple[Any, bool]] = []
-
-    def look(task_id: str) -> None:
-        try:
-            row = Task.objects.filter(pk=task_id).values_list("status", "reserved_micro").first()
-            seen.append((row, Hold.objects.filter(subject_id=task_id).exists()))
-        finally:
-            connection.close()
-
-    def enqueue(task_id: Any) -> None:
-        thread = threading.Thread(target=look, args=(str(task_id),))
-        thread.start()
-        thread.join()
-        queued["submit"].append(str(task_id))
-
-    monkeypatch.setattr(services.enqueue, "submit", enqueue)
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-
-    response = api_for(funded(5)).post(
-        TASKS, {"model": "sandbox-image", "prompt": "a fox"}, format="json", headers=headers
-    )
-
-    assert response.status_code == 202
-    assert queued["submit"] == [response.json()["id"]]
-    assert seen == [(("WAITING", C), True)]
 
 
 @pytest.mark.parametrize(
@@ -379,7 +342,7 @@ def test_invalid_request_is_400_with_field_errors_and_records_nothing(
     assert all(isinstance(m, str) and m for m in error["fields"][field])
     assert_nothing_recorded()
     assert held(user) == 0
-    assert queued["submit"] == []
+    assert (dispatch_all(), queued["submit"]) == (0, [])
 
 
 def test_malformed_json_is_400_malformed_request(
@@ -473,7 +436,7 @@ def test_insufficient_credits_is_402_with_the_failed_task(
     assert Notification.objects.filter(
         user=user, kind=Notification.Kind.INSUFFICIENT_CREDITS, subject_id=body["id"]
     ).exists()
-    assert queued["submit"] == []
+    assert (dispatch_all(), queued["submit"]) == (0, [])
     assert Hold.objects.count() == 0
     assert held(user) == 0
 
@@ -505,7 +468,7 @@ def test_same_key_and_body_replays_the_first_response(
     assert Task.objects.count() == 1
     assert Hold.objects.count() == 1
     assert held(user) == C
-    assert queued["submit"] == [first.json()["id"]]
+    assert (dispatch_all(), queued["submit"]) == (1, [first.json()["id"]])
 
 
 @pytest.mark.django_db(transaction=True)
@@ -530,7 +493,7 @@ def test_twenty_concurrent_submits_with_one_key_create_one_task(
     assert Task.objects.count() == 1
     assert Hold.objects.count() == 1
     assert held(user) == C
-    assert queued["submit"] == list(ids)
+    assert (dispatch_all(), queued["submit"]) == (1, list(ids))
 
 
 def test_same_key_with_another_body_is_422(
@@ -1175,6 +1138,61 @@ def count_queries(client: APIClient, url: str) -> int:
         response = client.get(url)
     assert response.status_code == 200
     return len(ctx)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("credits", [10, 0], ids=["accepted", "refused-for-credits"])
+def test_the_plain_json_submit_answers_as_the_drf_view_does(
+    funded: Any, api_for: Any, credits: int
+) -> None:
+    # A JSON submit with an API key is served without DRF's request machinery
+    # (``views.submit_json``); with an Idempotency-Key the same request goes through DRF's view.
+    # Both answer the same status, headers and body, but for the task's own id and times.
+    client = api_for(funded(credits))
+    body = {"model": "sandbox-image", "prompt": "a fox", "params": {"width": 256}}
+
+    plain = client.post(TASKS, body, format="json")
+    keyed = client.post(TASKS, body, format="json", headers={"Idempotency-Key": "k-same"})
+
+    def shape(response: Any) -> tuple[int, dict[str, str], dict[str, Any]]:
+        answer = response.json()
+        task_id = answer["id"]
+        headers = {k: v.replace(task_id, "<id>") for k, v in response.headers.items()}
+        volatile = ("id", "created_at", "finished_at", "expires_at", "poll_url")
+        return response.status_code, headers, {k: v for k, v in answer.items() if k not in volatile}
+
+    assert shape(plain) == shape(keyed)
+    assert plain.status_code == (202 if credits else 402)
+    assert plain.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_task_representation_is_what_drf_would_build_from_the_fields(
+    funded: Any, sandbox: Any
+) -> None:
+    # ``TaskSerializer.represent`` builds the answer by hand (it is on every submit's path);
+    # DRF's generic ModelSerializer, from the declared fields, must give the same, whatever
+    # the task's state.
+    from rest_framework import serializers
+
+    from tasks.api.serializers import TaskSerializer
+    from tasks.tests.lifecycle import run_to_end, submit
+
+    user = funded(10)
+    waiting = submit(user)
+    done = run_to_end(submit(user))
+    failed = run_to_end(submit(user, sandbox_outcome="fail"))
+    expired = run_to_end(submit(user))
+    Task.objects.filter(pk=expired.pk).update(results_expired_at=timezone.now())
+    tasks = [Task.objects.get(pk=t.pk) for t in (waiting, done, failed, expired)]
+    assert [t.status for t in tasks] == ["WAITING", "SUCCESS", "FAILED", "SUCCESS"]
+    assert done.results
+    assert failed.error_code
+
+    for task in tasks:
+        generic = serializers.ModelSerializer.to_representation(TaskSerializer(), task)
+        assert TaskSerializer.represent(task) == dict(generic)
+        assert list(TaskSerializer.represent(task)) == TaskSerializer.Meta.fields
 
 
 def test_detail_and_history_use_a_constant_number_of_queries(

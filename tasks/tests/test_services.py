@@ -21,6 +21,7 @@ from rivya.errors import ValidationFailed
 from tasks import services
 from tasks.models import AIModel, CallbackDelivery, Task, TaskEvent
 from tasks.providers.base import CallbackEvent, ProviderError
+from tasks.services.dispatch import dispatch_all
 from tasks.tests.lifecycle import notifications, run_to_end, stats, submit
 
 C = 1_000_000
@@ -43,7 +44,7 @@ def test_submit_records_waiting_task_holds_credits_and_queues_after_commit(
     assert (task.price_micro, task.reserved_micro) == (3 * C, 3 * C)
     assert task.params["width"] == 512  # defaults filled
     assert billing_selectors.balance_for_user(user=user).held == 3 * C
-    assert queued["submit"] == [str(task.pk)]
+    assert (dispatch_all(), queued["submit"]) == (1, [str(task.pk)])
 
 
 @pytest.mark.django_db
@@ -74,7 +75,7 @@ def test_insufficient_credits_records_failed_task_without_hold_or_upstream_call(
         "user",
     )
     assert not Hold.objects.filter(subject_id=str(task.pk)).exists()
-    assert queued["submit"] == []
+    assert (dispatch_all(), queued["submit"]) == (0, [])
     assert notifications(task) == ["insufficient_credits"]
     assert not services.task_send_upstream(task_id=task.pk)  # even if asked, nothing is sent
     assert str(task.pk) not in stats(sandbox)["by_key"]

@@ -1,0 +1,119 @@
+"""The outbox of submitted tasks, and the dispatcher that empties it.
+
+A submit commits its task WAITING with ``queued_at`` unset, in the same transaction as the hold:
+that row is the outbox entry, so there is no moment where a task is committed and nothing is
+on its way to send it upstream. The dispatcher (``manage.py dispatch_submits``, started by
+``make run`` and by the test stacks) hands each such task to the Celery worker (``tasks.submit``)
+and marks it queued.
+
+On PostgreSQL it LISTENs on ``NOTIFY_CHANNEL``: the submit's transaction notifies at commit, so
+a task is queued within milliseconds. It also empties the outbox when it starts and every
+``DISPATCH_POLL_S`` seconds, in case a notification was missed (say, its connection dropped).
+Elsewhere (the embedded SQLite setup) it polls every ``DISPATCH_POLL_S`` seconds. If the
+dispatcher is not running at all, the reconciler (``tasks.reconcile_waiting``) still submits
+what has waited ``TASK_RESUBMIT_AFTER`` seconds.
+
+Handing a task over twice is harmless (a crash between publishing and marking does that): the
+worker sends only WAITING tasks upstream, under the task's id as the provider's idempotency key.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import time
+from collections.abc import Callable
+
+from django.conf import settings
+from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
+
+from tasks.models import AIModel, Task
+from tasks.services import enqueue
+from tasks.services.accept import NOTIFY_CHANNEL
+
+logger = logging.getLogger(__name__)
+
+BATCH = 200
+
+
+def notify_dispatcher() -> None:
+    """Wake the dispatcher when the current transaction commits (PostgreSQL; elsewhere it
+    polls). The one-statement accept notifies inside its own statement instead."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+
+
+def outbox() -> object:
+    """Committed WAITING tasks not handed to the worker yet, oldest first."""
+    return Task.objects.filter(
+        status=Task.Status.WAITING, runtime=AIModel.Runtime.ASYNC, queued_at__isnull=True
+    ).order_by("created_at")
+
+
+def dispatch_pending(limit: int = BATCH) -> int:
+    """Hand up to ``limit`` outbox tasks to the worker and mark them queued; how many.
+
+    Rows are locked (``SKIP LOCKED`` where the database has it) so that two dispatchers never
+    queue the same task at the same time; publishing happens before the mark commits, so a crash
+    in between publishes again rather than never.
+    """
+    with transaction.atomic():
+        pending = outbox()
+        if connection.features.has_select_for_update_skip_locked:
+            pending = pending.select_for_update(skip_locked=True)
+        ids = list(pending.values_list("pk", flat=True)[:limit])
+        for task_id in ids:
+            enqueue.submit(task_id)
+        if ids:
+            Task.objects.filter(pk__in=ids).update(queued_at=timezone.now())
+    return len(ids)
+
+
+def dispatch_all() -> int:
+    """Empty the outbox; how many tasks were queued."""
+    total = 0
+    while True:
+        queued = dispatch_pending()
+        total += queued
+        if queued < BATCH:
+            return total
+
+
+def run_dispatcher(should_stop: Callable[[], bool]) -> None:
+    """Empty the outbox whenever a submit commits (or every ``DISPATCH_POLL_S`` seconds) until
+    ``should_stop()``. Database errors are logged and retried after a pause."""
+    poll_s = settings.DISPATCH_POLL_S
+    while not should_stop():
+        try:
+            listening = _listen()
+            while not should_stop():
+                queued = dispatch_all()
+                if queued:
+                    logger.info("dispatched %s task(s) to the worker", queued)
+                _wait(listening, poll_s)
+        except DatabaseError:
+            logger.exception("the dispatcher lost its database; trying again in a second")
+            connection.close()
+            time.sleep(1)
+
+
+def _listen() -> bool:
+    if connection.vendor != "postgresql":
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
+    return True
+
+
+def _wait(listening: bool, timeout: float) -> None:
+    """Until a submit commits (a notification) or ``timeout`` seconds pass."""
+    if not listening:
+        time.sleep(timeout)
+        return
+    raw = connection.connection
+    if not raw.notifies:
+        select.select([raw], [], [], timeout)
+        raw.poll()
+    raw.notifies.clear()

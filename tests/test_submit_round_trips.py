@@ -1,0 +1,54 @@
+"""The database round trips of a submit, counted on the wire.
+
+A JSON ``POST /api/v1/tasks/`` served by ``rivya.wsgi`` under gunicorn (as the submit benchmark
+serves it), with the process's connection and catalog warm, sends exactly these statements to
+PostgreSQL and no others; a change that brings back a query fails here, where it is cheap to
+see, rather than as a slower benchmark.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from rivya.services import api_key_create
+from tasks.catalog import seed_catalog
+from tasks.models import Task
+
+pytestmark = pytest.mark.usefixtures("transactional_db")
+BODY = {"model": "sandbox-image", "prompt": "a lighthouse", "params": {"width": 512}}
+# Each statement of one submit, in order, as a pattern of its text.
+JSON_SUBMIT = [
+    ("the connection health check", r"SELECT 1"),
+    (
+        "the API key and its user",
+        r'SELECT .* FROM "rivya_apikey" INNER JOIN .*"revoked_at" IS NULL.*',
+    ),
+    ("the transaction", r"BEGIN"),
+    ("the accept statement", r"WITH model_ok AS .*INSERT INTO ai_task.*pg_notify.*"),
+    ("its commit", r"COMMIT"),
+]
+
+
+def test_a_json_submit_is_five_round_trips(proxied_wsgi: tuple[str, Any], funded: Any) -> None:
+    base_url, proxy = proxied_wsgi
+    seed_catalog()
+    key = str(api_key_create(user=funded(100), name="round trips").raw)
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base_url, headers=headers, trust_env=False) as client:
+        for _ in range(2):  # the worker's connection opens, its catalog copy fills
+            assert client.post("/api/v1/tasks/", json=BODY).status_code == 202
+        proxy.recorder.take()
+
+        response = client.post("/api/v1/tasks/", json=BODY)
+
+    statements = proxy.recorder.take()
+    assert response.status_code == 202
+    assert Task.objects.filter(pk=response.json()["id"], status="WAITING").exists()
+    shown = "\n".join(s[:160] for s in statements)
+    assert len(statements) == len(JSON_SUBMIT) <= 8, shown
+    for statement, (what, pattern) in zip(statements, JSON_SUBMIT, strict=True):
+        assert re.fullmatch(pattern, statement.strip(), re.DOTALL), f"{what}:\n{shown}"
