@@ -213,9 +213,14 @@ def label(sql: str) -> str:
     if verb == "SET":
         return text[:40]
     match = re.search(r'\b(?:FROM|INTO|UPDATE)\s+"?([A-Za-z0-9_]+)"?', text, re.IGNORECASE)
-    if verb == "WITH":
-        inner = re.search(r"\b(INSERT|UPDATE|DELETE)\b", text, re.IGNORECASE)
-        verb = f"WITH…{inner.group(1).upper()}" if inner else "WITH…SELECT"
+    if verb == "WITH":  # one statement doing several writes: name each
+        writes = re.findall(
+            r'\b(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+"?([A-Za-z0-9_]+)"?', text, re.IGNORECASE
+        )
+        found = ", ".join(  # not ON CONFLICT's "DO UPDATE SET"
+            f"{w.split()[0].upper()} {table}" for w, table in writes if table.upper() != "SET"
+        )
+        return f"WITH ({found or 'SELECT'})"
     return f"{verb} {match.group(1)}" if match else text[:40]
 
 
