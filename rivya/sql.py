@@ -39,3 +39,43 @@ def insert_row(
     columns = [quote(f.column) for f in chosen]
     values = [f.get_db_prep_save(f.pre_save(instance, add=True), connection) for f in chosen]
     return columns, values
+
+
+_read_plans: dict[tuple[type[models.Model], str], list[tuple[models.Field, Any, list[Any]]]] = {}
+
+
+def _read_plan(
+    model: type[models.Model], connection: BaseDatabaseWrapper
+) -> list[tuple[models.Field, Any, list[Any]]]:
+    """For each concrete field: the field, its column expression and the converters the ORM
+    applies to a value read from the database (the backend's, then the field's). The same for
+    every connection to one kind of database, so kept per model and vendor."""
+    key = (model, connection.vendor)
+    plan = _read_plans.get(key)
+    if plan is None:
+        plan = []
+        for field in model._meta.concrete_fields:
+            column = field.get_col(model._meta.db_table)
+            converters = connection.ops.get_db_converters(column)
+            plan.append((field, column, converters + field.get_db_converters(connection)))
+        _read_plans[key] = plan
+    return plan
+
+
+def select_list(model: type[models.Model], alias: str, connection: BaseDatabaseWrapper) -> str:
+    """``alias."col", …`` for every concrete field of ``model``, in ``from_row``'s order."""
+    quote = connection.ops.quote_name
+    return ", ".join(f"{alias}.{quote(f.column)}" for f in model._meta.concrete_fields)
+
+
+def from_row(
+    model: type[models.Model], connection: BaseDatabaseWrapper, values: Any
+) -> models.Model:
+    """The instance the ORM would build from ``values`` (the columns of ``select_list``)."""
+    plan = _read_plan(model, connection)
+    converted = []
+    for (_, column, converters), value in zip(plan, values, strict=True):
+        for convert in converters:
+            value = convert(value, column, connection)
+        converted.append(value)
+    return model.from_db(connection.alias, [field.attname for field, _, _ in plan], converted)

@@ -215,9 +215,6 @@ class Task(models.Model):
     # cancel sweep resends what has ``cancel_requested_at`` but no ``upstream_cancel_done_at``.
     late_upstream_id = models.CharField(max_length=200, blank=True)
     upstream_cancel_done_at = models.DateTimeField(null=True, blank=True)
-    # When the dispatcher handed this WAITING task to the worker queue (the outbox: a task is
-    # committed with this unset, and ``manage.py dispatch_submits`` queues it within moments).
-    queued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "ai_task"
@@ -262,12 +259,6 @@ class Task(models.Model):
             models.Index(
                 fields=["next_poll_at"], condition=Q(status="GENERATING"), name="task_poll_due"
             ),
-            # The outbox: committed WAITING tasks not yet handed to the worker queue.
-            models.Index(
-                fields=["created_at"],
-                condition=Q(status="WAITING", runtime="async", queued_at=None),
-                name="task_outbox",
-            ),
             # The reconciler: WAITING tasks by age.
             models.Index(fields=["created_at"], condition=Q(status="WAITING"), name="task_waiting"),
             # Capacity: unfinished tasks per user.
@@ -310,6 +301,19 @@ class Task(models.Model):
         (``results_expire_due``, every 20 s) sets ``results_expired_at`` once ``expires_at``
         has passed; until then the files are served, as the results API does."""
         return self.status == self.Status.SUCCESS and self.results_expired_at is None
+
+
+class SubmitOutbox(models.Model):
+    """A committed task not handed to the worker queue yet: written in the transaction that
+    accepts the task, deleted by the dispatcher (``manage.py dispatch_submits``) when it has
+    queued it. A row of its own, not a column of the task, so that dispatching does not
+    rewrite the task row and every index on it."""
+
+    task = models.OneToOneField(Task, on_delete=models.PROTECT, primary_key=True, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    def __str__(self) -> str:
+        return f"outbox {self.task_id}"
 
 
 class TaskEvent(models.Model):

@@ -25,7 +25,7 @@ JSON_SUBMIT = [
     ("the connection health check", r"SELECT 1"),
     (
         "the API key and its user",
-        r'SELECT .* FROM "rivya_apikey" INNER JOIN .*"revoked_at" IS NULL.*',
+        r'SELECT k\."id", .* FROM rivya_apikey k JOIN rivya_user u .* k\.revoked_at IS NULL',
     ),
     ("the transaction", r"BEGIN"),
     ("the accept statement", r"WITH model_ok AS .*INSERT INTO ai_task.*pg_notify.*"),

@@ -2,7 +2,8 @@
 
 ``task_submit`` validates a request and prices it; accepting it means, in one database
 transaction: take a capacity slot of each of the task's scopes, hold its price on the user's
-account, and write the task, its hold and its first timeline events. Done with the ORM that is
+account, and write the task, its hold, its outbox row (``tasks.services.dispatch``) and its
+first timeline events. Done with the ORM that is
 about fifteen round trips (``submit.accept_step_by_step``). Here it is one data-modifying
 ``WITH`` statement between BEGIN and COMMIT, whose steps are chained so that each runs only if
 the one before succeeded, in the lock order every other writer uses (capacity rows, then the
@@ -12,8 +13,8 @@ account row):
 2. ``cap_0`` … ``cap_n``: a slot of each capacity scope, ``running < limit`` (one upsert each:
    the row is created at its first use);
 3. ``account``: the hold on the balance, ``balance >= held + price`` (skipped for a free model);
-4. the task, the hold and the events (in order), inserted from the rows above, and
-   ``pg_notify`` to wake the dispatcher (delivered at commit).
+4. the task, the hold, the task's outbox row and its events (in order), inserted from the
+   rows above, and ``pg_notify`` to wake the dispatcher (delivered at commit).
 
 The statement answers which steps passed. Anything short of all of them rolls the transaction
 back, and the caller takes the step-by-step path, which gives the exact answer for a refusal
@@ -33,7 +34,7 @@ from django.db import connection, transaction
 
 from billing.models import Hold
 from rivya.sql import insert_row
-from tasks.models import Task, TaskEvent
+from tasks.models import SubmitOutbox, Task, TaskEvent
 
 NOTIFY_CHANNEL = "rivya_submits"  # the dispatcher LISTENs here (tasks.services.dispatch)
 
@@ -103,6 +104,12 @@ def accept_in_one_statement(
             f"SELECT account.id, {', '.join(['%s'] * len(values))} FROM account)"
         )
         params += values
+    columns, values = insert_row(SubmitOutbox(task_id=task.pk), db)
+    ctes.append(
+        f"outbox_row AS (INSERT INTO tasks_submitoutbox ({', '.join(columns)}) "
+        f"SELECT {', '.join(['%s'] * len(values))} FROM task_row)"
+    )
+    params += values
     after = "task_row"  # each event after the one before, so that their ids are in order
     for n, event in enumerate(events):
         columns, values = insert_row(event, db)

@@ -1,10 +1,10 @@
 """The outbox of submitted tasks, and the dispatcher that empties it.
 
-A submit commits its task WAITING with ``queued_at`` unset, in the same transaction as the hold:
-that row is the outbox entry, so there is no moment where a task is committed and nothing is
-on its way to send it upstream. The dispatcher (``manage.py dispatch_submits``, started by
-``make run`` and by the test stacks) hands each such task to the Celery worker (``tasks.submit``)
-and marks it queued.
+A submit commits, in the transaction that stores the task and its hold, a row of
+``SubmitOutbox`` naming it: there is no moment where a task is committed and nothing is on its
+way to send it upstream. The dispatcher (``manage.py dispatch_submits``, started by ``make run``
+and by the test stacks) hands each such task to the Celery worker (``tasks.submit``) and deletes
+its outbox row.
 
 On PostgreSQL it LISTENs on ``NOTIFY_CHANNEL``: the submit's transaction notifies at commit, so
 a task is queued within milliseconds. It also empties the outbox when it starts and every
@@ -13,7 +13,7 @@ Elsewhere (the embedded SQLite setup) it polls every ``DISPATCH_POLL_S`` seconds
 dispatcher is not running at all, the reconciler (``tasks.reconcile_waiting``) still submits
 what has waited ``TASK_RESUBMIT_AFTER`` seconds.
 
-Handing a task over twice is harmless (a crash between publishing and marking does that): the
+Handing a task over twice is harmless (a crash between publishing and deleting does that): the
 worker sends only WAITING tasks upstream, under the task's id as the provider's idempotency key.
 """
 
@@ -26,9 +26,8 @@ from collections.abc import Callable
 
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
-from django.utils import timezone
 
-from tasks.models import AIModel, Task
+from tasks.models import SubmitOutbox
 from tasks.services import enqueue
 from tasks.services.accept import NOTIFY_CHANNEL
 
@@ -45,29 +44,23 @@ def notify_dispatcher() -> None:
             cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
 
 
-def outbox() -> object:
-    """Committed WAITING tasks not handed to the worker yet, oldest first."""
-    return Task.objects.filter(
-        status=Task.Status.WAITING, runtime=AIModel.Runtime.ASYNC, queued_at__isnull=True
-    ).order_by("created_at")
-
-
 def dispatch_pending(limit: int = BATCH) -> int:
-    """Hand up to ``limit`` outbox tasks to the worker and mark them queued; how many.
+    """Hand up to ``limit`` tasks of the outbox, oldest first, to the worker and take them out
+    of it; how many.
 
     Rows are locked (``SKIP LOCKED`` where the database has it) so that two dispatchers never
-    queue the same task at the same time; publishing happens before the mark commits, so a crash
-    in between publishes again rather than never.
+    queue the same task at the same time; publishing happens before the delete commits, so a
+    crash in between publishes again rather than never.
     """
     with transaction.atomic():
-        pending = outbox()
+        pending = SubmitOutbox.objects.order_by("created_at")
         if connection.features.has_select_for_update_skip_locked:
             pending = pending.select_for_update(skip_locked=True)
-        ids = list(pending.values_list("pk", flat=True)[:limit])
+        ids = list(pending.values_list("task_id", flat=True)[:limit])
         for task_id in ids:
             enqueue.submit(task_id)
         if ids:
-            Task.objects.filter(pk__in=ids).update(queued_at=timezone.now())
+            SubmitOutbox.objects.filter(task_id__in=ids).delete()
     return len(ids)
 
 

@@ -24,7 +24,7 @@ from rivya.errors import (
 from tasks import model_cache
 from tasks.capacity import capacity_acquire, capacity_plan, capacity_release
 from tasks.media import MediaInfo
-from tasks.models import AIModel, Task, TaskEvent, Upload
+from tasks.models import AIModel, SubmitOutbox, Task, TaskEvent, Upload
 from tasks.pricing import task_price
 from tasks.services import accept, dispatch
 from tasks.services.common import (
@@ -240,7 +240,8 @@ def accept_step_by_step(
             # A free model (price 0, which the catalog allows): nothing to hold, so no hold; the
             # outcome settles nothing and ledger_check expects no hold for it.
             free_event(task).save()
-        # In the outbox now (``queued_at`` unset): wake the dispatcher when this commits.
+        # In the outbox; the dispatcher is woken when this commits.
+        SubmitOutbox.objects.create(task=task)
         dispatch.notify_dispatcher()
     return SubmitOutcome(task=task, accepted=True)
 

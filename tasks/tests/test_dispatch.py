@@ -1,6 +1,6 @@
 """The outbox of submitted tasks and its dispatcher (``tasks.services.dispatch``), on the real
 PostgreSQL: a committed submit is handed to the worker once, at once (NOTIFY), also when the
-dispatcher was not running at the time, and never twice by dispatchers running side by side."""
+dispatcher was not running at the time, and never at once by dispatchers side by side."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from django.db import connection
 
 from billing.models import Hold
 from billing.tests.concurrency import run_concurrently
-from tasks.models import Task
+from tasks.models import SubmitOutbox, Task
 from tasks.services import accept, enqueue
 from tasks.services.dispatch import NOTIFY_CHANNEL, dispatch_all, run_dispatcher
 from tasks.tests.lifecycle import submit
@@ -90,7 +90,7 @@ def test_a_committed_submit_is_queued_at_once_by_its_notification(
         (before.json()["id"], ("WAITING", C), True),
         (after.json()["id"], ("WAITING", C), True),
     ]
-    assert not Task.objects.filter(queued_at__isnull=True).exists()
+    assert not SubmitOutbox.objects.exists()
 
 
 def test_the_outbox_keeps_tasks_until_a_dispatcher_runs_and_queues_each_once(
@@ -100,10 +100,10 @@ def test_the_outbox_keeps_tasks_until_a_dispatcher_runs_and_queues_each_once(
     tasks = [submit(user) for _ in range(3)]
 
     assert queued["submit"] == []  # nothing is queued by the request itself
-    assert [t.queued_at for t in Task.objects.all()] == [None] * 3
+    assert SubmitOutbox.objects.count() == 3
     assert (dispatch_all(), dispatch_all()) == (3, 0)
     assert sorted(queued["submit"]) == sorted(str(t.pk) for t in tasks)
-    assert not Task.objects.filter(queued_at__isnull=True).exists()
+    assert not SubmitOutbox.objects.exists()
 
 
 def test_a_broker_outage_leaves_the_tasks_in_the_outbox(
@@ -122,9 +122,9 @@ def test_a_broker_outage_leaves_the_tasks_in_the_outbox(
     with pytest.raises(ConnectionError):
         dispatch_all()
 
-    # Nothing is marked queued, the one published included: it is published again (the worker
-    # sends only WAITING tasks, under the task id as the provider's idempotency key).
-    assert Task.objects.filter(queued_at__isnull=True).count() == 3
+    # Nothing is taken out of the outbox, the one published included: it is published again
+    # (the worker sends only WAITING tasks, under the task id as the provider's idempotency key).
+    assert SubmitOutbox.objects.count() == 3
     monkeypatch.setattr(enqueue, "submit", lambda task_id: published.append(str(task_id)))
     assert dispatch_all() == 3
     assert set(published) == tasks
@@ -146,4 +146,4 @@ def test_dispatchers_side_by_side_never_queue_a_task_twice(
     assert all(isinstance(c, int) for c in counts), counts
     assert sum(counts) == 60
     assert sorted(queued["submit"]) == sorted(ids)
-    assert not Task.objects.filter(queued_at__isnull=True).exists()
+    assert not SubmitOutbox.objects.exists()

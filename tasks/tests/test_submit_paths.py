@@ -34,7 +34,7 @@ pytestmark = [
 C = 1_000_000
 PATHS = ("one-statement", "step-by-step")
 # What differs between two equal submits: identity, time and the random global shard.
-VOLATILE = {"id", "user_id", "created_at", "capacity_scopes", "queued_at", "next_poll_at"}
+VOLATILE = {"id", "user_id", "created_at", "capacity_scopes", "next_poll_at"}
 VOLATILE |= {"submitted_at", "started_at", "finished_at", "expires_at", "upstream_id"}
 VOLATILE |= {"results", "last_submit_at", "output_lease_until"}
 
