@@ -28,7 +28,8 @@ JSON_SUBMIT = [
         r'SELECT k\."id", .* FROM rivya_apikey k JOIN rivya_user u .* k\.revoked_at IS NULL',
     ),
     ("the transaction", r"BEGIN"),
-    ("the accept statement", r"WITH model_ok AS .*INSERT INTO ai_task.*pg_notify.*"),
+    # tasks.services.accept: prepared on the connection's first submit (a warm-up below)
+    ("the accept statement", r"EXECUTE rivya_accept_[0-9a-f]{16}\(.*\)"),
     ("its commit", r"COMMIT"),
 ]
 

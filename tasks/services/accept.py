@@ -16,6 +16,11 @@ account row):
 4. the task, the hold, the task's outbox row and its events (in order), inserted from the
    rows above, and ``pg_notify`` to wake the dispatcher (delivered at commit).
 
+It runs as a prepared statement of the connection (PREPAREd at its first use there), so that
+PostgreSQL parses and plans it once per connection. With PgBouncer in front of PostgreSQL, use
+its session pooling mode (transaction pooling does not keep SQL-level prepared statements); a
+lost prepared statement is prepared again.
+
 The statement answers which steps passed. Anything short of all of them rolls the transaction
 back, and the caller takes the step-by-step path, which gives the exact answer for a refusal
 (429 naming the scope, 402 with a FAILED task and a notification) or accepts if things changed
@@ -28,9 +33,12 @@ compares what they store.
 from __future__ import annotations
 
 import enum
+import hashlib
+import re
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
+from psycopg2.errors import InvalidSqlStatementName
 
 from billing.models import Hold
 from rivya.sql import insert_row
@@ -126,15 +134,49 @@ def accept_in_one_statement(
         f"(SELECT count(*) FROM {capacity}), (SELECT count(*) FROM {previous}), "
         "(SELECT count(*) FROM notify)"
     )
-    try:
-        with transaction.atomic():
-            with db.cursor() as cursor:
-                cursor.execute(sql, params)
-                model_ok, capacity_ok, funds_ok, notified = cursor.fetchone()
-            if not model_ok:
-                raise _Refused(Accept.MODEL_CHANGED)
-            if not (capacity_ok and funds_ok and notified):
-                raise _Refused(Accept.REFUSED)
-    except _Refused as refused:
-        return refused.outcome
-    return Accept.ACCEPTED
+    for attempt in (1, 2):
+        try:
+            with transaction.atomic():
+                model_ok, capacity_ok, funds_ok, notified = _execute_prepared(db, sql, params)
+                if not model_ok:
+                    raise _Refused(Accept.MODEL_CHANGED)
+                if not (capacity_ok and funds_ok and notified):
+                    raise _Refused(Accept.REFUSED)
+        except _Refused as refused:
+            return refused.outcome
+        except DatabaseError as exc:
+            # The connection lost its prepared statements (DISCARD ALL, a pooler handing out
+            # another server connection): prepare again, once.
+            if attempt == 2 or not isinstance(exc.__cause__, InvalidSqlStatementName):
+                raise
+            _prepared_on(db).clear()
+            continue
+        return Accept.ACCEPTED
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _prepared_on(db: Any) -> set[str]:
+    """The statements prepared on ``db``'s current server connection (a new connection starts
+    with none)."""
+    state = getattr(db, "rivya_prepared", None)
+    if state is None or state[0] is not db.connection:
+        state = (db.connection, set())
+        db.rivya_prepared = state
+    return state[1]
+
+
+def _execute_prepared(db: Any, sql: str, params: list[Any]) -> tuple[Any, ...]:
+    """Run ``sql`` as a prepared statement of the connection, PREPAREd at its first use there:
+    PostgreSQL then parses and plans it once per connection instead of once per submit (about
+    40% of the database's CPU for a submit). One statement per shape of the accept (scopes,
+    hold or not, events), named by its text."""
+    name = "rivya_accept_" + hashlib.sha256(sql.encode()).hexdigest()[:16]
+    prepared = _prepared_on(db)
+    with db.cursor() as cursor:
+        if name not in prepared:
+            numbered = iter(range(1, len(params) + 1))
+            text = re.sub(r"%s", lambda _: f"${next(numbered)}", sql)
+            cursor.execute(f"PREPARE {name} AS {text}")
+            prepared.add(name)
+        cursor.execute(f"EXECUTE {name}({', '.join(['%s'] * len(params))})", params)
+        return cursor.fetchone()

@@ -14,7 +14,7 @@ import random
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 
 from billing import selectors as billing_selectors
 from billing import services as billing
@@ -233,3 +233,20 @@ def test_a_model_changed_after_it_was_cached_applies_to_the_next_submit(
     assert refused.value.code == "unknown_model"
     assert Task.objects.filter(user=user).count() == 2
     assert billing_selectors.balance_for_user(user=user).held == 4 * C
+
+
+def test_a_connection_that_lost_its_prepared_statement_prepares_it_again(
+    funded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a pooler or DISCARD ALL does to a connection: the next submit still goes through
+    # the one statement (no error, no step-by-step fallback).
+    use_path(monkeypatch, "one-statement")
+    user = funded(10)
+    accept_via("one-statement", user)
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+
+    task = accept_via("one-statement", user).task
+
+    assert Task.objects.filter(user=user, status="WAITING").count() == 2
+    assert Task.objects.get(pk=task.pk).reserved_micro == C
