@@ -14,31 +14,40 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 
 @cache
-def _insert_fields(
-    model: type[models.Model], skip: tuple[str, ...], vendor: str
-) -> tuple[list[models.Field], list[models.Field]]:
-    """The model's concrete fields a new row is written with (``skip`` left out), split into
-    auto-increment keys (omitted when unset) and the rest."""
-    fields = [f for f in model._meta.concrete_fields if f.attname not in skip]
-    autos = [f for f in fields if isinstance(f, models.AutoField | models.BigAutoField)]
-    return autos, [f for f in fields if f not in autos]
+def _insert_fields(model: type[models.Model], skip: tuple[str, ...]) -> tuple[models.Field, ...]:
+    """The model's concrete fields a new row is written with: all but auto-increment keys
+    (the database assigns them) and ``skip``."""
+    return tuple(
+        f
+        for f in model._meta.concrete_fields
+        if f.attname not in skip and not isinstance(f, models.AutoField | models.BigAutoField)
+    )
 
 
-def insert_row(
+def insert_columns(
+    model: type[models.Model], connection: BaseDatabaseWrapper, *, skip: tuple[str, ...] = ()
+) -> list[str]:
+    """The quoted column names ``insert_values`` gives values for, in its order."""
+    quote = connection.ops.quote_name
+    return [quote(f.column) for f in _insert_fields(model, skip)]
+
+
+def insert_values(
     instance: models.Model, connection: BaseDatabaseWrapper, *, skip: tuple[str, ...] = ()
-) -> tuple[list[str], list[Any]]:
-    """The quoted column names and prepared values of a new row for ``instance``, as
-    ``create()`` would insert them (``pre_save`` of each field sets ``auto_now_add`` and the
-    like on the instance too). Auto-increment primary keys left unset are omitted, for the
-    database to assign; so are the fields named in ``skip`` (the caller supplies them).
+) -> list[Any]:
+    """The prepared values of a new row for ``instance``, as ``create()`` would insert them
+    (``pre_save`` of each field sets ``auto_now_add`` and the like on the instance too); the
+    database assigns auto-increment keys, and the caller supplies the fields in ``skip``.
     ``connection`` is a connection itself (``transaction.get_connection()``), not the proxy
     ``django.db.connection``, whose every attribute is a thread-local lookup."""
-    autos, fields = _insert_fields(type(instance), skip, connection.vendor)
-    chosen = [f for f in autos if getattr(instance, f.attname) is not None] + fields
-    quote = connection.ops.quote_name
-    columns = [quote(f.column) for f in chosen]
-    values = [f.get_db_prep_save(f.pre_save(instance, add=True), connection) for f in chosen]
-    return columns, values
+    values = []
+    for field in _insert_fields(type(instance), skip):
+        value = field.pre_save(instance, add=True)
+        # NULL is NULL for every field but JSON (where None may mean JSON null): no preparing.
+        if value is not None or isinstance(field, models.JSONField):
+            value = field.get_db_prep_save(value, connection)
+        values.append(value)
+    return values
 
 
 _read_plans: dict[tuple[type[models.Model], str], list[tuple[models.Field, Any, list[Any]]]] = {}

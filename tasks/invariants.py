@@ -152,6 +152,31 @@ def check_task_capacity(cursor: Any) -> list[str]:
     return out
 
 
+@register_report("outbox_stale", "submitted tasks not handed to the worker after a minute")
+def report_outbox_stale(cursor: Any) -> list[str]:
+    # The dispatcher empties the outbox within moments of each commit; a task still there a
+    # minute later waits for a dispatcher that does not run (the reconciler submits it after
+    # TASK_RESUBMIT_AFTER, later than it should).
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    cutoff = timezone.now() - timedelta(seconds=60)
+    rows = query_rows(
+        cursor,
+        "SELECT task_id, created_at FROM tasks_submitoutbox WHERE created_at < %s "
+        "ORDER BY created_at",
+        (cutoff,),
+    )
+    return describe_rows(
+        rows,
+        lambda r: (
+            f"task {r[0]} in the outbox since {str(r[1])[:19]}: "
+            "is manage.py dispatch_submits running?"
+        ),
+    )
+
+
 @register_report("single_overdue", "single tasks still running well past their deadline")
 def report_single_overdue(cursor: Any) -> list[str]:
     # Past the deadline the reconciler refunds a single task within SINGLE_RECONCILE_EVERY; one

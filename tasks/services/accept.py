@@ -41,7 +41,7 @@ from django.db import DatabaseError, connection, transaction
 from psycopg2.errors import InvalidSqlStatementName
 
 from billing.models import Hold
-from rivya.sql import insert_row
+from rivya.sql import insert_columns, insert_values
 from tasks.models import SubmitOutbox, Task, TaskEvent
 
 NOTIFY_CHANNEL = "rivya_submits"  # the dispatcher LISTENs here (tasks.services.dispatch)
@@ -74,70 +74,23 @@ def accept_in_one_statement(
     ``hold`` and ``events``, all or nothing. ``task`` must already carry what the accepted row
     holds (``capacity_scopes``, ``reserved_micro``); its ``created_at`` is set here."""
     db = transaction.get_connection()
-    ctes = [
-        "model_ok AS (SELECT 1 AS ok FROM tasks_aimodel m "
-        "WHERE m.id = %s AND m.enabled AND md5(m::text) = %s)"
-    ]
+    sql, name = _statement(db, scopes=len(scopes), hold=hold is not None, events=len(events))
     params: list[Any] = [task.model_id, model_fingerprint]
-    previous = "model_ok"
-    for n, (scope, limit) in enumerate(scopes):
-        ctes.append(
-            f"cap_{n} AS (INSERT INTO tasks_capacitycounter (scope, running) "
-            f"SELECT %s, 1 FROM {previous} WHERE 0 < %s "
-            "ON CONFLICT (scope) DO UPDATE SET running = tasks_capacitycounter.running + 1 "
-            "WHERE tasks_capacitycounter.running < %s RETURNING 1 AS ok)"
-        )
+    for scope, limit in scopes:
         params += [scope, limit, limit]
-        previous = f"cap_{n}"
-    capacity = previous
     if hold is not None:
-        ctes.append(
-            "account AS (UPDATE billing_account SET held = held + %s "
-            f"FROM {previous} WHERE billing_account.user_id = %s "
-            "AND billing_account.balance >= billing_account.held + %s "
-            "RETURNING billing_account.id)"
-        )
         params += [hold.amount, task.user_id, hold.amount]
-        previous = "account"
-    columns, values = insert_row(task, db)
-    ctes.append(
-        f"task_row AS (INSERT INTO ai_task ({', '.join(columns)}) "
-        f"SELECT {', '.join(['%s'] * len(values))} FROM {previous} RETURNING 1 AS ok)"
-    )
-    params += values
+    params += insert_values(task, db)
     if hold is not None:
-        columns, values = insert_row(hold, db, skip=("account_id",))
-        ctes.append(
-            f"hold_row AS (INSERT INTO billing_hold (account_id, {', '.join(columns)}) "
-            f"SELECT account.id, {', '.join(['%s'] * len(values))} FROM account)"
-        )
-        params += values
-    columns, values = insert_row(SubmitOutbox(task_id=task.pk), db)
-    ctes.append(
-        f"outbox_row AS (INSERT INTO tasks_submitoutbox ({', '.join(columns)}) "
-        f"SELECT {', '.join(['%s'] * len(values))} FROM task_row)"
-    )
-    params += values
-    after = "task_row"  # each event after the one before, so that their ids are in order
-    for n, event in enumerate(events):
-        columns, values = insert_row(event, db)
-        ctes.append(
-            f"event_{n} AS (INSERT INTO tasks_taskevent ({', '.join(columns)}) "
-            f"SELECT {', '.join(['%s'] * len(values))} FROM {after} RETURNING 1 AS ok)"
-        )
-        params += values
-        after = f"event_{n}"
-    ctes.append("notify AS (SELECT pg_notify(%s, '') FROM task_row)")
+        params += insert_values(hold, db, skip=("account_id",))
+    params += insert_values(SubmitOutbox(task_id=task.pk), db)
+    for event in events:
+        params += insert_values(event, db)
     params.append(NOTIFY_CHANNEL)
-    sql = (
-        f"WITH {', '.join(ctes)} SELECT (SELECT count(*) FROM model_ok), "
-        f"(SELECT count(*) FROM {capacity}), (SELECT count(*) FROM {previous}), "
-        "(SELECT count(*) FROM notify)"
-    )
     for attempt in (1, 2):
         try:
             with transaction.atomic():
-                model_ok, capacity_ok, funds_ok, notified = _execute_prepared(db, sql, params)
+                model_ok, capacity_ok, funds_ok, notified = _execute_prepared(db, sql, name, params)
                 if not model_ok:
                     raise _Refused(Accept.MODEL_CHANGED)
                 if not (capacity_ok and funds_ok and notified):
@@ -155,6 +108,79 @@ def accept_in_one_statement(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+_statements: dict[tuple[str, int, bool, int], tuple[str, str]] = {}
+
+
+def _statement(db: Any, *, scopes: int, hold: bool, events: int) -> tuple[str, str]:
+    """The accept statement for ``scopes`` capacity scopes, a hold or not and ``events``
+    events, with its prepared-statement name; built once (it depends on the model metadata
+    only). Its parameters, in order, are built by ``accept_in_one_statement``."""
+    key = (db.vendor, scopes, hold, events)
+    if key not in _statements:
+        _statements[key] = _build_statement(db, scopes=scopes, hold=hold, events=events)
+    return _statements[key]
+
+
+def _build_statement(db: Any, *, scopes: int, hold: bool, events: int) -> tuple[str, str]:
+    ctes = [
+        "model_ok AS (SELECT 1 AS ok FROM tasks_aimodel m "
+        "WHERE m.id = %s AND m.enabled AND md5(m::text) = %s)"
+    ]
+    previous = "model_ok"
+    for n in range(scopes):
+        ctes.append(
+            f"cap_{n} AS (INSERT INTO tasks_capacitycounter (scope, running) "
+            f"SELECT %s, 1 FROM {previous} WHERE 0 < %s "
+            "ON CONFLICT (scope) DO UPDATE SET running = tasks_capacitycounter.running + 1 "
+            "WHERE tasks_capacitycounter.running < %s RETURNING 1 AS ok)"
+        )
+        previous = f"cap_{n}"
+    capacity = previous
+    if hold:
+        ctes.append(
+            "account AS (UPDATE billing_account SET held = held + %s "
+            f"FROM {previous} WHERE billing_account.user_id = %s "
+            "AND billing_account.balance >= billing_account.held + %s "
+            "RETURNING billing_account.id)"
+        )
+        previous = "account"
+
+    def values(model: type[Any], skip: tuple[str, ...] = ()) -> tuple[str, str]:
+        columns = insert_columns(model, db, skip=skip)
+        return ", ".join(columns), ", ".join(["%s"] * len(columns))
+
+    columns, marks = values(Task)
+    ctes.append(
+        f"task_row AS (INSERT INTO ai_task ({columns}) "
+        f"SELECT {marks} FROM {previous} RETURNING 1 AS ok)"
+    )
+    if hold:
+        columns, marks = values(Hold, skip=("account_id",))
+        ctes.append(
+            f"hold_row AS (INSERT INTO billing_hold (account_id, {columns}) "
+            f"SELECT account.id, {marks} FROM account)"
+        )
+    columns, marks = values(SubmitOutbox)
+    ctes.append(
+        f"outbox_row AS (INSERT INTO tasks_submitoutbox ({columns}) SELECT {marks} FROM task_row)"
+    )
+    after = "task_row"  # each event after the one before, so that their ids are in order
+    for n in range(events):
+        columns, marks = values(TaskEvent)
+        ctes.append(
+            f"event_{n} AS (INSERT INTO tasks_taskevent ({columns}) "
+            f"SELECT {marks} FROM {after} RETURNING 1 AS ok)"
+        )
+        after = f"event_{n}"
+    ctes.append("notify AS (SELECT pg_notify(%s, '') FROM task_row)")
+    sql = (
+        f"WITH {', '.join(ctes)} SELECT (SELECT count(*) FROM model_ok), "
+        f"(SELECT count(*) FROM {capacity}), (SELECT count(*) FROM {previous}), "
+        "(SELECT count(*) FROM notify)"
+    )
+    return sql, "rivya_accept_" + hashlib.sha256(sql.encode()).hexdigest()[:16]
+
+
 def _prepared_on(db: Any) -> set[str]:
     """The statements prepared on ``db``'s current server connection (a new connection starts
     with none)."""
@@ -165,12 +191,10 @@ def _prepared_on(db: Any) -> set[str]:
     return state[1]
 
 
-def _execute_prepared(db: Any, sql: str, params: list[Any]) -> tuple[Any, ...]:
-    """Run ``sql`` as a prepared statement of the connection, PREPAREd at its first use there:
-    PostgreSQL then parses and plans it once per connection instead of once per submit (about
-    40% of the database's CPU for a submit). One statement per shape of the accept (scopes,
-    hold or not, events), named by its text."""
-    name = "rivya_accept_" + hashlib.sha256(sql.encode()).hexdigest()[:16]
+def _execute_prepared(db: Any, sql: str, name: str, params: list[Any]) -> tuple[Any, ...]:
+    """Run ``sql`` as the prepared statement ``name`` of the connection, PREPAREd at its first
+    use there: PostgreSQL then parses and plans it once per connection instead of once per
+    submit (about 40% of the database's CPU for a submit)."""
     prepared = _prepared_on(db)
     with db.cursor() as cursor:
         if name not in prepared:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from billing.models import Hold
 from billing.tests.concurrency import run_concurrently
@@ -147,3 +149,21 @@ def test_dispatchers_side_by_side_never_queue_a_task_twice(
     assert sum(counts) == 60
     assert sorted(queued["submit"]) == sorted(ids)
     assert not SubmitOutbox.objects.exists()
+
+
+def test_ledger_check_reports_a_task_left_in_the_outbox(funded: Any) -> None:
+    from billing.invariants import run_reports
+
+    task = submit(funded(10))
+
+    def stale() -> list[str]:
+        return [b.detail for b in run_reports() if b.check == "outbox_stale"]
+
+    assert stale() == []  # just submitted: the dispatcher has a minute
+    SubmitOutbox.objects.filter(task=task).update(created_at=timezone.now() - timedelta(minutes=2))
+    notes = stale()
+    assert len(notes) == 1
+    assert str(task.pk) in notes[0]
+    assert "dispatch_submits" in notes[0]
+    assert dispatch_all() == 1
+    assert stale() == []
