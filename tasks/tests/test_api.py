@@ -41,7 +41,7 @@ from tasks.models import AIModel, CallbackDelivery, SubmitOutbox, Task, Upload
 from tasks.services.dispatch import dispatch_all
 from tasks.tests.lifecycle import deliver, job_event, signed_headers
 
-pytestmark = pytest.mark.usefixtures("catalog", "media_root")
+pytestmark = pytest.mark.usefixtures("catalog", "media_root", "submit_path")
 
 C = 1_000_000
 S = Task.Status

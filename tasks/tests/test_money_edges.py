@@ -25,7 +25,7 @@ from tasks.services import refresh
 from tasks.tests.lifecycle import C, run_to_end, signed_callback, stats, submit
 
 S = Task.Status
-pytestmark = pytest.mark.usefixtures("sandbox", "catalog", "queued")
+pytestmark = pytest.mark.usefixtures("sandbox", "catalog", "queued", "submit_path")
 
 
 def events(task: Task, kind: str) -> int:

@@ -26,7 +26,7 @@ from tasks.tests.lifecycle import notifications, run_to_end, stats, submit
 
 C = 1_000_000
 S = Task.Status
-pytestmark = pytest.mark.usefixtures("sandbox", "catalog", "queued", "ledger_ok")
+pytestmark = pytest.mark.usefixtures("sandbox", "catalog", "queued", "ledger_ok", "submit_path")
 
 
 # --- submit ---------------------------------------------------------------------------------
