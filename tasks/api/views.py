@@ -183,10 +183,15 @@ class TaskListCreateView(APIView):
 
 
 def is_plain_json_submit(request: HttpRequest) -> bool:
+    """A JSON body in UTF-8, an API key, no Idempotency-Key, and nothing for DRF to negotiate
+    (no ``Accept`` other than JSON or anything, no ``?format=``)."""
     meta = request.META
     return (
         request.method == "POST"
-        and meta.get("CONTENT_TYPE", "").startswith("application/json")
+        and request.content_type == "application/json"
+        and request.content_params.get("charset", "utf-8").lower() in ("utf-8", "utf8")
+        and meta.get("HTTP_ACCEPT", "*/*") in ("*/*", "application/json")
+        and not meta.get("QUERY_STRING")
         and meta.get("HTTP_AUTHORIZATION", "").startswith("Bearer ")
         and "HTTP_IDEMPOTENCY_KEY" not in meta
     )

@@ -38,7 +38,7 @@ import re
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
-from psycopg2.errors import InvalidSqlStatementName
+from psycopg2.errors import DuplicatePreparedStatement, InvalidSqlStatementName
 
 from billing.models import Hold
 from rivya.sql import insert_columns, insert_values
@@ -98,11 +98,17 @@ def accept_in_one_statement(
         except _Refused as refused:
             return refused.outcome
         except DatabaseError as exc:
-            # The connection lost its prepared statements (DISCARD ALL, a pooler handing out
-            # another server connection): prepare again, once.
-            if attempt == 2 or not isinstance(exc.__cause__, InvalidSqlStatementName):
+            # What this process knows of the server connection's prepared statements is wrong
+            # (DISCARD ALL; a pooler handing it another server connection, or back one that
+            # has the statement): correct it and try once more.
+            if attempt == 2:
                 raise
-            _prepared_on(db).clear()
+            if isinstance(exc.__cause__, InvalidSqlStatementName):
+                prepared_on(db).clear()
+            elif isinstance(exc.__cause__, DuplicatePreparedStatement):
+                prepared_on(db).add(name)
+            else:
+                raise
             continue
         return Accept.ACCEPTED
     raise AssertionError("unreachable")  # pragma: no cover
@@ -181,9 +187,9 @@ def _build_statement(db: Any, *, scopes: int, hold: bool, events: int) -> tuple[
     return sql, "rivya_accept_" + hashlib.sha256(sql.encode()).hexdigest()[:16]
 
 
-def _prepared_on(db: Any) -> set[str]:
-    """The statements prepared on ``db``'s current server connection (a new connection starts
-    with none)."""
+def prepared_on(db: Any) -> set[str]:
+    """The statements this process has prepared on ``db``'s current server connection (a new
+    connection starts with none)."""
     state = getattr(db, "rivya_prepared", None)
     if state is None or state[0] is not db.connection:
         state = (db.connection, set())
@@ -195,7 +201,7 @@ def _execute_prepared(db: Any, sql: str, name: str, params: list[Any]) -> tuple[
     """Run ``sql`` as the prepared statement ``name`` of the connection, PREPAREd at its first
     use there: PostgreSQL then parses and plans it once per connection instead of once per
     submit (about 40% of the database's CPU for a submit)."""
-    prepared = _prepared_on(db)
+    prepared = prepared_on(db)
     with db.cursor() as cursor:
         if name not in prepared:
             numbered = iter(range(1, len(params) + 1))

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 
 from tasks.models import SubmitOutbox
 from tasks.services import enqueue
@@ -34,6 +34,7 @@ from tasks.services.accept import NOTIFY_CHANNEL
 logger = logging.getLogger(__name__)
 
 BATCH = 200
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0
 
 
 def notify_dispatcher() -> None:
@@ -76,8 +77,11 @@ def dispatch_all() -> int:
 
 def run_dispatcher(should_stop: Callable[[], bool]) -> None:
     """Empty the outbox whenever a submit commits (or every ``DISPATCH_POLL_S`` seconds) until
-    ``should_stop()``. Database errors are logged and retried after a pause."""
+    ``should_stop()``. Whatever fails (the broker, the database, its connection) is logged and
+    tried again after a pause that doubles up to ``RETRY_MAX_S``: the tasks stay in the outbox
+    meanwhile, and the process never exits on an outage."""
     poll_s = settings.DISPATCH_POLL_S
+    pause = RETRY_MIN_S
     while not should_stop():
         try:
             listening = _listen()
@@ -85,11 +89,19 @@ def run_dispatcher(should_stop: Callable[[], bool]) -> None:
                 queued = dispatch_all()
                 if queued:
                     logger.info("dispatched %s task(s) to the worker", queued)
+                pause = RETRY_MIN_S
                 _wait(listening, poll_s)
-        except DatabaseError:
-            logger.exception("the dispatcher lost its database; trying again in a second")
+        except Exception:  # noqa: BLE001 - an outage of anything it uses must not end it
+            logger.exception("the dispatcher failed; trying again in %.1f s", pause)
             connection.close()
-            time.sleep(1)
+            _sleep_unless(should_stop, pause)
+            pause = min(pause * 2, RETRY_MAX_S)
+
+
+def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not should_stop() and time.monotonic() < deadline:
+        time.sleep(min(0.1, seconds))
 
 
 def _listen() -> bool:
@@ -108,5 +120,6 @@ def _wait(listening: bool, timeout: float) -> None:
     raw = connection.connection
     if not raw.notifies:
         select.select([raw], [], [], timeout)
-        raw.poll()
+        with connection.wrap_database_errors:  # a dropped connection: a DatabaseError
+            raw.poll()
     raw.notifies.clear()

@@ -73,9 +73,19 @@ def task_submit(
             cached = model_cache.cached_model(model_slug)
             if cached is None:
                 break  # unknown or disabled: the step-by-step path answers
-            task, _ = prepare_task(
-                user=user, model=cached.model, prompt=prompt, params=params, upload_ids=upload_ids
-            )
+            try:
+                task, _ = prepare_task(
+                    user=user,
+                    model=cached.model,
+                    prompt=prompt,
+                    params=params,
+                    upload_ids=upload_ids,
+                )
+            except ValidationFailed:
+                # The copy may be out of date (a limit raised, a parameter added since): a
+                # refusal is given by the row as it is now, below.
+                model_cache.forget_model(model_slug)
+                break
             outcome = accept_fast(task, cached.fingerprint)
             if outcome is accept.Accept.ACCEPTED:
                 return SubmitOutcome(task=task, accepted=True)

@@ -1167,6 +1167,40 @@ def test_the_plain_json_submit_answers_as_the_drf_view_does(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_only_the_plain_json_submit_skips_drf(
+    funded: Any, api_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The plain request takes ``submit_json``; anything DRF would negotiate or decode otherwise
+    # goes to DRF's view, and answers as it always has (a 406 records nothing).
+    from tasks.api import views
+
+    taken: list[str] = []
+    plain = views.submit_json
+
+    def spy(request: Any, *args: Any) -> Any:
+        taken.append(request.META.get("HTTP_ACCEPT", ""))
+        return plain(request, *args)
+
+    monkeypatch.setattr(views, "submit_json", spy)
+    client = api_for(funded(10))
+    body = {"model": "sandbox-image", "prompt": "a fox"}
+
+    assert client.post(TASKS, body, format="json").status_code == 202
+    assert (
+        client.post(TASKS, body, format="json", HTTP_ACCEPT="application/json").status_code == 202
+    )
+    keyed = client.post(TASKS, body, format="json", headers={"Idempotency-Key": "k-drf"})
+    html = client.post(TASKS, body, format="json", HTTP_ACCEPT="text/html")
+    other_type = client.post(TASKS, json.dumps(body), content_type="application/json-patch+json")
+
+    assert len(taken) == 2
+    assert keyed.status_code == 202
+    assert (html.status_code, html.json()["error"]["code"]) == (406, "not_acceptable")
+    assert other_type.status_code == 415
+    assert Task.objects.count() == 3
+
+
+@pytest.mark.django_db(transaction=True)
 def test_the_task_representation_is_what_drf_would_build_from_the_fields(
     funded: Any, sandbox: Any
 ) -> None:

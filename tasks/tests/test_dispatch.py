@@ -133,6 +133,49 @@ def test_a_broker_outage_leaves_the_tasks_in_the_outbox(
     assert len(published) == 4
 
 
+def test_the_running_dispatcher_outlives_a_broker_outage(
+    funded: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The process keeps going through failures (here the broker's, as kombu raises them) and
+    # empties the outbox once the broker is back; a dead dispatcher would leave the tasks for
+    # the 30 s reconciler.
+    from kombu.exceptions import OperationalError
+
+    from tasks.services import dispatch
+
+    settings.DISPATCH_POLL_S = 0.2
+    monkeypatch.setattr(dispatch, "RETRY_MIN_S", 0.05)
+    user = funded(10)
+    tasks = {str(submit(user).pk) for _ in range(2)}
+    failures, published = [0], []
+
+    def flaky(task_id: Any) -> None:
+        if failures[0] < 2:
+            failures[0] += 1
+            raise OperationalError("Error 111 connecting to the broker. Connection refused.")
+        published.append(str(task_id))
+
+    monkeypatch.setattr(enqueue, "submit", flaky)
+    stop = threading.Event()
+
+    def dispatcher() -> None:
+        try:
+            run_dispatcher(stop.is_set)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=dispatcher)
+    thread.start()
+    try:
+        wait_until(lambda: set(published) == tasks, 10, "the dispatcher to recover")
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert failures == [2]
+    assert not SubmitOutbox.objects.exists()
+
+
 def test_dispatchers_side_by_side_never_queue_a_task_twice(
     funded: Any, queued: dict[str, list[Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

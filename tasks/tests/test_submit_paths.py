@@ -10,6 +10,7 @@ cached it applies to the very next submit.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any
 
@@ -235,18 +236,46 @@ def test_a_model_changed_after_it_was_cached_applies_to_the_next_submit(
     assert billing_selectors.balance_for_user(user=user).held == 4 * C
 
 
-def test_a_connection_that_lost_its_prepared_statement_prepares_it_again(
+def test_a_rule_loosened_after_the_model_was_cached_applies_to_the_next_submit(
     funded: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # What a pooler or DISCARD ALL does to a connection: the next submit still goes through
-    # the one statement (no error, no step-by-step fallback).
+    # Validation runs against the process's copy before the statement compares fingerprints:
+    # a refusal by an out-of-date copy must not reach the user.
+    use_path(monkeypatch, "one-statement")
+    user = funded(10)
+    limit = AIModel.objects.get(slug="sandbox-image").max_prompt_length
+    accept_via("one-statement", user)  # cached now
+    AIModel.objects.filter(slug="sandbox-image").update(max_prompt_length=limit + 50)
+
+    outcome = submit.task_submit(user=user, model_slug="sandbox-image", prompt="x" * (limit + 10))
+
+    assert outcome.accepted
+    assert len(outcome.task.prompt) == limit + 10
+    with pytest.raises(ValidationFailed):  # and a prompt over the new limit is still refused
+        submit.task_submit(user=user, model_slug="sandbox-image", prompt="x" * (limit + 51))
+
+
+@pytest.mark.parametrize("lost", ["server", "process"])
+@pytest.mark.parametrize("outer", [False, True], ids=["alone", "in-a-transaction"])
+def test_prepared_statements_out_of_step_are_put_right(
+    funded: Any, monkeypatch: pytest.MonkeyPatch, lost: str, outer: bool
+) -> None:
+    # What a pooler or DISCARD ALL does: the server connection lost the statement ("server"),
+    # or has it while this process thinks not ("process"). The next submit still goes through
+    # the one statement, also inside an outer transaction (the Idempotency-Key path: a
+    # savepoint), with no error and no step-by-step fallback.
     use_path(monkeypatch, "one-statement")
     user = funded(10)
     accept_via("one-statement", user)
-    with connection.cursor() as cursor:
-        cursor.execute("DEALLOCATE ALL")
+    if lost == "server":
+        with connection.cursor() as cursor:
+            cursor.execute("DEALLOCATE ALL")
+    else:
+        accept.prepared_on(transaction.get_connection()).clear()
 
-    task = accept_via("one-statement", user).task
+    with transaction.atomic() if outer else contextlib.nullcontext():
+        task = accept_via("one-statement", user).task
+        assert Task.objects.filter(pk=task.pk).exists()
 
     assert Task.objects.filter(user=user, status="WAITING").count() == 2
     assert Task.objects.get(pk=task.pk).reserved_micro == C
