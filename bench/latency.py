@@ -202,6 +202,7 @@ def run(config: SuiteConfig) -> SuiteResult:
             else:  # Celery's default pool, as make run
                 procs.celery_worker(pool="prefork", concurrency=2)
             procs.celery_beat()
+            procs.dispatcher()
             with httpx.Client(
                 base_url=url,
                 headers={"Authorization": f"Bearer {key}"},

@@ -291,6 +291,11 @@ class Processes:
         )
         return proc
 
+    def dispatcher(self, name: str = "dispatcher", **env: str) -> Proc:
+        """The outbox dispatcher (``manage.py dispatch_submits``), as ``make run`` starts it:
+        without it a submitted task waits for the reconciler."""
+        return self.start(name, [sys.executable, "manage.py", "dispatch_submits"], **env)
+
 
 def wait_until(
     check: Callable[[], bool], *, proc: Proc, timeout: float, what: str, every: float = 0.1

@@ -27,8 +27,9 @@ flushed before and after, and the capacity limits far out of the way).
    ``sync``: ``-w 4``; ``gthread``: ``-w 2 --threads 4``), straight to PostgreSQL, under
    ``bench/load.py`` (``--clients`` threads, keep-alive unless ``--close``): a 2 s warm-up then
    ``--seconds`` measured; gunicorn's CPU seconds (arbiter and workers) ÷ answered requests,
-   without and with a unique ``Idempotency-Key`` per request. PostgreSQL's CPU and the
-   dispatcher's (if any) are printed per request too.
+   without and with a unique ``Idempotency-Key`` per request. PostgreSQL's CPU is printed per
+   request too. The dispatcher does not run in this phase (as no worker does): the submit
+   suite times it apart.
 
 Prints ``round trips: N (list)`` and ``CPU per request: X ms`` for each kind of request.
 """
@@ -50,6 +51,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,14 +323,8 @@ def cpu_per_request(
     )
     windows: dict[str, Window] = {}
     with Processes(run_dir, rivya_env(db_url), cwd=args.app) as procs:
-        extra = {}
-        if (args.app / DISPATCHER).exists():
-            from bench.common import tree_pids
-
-            dispatcher = procs.start(
-                "dispatcher", [sys.executable, "manage.py", "dispatch_submits"]
-            )
-            extra["dispatcher"] = lambda: tree_pids(dispatcher.pid)
+        # No dispatcher here (as no worker): the CPU is the request's, as in the submit suite.
+        extra: dict[str, Any] = {}
         url, gunicorn = procs.gunicorn_wsgi(
             "rivya.wsgi:application", args.server, name="gunicorn", ready_path="/api/v1/models/"
         )

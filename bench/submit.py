@@ -384,9 +384,7 @@ def time_dispatcher(procs: Processes, server: str, submitted: int) -> str:
     """Start the dispatcher and wait (bounded) until the outbox is empty: 'dispatched N in S s
     = R/s, X ms CPU per task' (its process's CPU over that time)."""
     pending = _unqueued()
-    dispatcher = procs.start(
-        f"dispatcher-{server}", [sys.executable, "manage.py", "dispatch_submits"]
-    )
+    dispatcher = procs.dispatcher(f"dispatcher-{server}")
     groups = {"dispatcher": lambda: tree_pids(dispatcher.pid)}
     before, started = cpu_sample(groups), time.monotonic()
     left = pending
