@@ -26,6 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from django.conf import settings
 
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # (Servers the tests start as processes of their own accept these hashes too:
+    # tests/browser/asgi_settings.py.)
 
 
 _counter = itertools.count()
