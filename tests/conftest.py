@@ -11,10 +11,10 @@ from urllib.parse import quote
 import pytest
 from django.db import connection
 
+from bench.pg_proxy import PgProxy
 from tasks.tests.sandbox_process import stop_sandbox
 from tests.asgi_process import start_wsgi
 from tests.e2e import e2e, stack  # noqa: F401 (pytest fixtures)
-from tests.pg_proxy import PgProxy
 
 
 @pytest.fixture(scope="session")
@@ -25,14 +25,15 @@ def proxied_wsgi(django_db_setup: Any, django_db_blocker: Any) -> Iterator[tuple
     with django_db_blocker.unblock():
         db = dict(connection.settings_dict)
     auth = db["USER"] + (f":{quote(str(db['PASSWORD']), safe='')}" if db.get("PASSWORD") else "")
-    with PgProxy(db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432)) as proxy:
-        env = dict(
-            os.environ,
-            DATABASE_URL=f"postgres://{auth}@127.0.0.1:{proxy.port}/{db['NAME']}?sslmode=disable",
-            DEBUG="0",
-        )
-        base_url, process = start_wsgi(env, log=Path(__file__).parent / "var" / "wsgi.log")
-        try:
-            yield base_url, proxy
-        finally:
-            stop_sandbox(process)
+    proxy = PgProxy(db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432))
+    env = dict(
+        os.environ,
+        DATABASE_URL=f"postgres://{auth}@127.0.0.1:{proxy.port}/{db['NAME']}?sslmode=disable",
+        DEBUG="0",
+    )
+    base_url, process = start_wsgi(env, log=Path(__file__).parent / "var" / "wsgi.log")
+    try:
+        yield base_url, proxy
+    finally:
+        stop_sandbox(process)
+        proxy.close()

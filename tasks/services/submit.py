@@ -175,24 +175,39 @@ def prepare_task(
     price = task_price(
         model=model, params=params, durations_ms=[c.info.duration_ms or 0 for c in checks]
     )
-    task = Task(
+    task = task_for_model(
         user=user,
         model=model,
-        model_slug=model.slug,
-        category=model.category,
-        provider=model.provider,
-        upstream_model=model.upstream_model,
         prompt=prompt,
         params=params,
+        price=price,
         upload_ids=[str(u.pk) for u in uploads],
-        price_micro=price,
-        billing_type=model.billing_type,
-        billing_policy=task_policy(model),
-        timeout_seconds=model.timeout_seconds,
-        poll_interval_seconds=model.poll_interval_seconds,
-        result_ttl_seconds=model.result_ttl_seconds or settings.TASK_RESULT_TTL,
     )
     return task, uploads
+
+
+def task_for_model(
+    *, user: Any, model: AIModel, prompt: str, params: dict[str, Any], price: int, **fields: Any
+) -> Task:
+    """A new WAITING task of ``model`` (unsaved): what it takes from the catalog row at submit
+    (later catalog edits never change a submitted task); ``fields`` add to it or override it."""
+    values = {
+        "user": user,
+        "model": model,
+        "model_slug": model.slug,
+        "category": model.category,
+        "provider": model.provider,
+        "upstream_model": model.upstream_model,
+        "prompt": prompt,
+        "params": params,
+        "price_micro": price,
+        "billing_type": model.billing_type,
+        "billing_policy": task_policy(model),
+        "timeout_seconds": model.timeout_seconds,
+        "poll_interval_seconds": model.poll_interval_seconds,
+        "result_ttl_seconds": model.result_ttl_seconds or settings.TASK_RESULT_TTL,
+    }
+    return Task(**{**values, **fields})
 
 
 def accept_fast(task: Task, model_fingerprint: str) -> accept.Accept:

@@ -52,7 +52,7 @@ from tasks.providers.registry import get_provider
 from tasks.services import enqueue
 from tasks.services.common import SUBJECT, S, record_event
 from tasks.services.outcomes import StoredOutput, task_fail, task_succeed
-from tasks.services.submit import refuse_for_credits, task_policy
+from tasks.services.submit import refuse_for_credits, task_for_model
 from tasks.services.uploads import inspect_upload
 from tasks.single.datasets import CheckedFile, dataset_store
 from tasks.single.registry import (
@@ -277,25 +277,18 @@ def _record(
     timeout_s = task_timeout_s(model, deferred=deferred)
     now = timezone.now()
     with transaction.atomic():
-        task = Task.objects.create(
+        task = task_for_model(
             user=user,
             model=model,
-            model_slug=model.slug,
-            category=model.category,
-            provider=model.provider,
-            upstream_model=model.upstream_model,
             prompt=valid.prompt,
             params=valid.params,
+            price=valid.price,
             runtime=AIModel.Runtime.SYNC,
             single_type=service.type,
             dataset=dataset,
-            price_micro=valid.price,
-            billing_type=model.billing_type,
-            billing_policy=task_policy(model),
             timeout_seconds=timeout_s,
-            poll_interval_seconds=model.poll_interval_seconds,
-            result_ttl_seconds=model.result_ttl_seconds or settings.TASK_RESULT_TTL,
         )
+        task.save(force_insert=True)
         record_event(
             task.pk,
             "created",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -34,6 +36,29 @@ def wait_until(condition: Any, seconds: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {seconds} s for {what}")
         time.sleep(0.05)
+
+
+@contextmanager
+def running_dispatcher() -> Iterator[None]:
+    """``run_dispatcher`` in a thread for the block; stopped (and seen to stop) after it."""
+    stop = threading.Event()
+
+    def dispatcher() -> None:
+        try:
+            run_dispatcher(stop.is_set)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=dispatcher)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        with connection.cursor() as cursor:  # wake it, so that it sees it should stop
+            cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+        thread.join(timeout=35)
+    assert not thread.is_alive()
 
 
 @pytest.mark.parametrize("one_statement", [True, False], ids=["one-statement", "step-by-step"])
@@ -66,28 +91,12 @@ def test_a_committed_submit_is_queued_at_once_by_its_notification(
     monkeypatch.setattr(enqueue, "submit", publish)
     client = api_for(funded(10))
     before = client.post(TASKS, {"model": "sandbox-image", "prompt": "a fox"}, format="json")
-    stop = threading.Event()
-
-    def dispatcher() -> None:
-        try:
-            run_dispatcher(stop.is_set)
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=dispatcher)
-    thread.start()
-    try:
+    with running_dispatcher():
         # What was committed before it started is queued when it starts (it LISTENs first).
         wait_until(lambda: len(seen) == 1, 10, "the dispatcher to queue the earlier task")
         after = client.post(TASKS, {"model": "sandbox-image", "prompt": "a cat"}, format="json")
         assert (before.status_code, after.status_code) == (202, 202)
         wait_until(lambda: len(seen) == 2, 10, "the notification to wake the dispatcher")
-    finally:
-        stop.set()
-        with connection.cursor() as cursor:  # wake it, so that it sees it should stop
-            cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
-        thread.join(timeout=35)
-    assert not thread.is_alive()
     assert seen == [
         (before.json()["id"], ("WAITING", C), True),
         (after.json()["id"], ("WAITING", C), True),
@@ -156,22 +165,9 @@ def test_the_running_dispatcher_outlives_a_broker_outage(
         published.append(str(task_id))
 
     monkeypatch.setattr(enqueue, "submit", flaky)
-    stop = threading.Event()
 
-    def dispatcher() -> None:
-        try:
-            run_dispatcher(stop.is_set)
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=dispatcher)
-    thread.start()
-    try:
+    with running_dispatcher():
         wait_until(lambda: set(published) == tasks, 10, "the dispatcher to recover")
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-    assert not thread.is_alive()
     assert failures == [2]
     assert not SubmitOutbox.objects.exists()
 
