@@ -41,13 +41,38 @@ def insert_values(
     ``connection`` is a connection itself (``transaction.get_connection()``), not the proxy
     ``django.db.connection``, whose every attribute is a thread-local lookup."""
     values = []
-    for field in _insert_fields(type(instance), skip):
+    for field, plain in _insert_plan(type(instance), skip):
         value = field.pre_save(instance, add=True)
-        # NULL is NULL for every field but JSON (where None may mean JSON null): no preparing.
-        if value is not None or isinstance(field, models.JSONField):
+        # Values the field's preparation returns unchanged are not prepared: NULL for every field
+        # but JSON (where None may mean JSON null), and a value of the field's own plain type.
+        if not (
+            (value is None and not isinstance(field, models.JSONField)) or type(value) is plain
+        ):
             value = field.get_db_prep_save(value, connection)
         values.append(value)
     return values
+
+
+_PLAIN_TYPES: tuple[tuple[type[models.Field], type], ...] = (
+    (models.BooleanField, bool),
+    (models.IntegerField, int),
+    (models.CharField, str),
+    (models.TextField, str),
+)
+
+
+@cache
+def _insert_plan(
+    model: type[models.Model], skip: tuple[str, ...]
+) -> tuple[tuple[models.Field, type | None], ...]:
+    """Each field ``insert_values`` writes, with the Python type whose values its preparation
+    returns as they are (``IntegerField.get_prep_value`` is ``int(value)``, ``CharField``'s
+    ``str(value)``), or None."""
+
+    def plain(field: models.Field) -> type | None:
+        return next((t for cls, t in _PLAIN_TYPES if isinstance(field, cls)), None)
+
+    return tuple((f, plain(f)) for f in _insert_fields(model, skip))
 
 
 _read_plans: dict[tuple[type[models.Model], str], list[tuple[models.Field, Any, list[Any]]]] = {}
