@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
@@ -63,14 +65,8 @@ def _active_key_with_user(prefix: str) -> ApiKey | None:
     """The unrevoked key ``prefix`` with its user, in one query written out once (this runs on
     every API request; building it with the ORM cost more CPU than the rest of a submit)."""
     db = transaction.get_connection()
-    # Built from model metadata; the prefix is a parameter.
-    sql = (
-        f"SELECT {select_list(ApiKey, 'k', db)}, {select_list(User, 'u', db)} "  # noqa: S608
-        f"FROM {ApiKey._meta.db_table} k JOIN {User._meta.db_table} u ON u.id = k.user_id "
-        "WHERE k.prefix = %s AND k.revoked_at IS NULL"
-    )
     with db.cursor() as cursor:
-        cursor.execute(sql, [prefix])
+        cursor.execute(_key_query(db), [prefix])
         row = cursor.fetchone()
     if row is None:
         return None
@@ -78,6 +74,17 @@ def _active_key_with_user(prefix: str) -> ApiKey | None:
     key = from_row(ApiKey, db, row[:width])
     key.user = from_row(User, db, row[width:])
     return key
+
+
+@functools.cache
+def _key_query(db: Any) -> str:
+    # Built from model metadata; the prefix is a parameter. (One per connection object: a
+    # handful per process.)
+    return (
+        f"SELECT {select_list(ApiKey, 'k', db)}, {select_list(User, 'u', db)} "  # noqa: S608
+        f"FROM {ApiKey._meta.db_table} k JOIN {User._meta.db_table} u ON u.id = k.user_id "
+        "WHERE k.prefix = %s AND k.revoked_at IS NULL"
+    )
 
 
 def user_find(*, identifier: str) -> User:
