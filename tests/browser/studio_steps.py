@@ -1,4 +1,4 @@
-"""Steps the Studio browser tests share (not a test module): picking a model, setting the
+"""Steps the browser tests share (not a test module): picking a model, setting the
 sandbox knobs, reading a media element's duration in the page."""
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from billing.selectors import balance_for_user
 from chat import services as chat_services
 from chat.models import ChatMessage, ChatSession
 from rivya.money import format_credits
+from tests.browser.studio_steps import set_knobs
 
 pytestmark = pytest.mark.usefixtures("e2e")
 
@@ -61,19 +62,6 @@ def start_chat(page: Any, model: str = "sandbox-chat") -> str:
     page.get_by_test_id("start-chat").click()
     page.wait_for_url(re.compile(r"/chat/[0-9a-f-]{36}/$"))
     return page.url.rstrip("/").rsplit("/", 1)[1]
-
-
-def set_knobs(page: Any, **knobs: str) -> None:
-    """Open the collapsed Testing (sandbox) section and set its knobs."""
-    details = page.locator("details.testing")
-    if details.get_attribute("open") is None:
-        details.locator("summary").click()
-    for name, value in knobs.items():
-        control = page.locator(f"#id_param_sandbox_{name}")
-        if control.evaluate("el => el.tagName") == "SELECT":
-            control.select_option(value)
-        else:
-            control.fill(value)
 
 
 def header_credits(page: Any) -> str:
