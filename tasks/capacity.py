@@ -55,8 +55,12 @@ def capacity_acquire(*, task: Task) -> None:
     Raises CapacityExceeded (429, with Retry-After); the caller's transaction then rolls back,
     so a refused submit leaves nothing behind.
     """
+    # Rows are created, and slots taken, in the lock order of every writer (the user's scopes,
+    # then a global shard): a row inserted here is locked until commit, so creating the global
+    # shards before taking the user's slot could wait in a cycle with a submit that holds that
+    # slot and is creating a shard (tasks/tests/test_submit_paths.py, the credits race).
     user_scopes = _user_scopes(task)
-    _ensure([s for s, _ in user_scopes] + [f"global:{k}" for k in range(SHARDS)])
+    _ensure([s for s, _ in user_scopes])
     for scope, limit in user_scopes:
         if not _take(scope, limit):
             what = "generations" if ":" not in scope[5:] else f"{task.category} generations"
@@ -65,6 +69,7 @@ def capacity_acquire(*, task: Task) -> None:
                 retry_after=10,
                 code="too_many_running_tasks",
             )
+    _ensure([f"global:{k}" for k in range(SHARDS)])
     shard = _take_global_slot(settings.TASK_MAX_RUNNING)
     if shard is None:
         raise CapacityExceeded(

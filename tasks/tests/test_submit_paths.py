@@ -279,3 +279,29 @@ def test_prepared_statements_out_of_step_are_put_right(
 
     assert Task.objects.filter(user=user, status="WAITING").count() == 2
     assert Task.objects.get(pk=task.pk).reserved_micro == C
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_submits_racing_for_the_last_credits_hold_each_credit_once(
+    funded: Any, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    # Race on PostgreSQL: 12 submits of 1 credit at once against 5 credits. Exactly 5 are
+    # accepted with their holds, 7 are FAILED for credits with none, on either path.
+    from billing.tests.concurrency import run_concurrently
+
+    use_path(monkeypatch, path)
+    user = funded(5)
+
+    results = run_concurrently(
+        [lambda: submit.task_submit(user=user, model_slug="sandbox-image", prompt="x")] * 12
+    )
+
+    errors = [r for r in results if not isinstance(r, submit.SubmitOutcome)]
+    assert errors == []
+    accepted = [r.task for r in results if r.accepted]
+    refused = [r.task for r in results if not r.accepted]
+    assert (len(accepted), len(refused)) == (5, 7)
+    assert {t.error_code for t in refused} == {"insufficient_credits"}
+    assert Hold.objects.filter(account__user=user, status="open").count() == 5
+    assert billing_selectors.balance_for_user(user=user).held == 5 * C
+    assert Task.objects.filter(user=user, status="WAITING").count() == 5
