@@ -77,9 +77,7 @@ class PgProxy:
         except OSError:
             pass
         finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            _shut(src, dst)
 
     def _client_side(self, client: socket.socket, server: socket.socket, number: int) -> None:
         buffer = b""
@@ -113,9 +111,14 @@ class PgProxy:
         except OSError:
             pass
         finally:
-            for sock in (client, server):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            _shut(client, server)
 
     def close(self) -> None:
         self.listener.close()
+
+
+def _shut(*sockets: socket.socket) -> None:
+    """End both directions of each connection (the other side's pump then stops too)."""
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 import secrets
 from dataclasses import dataclass
@@ -76,15 +75,19 @@ def _active_key_with_user(prefix: str) -> ApiKey | None:
     return key
 
 
-@functools.cache
+_key_queries: dict[str, str] = {}
+
+
 def _key_query(db: Any) -> str:
-    # Built from model metadata; the prefix is a parameter. (One per connection object: a
-    # handful per process.)
-    return (
-        f"SELECT {select_list(ApiKey, 'k', db)}, {select_list(User, 'u', db)} "  # noqa: S608
-        f"FROM {ApiKey._meta.db_table} k JOIN {User._meta.db_table} u ON u.id = k.user_id "
-        "WHERE k.prefix = %s AND k.revoked_at IS NULL"
-    )
+    """The query's text, built once per kind of database from the model metadata (the prefix
+    is a parameter)."""
+    if db.vendor not in _key_queries:
+        _key_queries[db.vendor] = (
+            f"SELECT {select_list(ApiKey, 'k', db)}, {select_list(User, 'u', db)} "  # noqa: S608
+            f"FROM {ApiKey._meta.db_table} k JOIN {User._meta.db_table} u ON u.id = k.user_id "
+            "WHERE k.prefix = %s AND k.revoked_at IS NULL"
+        )
+    return _key_queries[db.vendor]
 
 
 def user_find(*, identifier: str) -> User:

@@ -52,7 +52,3 @@ def cached_model(slug: str) -> CachedModel | None:
 def forget_model(slug: str) -> None:
     """Drop this process's copy of ``slug`` (its row changed)."""
     _entries.pop(slug, None)
-
-
-def forget_all() -> None:
-    _entries.clear()
