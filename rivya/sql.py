@@ -1,15 +1,23 @@
-"""Building hand-written SQL from model instances, so that a statement the ORM cannot express
-(a data-modifying ``WITH`` that does a whole operation in one round trip) still writes rows
-exactly as ``Model.objects.create`` would: the same columns, the same Python-side defaults and
-``auto_now_add`` values, the same database preparation of each value.
+"""Hand-written SQL on the paths where the ORM's cost shows (a submit, an API key lookup).
+
+- Rows built from model instances, so that a statement the ORM cannot express (a
+  data-modifying ``WITH`` that does a whole operation in one round trip) still writes rows
+  exactly as ``Model.objects.create`` would: the same columns, the same Python-side defaults and
+  ``auto_now_add`` values, the same database preparation of each value (``insert_columns``,
+  ``insert_values``), and read back as the ORM would (``select_list``, ``from_row``).
+- Prepared statements (``execute_prepared``, PostgreSQL): PREPAREd once per server connection,
+  so that PostgreSQL parses and plans them once per connection, not once per request.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import re
 from functools import cache
 from typing import Any
 
-from django.db import models
+from django.db import DatabaseError, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 
@@ -113,3 +121,74 @@ def from_row(
             value = convert(value, column, connection)
         converted.append(value)
     return model.from_db(connection.alias, [field.attname for field, _, _ in plan], converted)
+
+
+# --- prepared statements (PostgreSQL) ----------------------------------------------------------
+
+
+def prepared_on(connection: BaseDatabaseWrapper) -> set[str]:
+    """The statements this process has prepared on ``connection``'s current server connection
+    (a new server connection starts with none)."""
+    state = getattr(connection, "rivya_prepared", None)
+    if state is None or state[0] is not connection.connection:
+        state = (connection.connection, set())
+        connection.rivya_prepared = state
+    return state[1]
+
+
+_prepared_texts: dict[str, tuple[str, str]] = {}
+
+
+def _prepared_text(sql: str, label: str) -> tuple[str, str]:
+    """``sql`` with ``$1 … $n`` for its ``%s`` placeholders, and its statement name: ``label``
+    and a hash of the text, so that a changed statement is never taken for the old one."""
+    known = _prepared_texts.get(sql)
+    if known is None:
+        numbered = iter(range(1, sql.count("%s") + 1))
+        text = re.sub(r"%s", lambda _: f"${next(numbered)}", sql)
+        name = f"{label}_{hashlib.sha256(sql.encode()).hexdigest()[:16]}"
+        known = _prepared_texts[sql] = (text, name)
+    return known
+
+
+def execute_prepared(
+    connection: BaseDatabaseWrapper, sql: str, params: list[Any], *, label: str
+) -> tuple[Any, ...] | None:
+    """Run ``sql`` (``%s`` placeholders) with ``params`` as a prepared statement of the server
+    connection, PREPAREd there at its first use, and answer its first row.
+
+    Outside a transaction (autocommit) the statement is a transaction by itself: one round
+    trip. Inside one it runs in a savepoint of its own, so that a statement that fails (one
+    that raises on purpose, as the submit's accept does to refuse) leaves the transaction
+    usable. If what this process knows of the server connection's prepared statements is wrong
+    (``DISCARD ALL``; a pooler handing it another server connection, or back one that already
+    has the statement) it is put right and the statement tried once more. With PgBouncer, use
+    session pooling: transaction pooling does not keep SQL-level prepared statements."""
+    from psycopg2.errors import DuplicatePreparedStatement, InvalidSqlStatementName
+
+    text, name = _prepared_text(sql, label)
+    execute = f"EXECUTE {name}({', '.join(['%s'] * len(params))})" if params else f"EXECUTE {name}"
+    for attempt in (1, 2):
+        prepared = prepared_on(connection)
+        isolated = (
+            transaction.atomic(using=connection.alias)
+            if connection.in_atomic_block
+            else contextlib.nullcontext()
+        )
+        try:
+            with isolated, connection.cursor() as cursor:
+                if name not in prepared:
+                    cursor.execute(f"PREPARE {name} AS {text}")
+                    prepared.add(name)
+                cursor.execute(execute, params)
+                return cursor.fetchone()
+        except DatabaseError as exc:
+            if attempt == 2:
+                raise
+            if isinstance(exc.__cause__, InvalidSqlStatementName):
+                prepared.clear()
+            elif isinstance(exc.__cause__, DuplicatePreparedStatement):
+                prepared.add(name)
+            else:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover

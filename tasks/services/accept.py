@@ -3,10 +3,10 @@
 ``task_submit`` validates a request and prices it; accepting it means, in one database
 transaction: take a capacity slot of each of the task's scopes, hold its price on the user's
 account, and write the task, its hold, its outbox row (``tasks.services.dispatch``) and its
-first timeline events. Done with the ORM that is
-about fifteen round trips (``submit.accept_step_by_step``). Here it is one data-modifying
-``WITH`` statement between BEGIN and COMMIT, whose steps are chained so that each runs only if
-the one before succeeded, in the lock order every other writer uses (capacity rows, then the
+first timeline events. Done with the ORM that is about fifteen round trips
+(``submit.accept_step_by_step``). Here it is one data-modifying ``WITH`` statement, a
+transaction by itself (one round trip), whose steps are chained so that each runs only if the
+one before succeeded, in the lock order every other writer uses (capacity rows, then the
 account row):
 
 1. ``model_ok``: the model row is still enabled and unchanged (``tasks.model_cache``);
@@ -16,13 +16,14 @@ account row):
 4. the task, the hold, the task's outbox row and its events (in order), inserted from the
    rows above, and ``pg_notify`` to wake the dispatcher (delivered at commit).
 
-It runs as a prepared statement of the connection (PREPAREd at its first use there), so that
-PostgreSQL parses and plans it once per connection. With PgBouncer in front of PostgreSQL, use
-its session pooling mode (transaction pooling does not keep SQL-level prepared statements); a
-lost prepared statement is prepared again.
+It runs as a prepared statement of the connection (``rivya.sql.execute_prepared``), so that
+PostgreSQL parses and plans it once per connection.
 
-The statement answers which steps passed. Anything short of all of them rolls the transaction
-back, and the caller takes the step-by-step path, which gives the exact answer for a refusal
+If a step does not pass, the statement raises (``rivya_accept_refused``, a function created by
+migration ``tasks 0012``, SQLSTATE ``RV001``, message ``model_changed`` or ``refused``), which
+undoes all of it: nothing is written. Inside an outer transaction (the Idempotency-Key path)
+it runs in a savepoint, with the same effect. On ``model_changed`` the submit is validated
+again against the row as it is now; on ``refused`` the caller takes the step-by-step path, which gives the exact answer for a refusal
 (429 naming the scope, 402 with a FAILED task and a notification) or accepts if things changed
 in between. So the rules written here in SQL (a capacity slot, a hold) are the same conditions
 as the ORM's, and ``tasks/tests/test_submit_paths.py`` runs both paths on the same requests and
@@ -33,15 +34,12 @@ compares what they store.
 from __future__ import annotations
 
 import enum
-import hashlib
-import re
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
-from psycopg2.errors import DuplicatePreparedStatement, InvalidSqlStatementName
 
 from billing.models import Hold
-from rivya.sql import insert_columns, insert_values
+from rivya.sql import execute_prepared, insert_columns, insert_values
 from tasks.models import SubmitOutbox, Task, TaskEvent
 
 NOTIFY_CHANNEL = "rivya_submits"  # the dispatcher LISTENs here (tasks.services.dispatch)
@@ -57,9 +55,7 @@ def fast_path_available() -> bool:
     return connection.vendor == "postgresql"
 
 
-class _Refused(Exception):  # noqa: N818 - control flow: roll the transaction back
-    def __init__(self, outcome: Accept) -> None:
-        self.outcome = outcome
+REFUSED_SQLSTATE = "RV001"  # raised by rivya_accept_refused() (migration tasks 0012)
 
 
 def accept_in_one_statement(
@@ -74,7 +70,7 @@ def accept_in_one_statement(
     ``hold`` and ``events``, all or nothing. ``task`` must already carry what the accepted row
     holds (``capacity_scopes``, ``reserved_micro``); its ``created_at`` is set here."""
     db = transaction.get_connection()
-    sql, name = _statement(db, scopes=len(scopes), hold=hold is not None, events=len(events))
+    sql = _statement(db, scopes=len(scopes), hold=hold is not None, events=len(events))
     params: list[Any] = [task.model_id, model_fingerprint]
     for scope, limit in scopes:
         params += [scope, limit, limit]
@@ -87,47 +83,32 @@ def accept_in_one_statement(
     for event in events:
         params += insert_values(event, db)
     params.append(NOTIFY_CHANNEL)
-    for attempt in (1, 2):
-        try:
-            with transaction.atomic():
-                model_ok, capacity_ok, funds_ok, notified = _execute_prepared(db, sql, name, params)
-                if not model_ok:
-                    raise _Refused(Accept.MODEL_CHANGED)
-                if not (capacity_ok and funds_ok and notified):
-                    raise _Refused(Accept.REFUSED)
-        except _Refused as refused:
-            return refused.outcome
-        except DatabaseError as exc:
-            # What this process knows of the server connection's prepared statements is wrong
-            # (DISCARD ALL; a pooler handing it another server connection, or back one that
-            # has the statement): correct it and try once more.
-            if attempt == 2:
-                raise
-            if isinstance(exc.__cause__, InvalidSqlStatementName):
-                prepared_on(db).clear()
-            elif isinstance(exc.__cause__, DuplicatePreparedStatement):
-                prepared_on(db).add(name)
-            else:
-                raise
-            continue
-        return Accept.ACCEPTED
-    raise AssertionError("unreachable")  # pragma: no cover
+    try:
+        execute_prepared(db, sql, params, label="rivya_accept")
+    except DatabaseError as exc:
+        cause = exc.__cause__
+        if getattr(cause, "pgcode", None) != REFUSED_SQLSTATE:
+            raise
+        if cause.diag.message_primary == "model_changed":
+            return Accept.MODEL_CHANGED
+        return Accept.REFUSED
+    return Accept.ACCEPTED
 
 
-_statements: dict[tuple[str, int, bool, int], tuple[str, str]] = {}
+_statements: dict[tuple[str, int, bool, int], str] = {}
 
 
-def _statement(db: Any, *, scopes: int, hold: bool, events: int) -> tuple[str, str]:
+def _statement(db: Any, *, scopes: int, hold: bool, events: int) -> str:
     """The accept statement for ``scopes`` capacity scopes, a hold or not and ``events``
-    events, with its prepared-statement name; built once (it depends on the model metadata
-    only). Its parameters, in order, are built by ``accept_in_one_statement``."""
+    events; built once (it depends on the model metadata only). Its parameters, in order, are
+    built by ``accept_in_one_statement``."""
     key = (db.vendor, scopes, hold, events)
     if key not in _statements:
         _statements[key] = _build_statement(db, scopes=scopes, hold=hold, events=events)
     return _statements[key]
 
 
-def _build_statement(db: Any, *, scopes: int, hold: bool, events: int) -> tuple[str, str]:
+def _build_statement(db: Any, *, scopes: int, hold: bool, events: int) -> str:
     ctes = [
         "model_ok AS (SELECT 1 AS ok FROM tasks_aimodel m "
         "WHERE m.id = %s AND m.enabled AND md5(m::text) = %s)"
@@ -141,7 +122,6 @@ def _build_statement(db: Any, *, scopes: int, hold: bool, events: int) -> tuple[
             "WHERE tasks_capacitycounter.running < %s RETURNING 1 AS ok)"
         )
         previous = f"cap_{n}"
-    capacity = previous
     if hold:
         ctes.append(
             "account AS (UPDATE billing_account SET held = held + %s "
@@ -179,34 +159,11 @@ def _build_statement(db: Any, *, scopes: int, hold: bool, events: int) -> tuple[
         )
         after = f"event_{n}"
     ctes.append("notify AS (SELECT pg_notify(%s, '') FROM task_row)")
-    sql = (
-        f"WITH {', '.join(ctes)} SELECT (SELECT count(*) FROM model_ok), "
-        f"(SELECT count(*) FROM {capacity}), (SELECT count(*) FROM {previous}), "
-        "(SELECT count(*) FROM notify)"
+    # The answer: true, or an error that undoes the whole statement (the model changed since
+    # it was cached; or a capacity scope is full or the balance short, so nothing follows).
+    return (
+        f"WITH {', '.join(ctes)} SELECT CASE "
+        "WHEN NOT EXISTS (SELECT FROM model_ok) THEN rivya_accept_refused('model_changed') "
+        "WHEN NOT EXISTS (SELECT FROM notify) THEN rivya_accept_refused('refused') "
+        "ELSE true END"
     )
-    return sql, "rivya_accept_" + hashlib.sha256(sql.encode()).hexdigest()[:16]
-
-
-def prepared_on(db: Any) -> set[str]:
-    """The statements this process has prepared on ``db``'s current server connection (a new
-    connection starts with none)."""
-    state = getattr(db, "rivya_prepared", None)
-    if state is None or state[0] is not db.connection:
-        state = (db.connection, set())
-        db.rivya_prepared = state
-    return state[1]
-
-
-def _execute_prepared(db: Any, sql: str, name: str, params: list[Any]) -> tuple[Any, ...]:
-    """Run ``sql`` as the prepared statement ``name`` of the connection, PREPAREd at its first
-    use there: PostgreSQL then parses and plans it once per connection instead of once per
-    submit (about 40% of the database's CPU for a submit)."""
-    prepared = prepared_on(db)
-    with db.cursor() as cursor:
-        if name not in prepared:
-            numbered = iter(range(1, len(params) + 1))
-            text = re.sub(r"%s", lambda _: f"${next(numbered)}", sql)
-            cursor.execute(f"PREPARE {name} AS {text}")
-            prepared.add(name)
-        cursor.execute(f"EXECUTE {name}({', '.join(['%s'] * len(params))})", params)
-        return cursor.fetchone()

@@ -21,6 +21,7 @@ from billing import selectors as billing_selectors
 from billing import services as billing
 from billing.models import Entry, Hold
 from rivya.errors import CapacityExceeded, ValidationFailed
+from rivya.sql import prepared_on
 from tasks import model_cache
 from tasks.capacity import capacity_acquire, capacity_counts
 from tasks.models import AIModel, Task, TaskEvent
@@ -271,7 +272,7 @@ def test_prepared_statements_out_of_step_are_put_right(
         with connection.cursor() as cursor:
             cursor.execute("DEALLOCATE ALL")
     else:
-        accept.prepared_on(transaction.get_connection()).clear()
+        prepared_on(transaction.get_connection()).clear()
 
     with transaction.atomic() if outer else contextlib.nullcontext():
         task = accept_via("one-statement", user).task
