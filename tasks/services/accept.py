@@ -23,11 +23,11 @@ If a step does not pass, the statement raises (``rivya_accept_refused``, a funct
 migration ``tasks 0012``, SQLSTATE ``RV001``, message ``model_changed`` or ``refused``), which
 undoes all of it: nothing is written. Inside an outer transaction (the Idempotency-Key path)
 it runs in a savepoint, with the same effect. On ``model_changed`` the submit is validated
-again against the row as it is now; on ``refused`` the caller takes the step-by-step path, which gives the exact answer for a refusal
-(429 naming the scope, 402 with a FAILED task and a notification) or accepts if things changed
-in between. So the rules written here in SQL (a capacity slot, a hold) are the same conditions
-as the ORM's, and ``tasks/tests/test_submit_paths.py`` runs both paths on the same requests and
-compares what they store.
+again against the row as it is now; on ``refused`` the caller takes the step-by-step path,
+which gives the exact answer for a refusal (429 naming the scope, 402 with a FAILED task and a
+notification) or accepts if things changed in between. So the rules written here in SQL (a
+capacity slot, a hold) are the same conditions as the ORM's, and
+``tasks/tests/test_submit_paths.py`` runs both paths on the same requests and compares what they store.
 """
 
 # ruff: noqa: S608 - the statement is built from constants and model metadata; values are parameters
