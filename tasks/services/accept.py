@@ -27,7 +27,8 @@ again against the row as it is now; on ``refused`` the caller takes the step-by-
 which gives the exact answer for a refusal (429 naming the scope, 402 with a FAILED task and a
 notification) or accepts if things changed in between. So the rules written here in SQL (a
 capacity slot, a hold) are the same conditions as the ORM's, and
-``tasks/tests/test_submit_paths.py`` runs both paths on the same requests and compares what they store.
+``tasks/tests/test_submit_paths.py`` runs both paths on the same requests and compares what
+they store.
 """
 
 # ruff: noqa: S608 - the statement is built from constants and model metadata; values are parameters
