@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from rivya.errors import NotFound
 from rivya.models import ApiKey, User, hash_api_key
-from rivya.sql import execute_prepared, from_row, select_list
+from rivya.sql import execute_checking_connection, from_row, select_list
 
 KEY_RE = re.compile(r"^rv_([a-f0-9]{12})_([A-Za-z0-9_-]{20,100})$")
 
@@ -66,9 +66,10 @@ def _active_key_with_user(prefix: str) -> ApiKey | None:
     db = transaction.get_connection()
     # Prepared on PostgreSQL (parsed and planned once per connection), when outside a
     # transaction, as on every request: inside one it would need a savepoint (two more round
-    # trips) to stay usable if the connection lost the prepared statement.
+    # trips) to stay usable if the connection lost the prepared statement. The first statement
+    # of an API request, it is the connection's health check too.
     if db.vendor == "postgresql" and not db.in_atomic_block:
-        row = execute_prepared(db, _key_query(db), [prefix], label="rivya_api_key")
+        row = execute_checking_connection(db, _key_query(db), [prefix], label="rivya_api_key")
     else:
         with db.cursor() as cursor:
             cursor.execute(_key_query(db), [prefix])

@@ -17,7 +17,7 @@ import re
 from functools import cache
 from typing import Any
 
-from django.db import DatabaseError, models, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 
@@ -192,3 +192,32 @@ def execute_prepared(
             else:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def execute_checking_connection(
+    connection: BaseDatabaseWrapper, sql: str, params: list[Any], *, label: str
+) -> tuple[Any, ...] | None:
+    """``execute_prepared`` for a read-only statement that is the first of a request, standing
+    in for Django's connection health check (``CONN_HEALTH_CHECKS``: a ``SELECT 1`` before a
+    request's first statement on a persistent connection, one round trip more).
+
+    The statement itself is the check: if it fails because the connection is dead (the server
+    restarted, the backend was terminated), the connection is closed and the statement sent
+    again on a new one, as the check would have done first. Reading twice is harmless; a
+    failure on a live connection is raised as it is."""
+    pending = (
+        connection.connection is not None
+        and connection.health_check_enabled
+        and not connection.health_check_done
+        and not connection.in_atomic_block
+    )
+    if not pending:
+        return execute_prepared(connection, sql, params, label=label)
+    connection.health_check_done = True
+    try:
+        return execute_prepared(connection, sql, params, label=label)
+    except (OperationalError, InterfaceError):
+        if connection.is_usable():
+            raise
+        connection.close()
+    return execute_prepared(connection, sql, params, label=label)
