@@ -278,5 +278,6 @@ def test_the_key_lookup_of_a_request_replaces_a_dead_connection(user: Any) -> No
 
     key = services.api_key_authenticate(raw=raw)
 
-    assert key is not None and key.user == user
+    assert key is not None
+    assert key.user == user
     assert connection.connection.get_backend_pid() != before
