@@ -497,6 +497,27 @@ def idempotency_claim(*, user: Any, key: str, fingerprint: str) -> IdempotencyCl
     raise IdempotencyInProgress()
 
 
+def idempotency_record_completed(
+    *, user: Any, key: str, fingerprint: str, status: int, body: Any, headers: dict[str, str]
+) -> IdempotencyRecord:
+    """The record, not yet saved, of a request whose work and record are written together, in
+    one statement (``tasks.services.accept``): completed with its response from the start, as
+    ``idempotency_claim`` then ``idempotency_complete`` would leave it. Whoever inserts it must
+    do nothing if the key is taken (``ON CONFLICT DO NOTHING``) and then go the ordinary way."""
+    now = timezone.now()
+    return IdempotencyRecord(
+        user=user,
+        key=check_idempotency_key(key),
+        fingerprint=fingerprint,
+        status=IdempotencyRecord.Status.COMPLETED,
+        locked_at=now,
+        expires_at=now + IDEMPOTENCY_TTL,
+        response_status=status,
+        response_body=body,
+        response_headers=headers,
+    )
+
+
 def idempotency_complete(
     *, record: IdempotencyRecord, status: int, body: Any, headers: dict[str, str]
 ) -> None:

@@ -25,19 +25,26 @@ KEEP = {200, 201, 202, 204, 402}
 
 def request_fingerprint(request: Request) -> str:
     """A hash of what the request asks for: method, path and body (files by content)."""
-    digest = hashlib.sha256(f"{request.method} {request.path}\n".encode())
     data = request.data
-    if hasattr(data, "lists"):  # multipart / form: fields and files
-        fields = {k: v for k, v in data.lists() if k not in request.FILES}
-        digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
-        for name in sorted(request.FILES):
-            for file in request.FILES.getlist(name):
-                digest.update(f"\n{name}:{file.size}:".encode())
-                for chunk in file.chunks():
-                    digest.update(chunk)
-                file.seek(0)
-    else:
-        digest.update(json.dumps(data, sort_keys=True, default=str).encode())
+    if not hasattr(data, "lists"):
+        return json_fingerprint(request.method, request.path, data)
+    # multipart / form: fields and files
+    digest = hashlib.sha256(f"{request.method} {request.path}\n".encode())
+    fields = {k: v for k, v in data.lists() if k not in request.FILES}
+    digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    for name in sorted(request.FILES):
+        for file in request.FILES.getlist(name):
+            digest.update(f"\n{name}:{file.size}:".encode())
+            for chunk in file.chunks():
+                digest.update(chunk)
+            file.seek(0)
+    return digest.hexdigest()
+
+
+def json_fingerprint(method: str, path: str, data: Any) -> str:
+    """``request_fingerprint`` of a request whose body is ``data``, parsed JSON."""
+    digest = hashlib.sha256(f"{method} {path}\n".encode())
+    digest.update(json.dumps(data, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 

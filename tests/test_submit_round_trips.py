@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from billing.models import IdempotencyRecord
 from rivya.services import api_key_create
 from tasks.catalog import seed_catalog
 from tasks.models import Task
@@ -30,21 +31,34 @@ JSON_SUBMIT = [
 ]
 
 
-def test_a_json_submit_is_two_round_trips(proxied_wsgi: tuple[str, Any], funded: Any) -> None:
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "with-idempotency-key"])
+def test_a_json_submit_is_two_round_trips(
+    proxied_wsgi: tuple[str, Any], funded: Any, keyed: bool
+) -> None:
+    # With an Idempotency-Key too: its record is written by the accept statement.
     base_url, proxy = proxied_wsgi
     seed_catalog()
-    key = str(api_key_create(user=funded(100), name="round trips").raw)
+    user = funded(100)
+    key = str(api_key_create(user=user, name="round trips").raw)
     headers = {"Authorization": f"Bearer {key}"}
+    keys = iter(f"round-trip-{n}" for n in range(10))
+
+    def submit() -> httpx.Response:
+        extra = {"Idempotency-Key": next(keys)} if keyed else {}
+        return client.post("/api/v1/tasks/", json=BODY, headers=extra)
+
     with httpx.Client(base_url=base_url, headers=headers, trust_env=False) as client:
         for _ in range(2):  # the worker's connection opens, its catalog copy fills
-            assert client.post("/api/v1/tasks/", json=BODY).status_code == 202
+            assert submit().status_code == 202
         mark = proxy.recorder.mark()
 
-        response = client.post("/api/v1/tasks/", json=BODY)
+        response = submit()
 
     statements = proxy.recorder.since(mark)
     assert response.status_code == 202
     assert Task.objects.filter(pk=response.json()["id"], status="WAITING").exists()
+    if keyed:
+        assert IdempotencyRecord.objects.get(user=user, key="round-trip-2").response_status == 202
     shown = "\n".join(s[:160] for s in statements)
     assert len(statements) == len(JSON_SUBMIT) <= 8, shown
     for statement, (what, pattern) in zip(statements, JSON_SUBMIT, strict=True):

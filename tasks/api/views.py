@@ -28,6 +28,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from billing import services as billing
 from rivya import services as services_auth
 from rivya.errors import (
     MAX_JSON_DEPTH,
@@ -39,7 +40,7 @@ from rivya.errors import (
     json_depth,
 )
 from rivya.exceptions import domain_error_answer, error_body, json_method_not_allowed
-from rivya.idempotency import run_idempotent
+from rivya.idempotency import json_fingerprint, run_idempotent
 from rivya.pagination import CursorPagination
 from rivya.parsers import JSONParser
 from tasks import selectors, services
@@ -183,8 +184,8 @@ class TaskListCreateView(APIView):
 
 
 def is_plain_json_submit(request: HttpRequest) -> bool:
-    """A JSON body in UTF-8, an API key, no Idempotency-Key, and nothing for DRF to negotiate
-    (no ``Accept`` other than JSON or anything, no ``?format=``)."""
+    """A JSON body in UTF-8, an API key, and nothing for DRF to negotiate (no ``Accept`` other
+    than JSON or anything, no ``?format=``)."""
     meta = request.META
     return (
         request.method == "POST"
@@ -193,7 +194,6 @@ def is_plain_json_submit(request: HttpRequest) -> bool:
         and meta.get("HTTP_ACCEPT", "*/*") in ("*/*", "application/json")
         and not meta.get("QUERY_STRING")
         and meta.get("HTTP_AUTHORIZATION", "").startswith("Bearer ")
-        and "HTTP_IDEMPOTENCY_KEY" not in meta
     )
 
 
@@ -202,7 +202,12 @@ def submit_json(request: HttpRequest, drf_view: Any, headers: dict[str, str]) ->
     response machinery (about a third of a submit's CPU): the same key check, parser, service,
     representation and renderer, so the answer is byte for byte DRF's. Whatever is not the
     plain case (a key that does not authenticate, a body that does not parse) is handed to DRF's
-    view before anything is done, and it answers as it always has."""
+    view before anything is done, and it answers as it always has.
+
+    With an ``Idempotency-Key``, only an accepted submit is answered here: its key's record is
+    stored by the statement that stores the task (``services.task_submit_keyed``). Everything
+    else (a replay, a key in use, a refusal, a request that is not valid) is handed to DRF's
+    view, which claims the key and answers as it always has: nothing was written here."""
     api_key = services_auth.api_key_authenticate(raw=request.META["HTTP_AUTHORIZATION"][7:])
     if api_key is None:
         return drf_view(request)
@@ -212,6 +217,8 @@ def submit_json(request: HttpRequest, drf_view: Any, headers: dict[str, str]) ->
         return drf_view(request)
     if not isinstance(data, dict) or set(data) - TASK_FIELDS:
         return drf_view(request)
+    if "HTTP_IDEMPOTENCY_KEY" in request.META:
+        return _submit_json_keyed(request, drf_view, headers, api_key.user, data)
     try:
         outcome = services.task_submit(user=api_key.user, **_json_task_input(data))
     except DomainError as exc:
@@ -221,6 +228,36 @@ def submit_json(request: HttpRequest, drf_view: Any, headers: dict[str, str]) ->
     if not outcome.accepted:
         return _json_answer(body, 402, headers)
     return _json_answer(body, 202, {**headers, "Location": body["poll_url"]})
+
+
+def _submit_json_keyed(
+    request: HttpRequest, drf_view: Any, headers: dict[str, str], user: Any, data: dict[str, Any]
+) -> HttpResponse:
+    key = request.META["HTTP_IDEMPOTENCY_KEY"]
+    fingerprint = json_fingerprint(request.method, request.path, data)
+    answer: dict[str, Any] = {}
+
+    def record_for(task: Task) -> Any:
+        answer["body"] = body = TaskSerializer.represent(task)
+        answer["headers"] = {"Location": body["poll_url"]}
+        return billing.idempotency_record_completed(
+            user=user,
+            key=key,
+            fingerprint=fingerprint,
+            status=202,
+            body=body,
+            headers=answer["headers"],
+        )
+
+    try:
+        task = services.task_submit_keyed(
+            user=user, record_for=record_for, **_json_task_input(data)
+        )
+    except DomainError:
+        task = None  # DRF's view answers (a replay or a 422 comes before a 400)
+    if task is None:
+        return drf_view(request)
+    return _json_answer(answer["body"], 202, {**headers, **answer["headers"]})
 
 
 def _json_answer(body: Any, status: int, headers: dict[str, str]) -> HttpResponse:

@@ -35,11 +35,12 @@ they store.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
 
-from billing.models import Hold
+from billing.models import Hold, IdempotencyRecord
 from rivya.sql import execute_prepared, insert_columns, insert_values
 from tasks.models import SubmitOutbox, Task, TaskEvent
 
@@ -50,6 +51,7 @@ class Accept(enum.Enum):
     ACCEPTED = "accepted"
     MODEL_CHANGED = "model_changed"  # the model row changed since it was cached: validate again
     REFUSED = "refused"  # a capacity scope is full or the balance is short: nothing was written
+    KEY_TAKEN = "key_taken"  # the Idempotency-Key has a record already: nothing was written
 
 
 def fast_path_available() -> bool:
@@ -66,18 +68,33 @@ def accept_in_one_statement(
     scopes: list[tuple[str, int]],
     events: list[TaskEvent],
     hold: Hold | None,
+    record_for: Callable[[Task], IdempotencyRecord] | None = None,
 ) -> Accept:
     """Take ``scopes`` (name, limit), hold ``hold.amount`` (if ``hold``) and insert ``task``,
     ``hold`` and ``events``, all or nothing. ``task`` must already carry what the accepted row
-    holds (``capacity_scopes``, ``reserved_micro``); its ``created_at`` is set here."""
+    holds (``capacity_scopes``, ``reserved_micro``); its ``created_at`` is set here.
+
+    ``record_for``: the request's ``Idempotency-Key`` record, completed, built from the task as
+    it is stored (its answer shows the task); it is inserted first, and if the key has a record
+    already nothing is done (``KEY_TAKEN``)."""
     db = transaction.get_connection()
-    sql = _statement(db, scopes=len(scopes), hold=hold is not None, events=len(events))
-    params: list[Any] = [task.model_id, model_fingerprint]
+    sql = _statement(
+        db,
+        scopes=len(scopes),
+        hold=hold is not None,
+        events=len(events),
+        keyed=record_for is not None,
+    )
+    task_values = insert_values(task, db)  # sets created_at, which the record's answer shows
+    params: list[Any] = []
+    if record_for is not None:
+        params += insert_values(record_for(task), db)
+    params += [task.model_id, model_fingerprint]
     for scope, limit in scopes:
         params += [scope, limit, limit]
     if hold is not None:
         params += [hold.amount, task.user_id, hold.amount]
-    params += insert_values(task, db)
+    params += task_values
     if hold is not None:
         params += insert_values(hold, db, skip=("account_id",))
     params += insert_values(SubmitOutbox(task_id=task.pk), db)
@@ -90,30 +107,43 @@ def accept_in_one_statement(
         cause = exc.__cause__
         if getattr(cause, "pgcode", None) != REFUSED_SQLSTATE:
             raise
-        if cause.diag.message_primary == "model_changed":
-            return Accept.MODEL_CHANGED
-        return Accept.REFUSED
+        return Accept(cause.diag.message_primary)
     return Accept.ACCEPTED
 
 
-_statements: dict[tuple[str, int, bool, int], str] = {}
+_statements: dict[tuple[str, int, bool, int, bool], str] = {}
 
 
-def _statement(db: Any, *, scopes: int, hold: bool, events: int) -> str:
-    """The accept statement for ``scopes`` capacity scopes, a hold or not and ``events``
-    events; built once (it depends on the model metadata only). Its parameters, in order, are
-    built by ``accept_in_one_statement``."""
-    key = (db.vendor, scopes, hold, events)
+def _statement(db: Any, *, scopes: int, hold: bool, events: int, keyed: bool) -> str:
+    """The accept statement for ``scopes`` capacity scopes, a hold or not, ``events`` events
+    and an Idempotency-Key record or not; built once (it depends on the model metadata only).
+    Its parameters, in order, are built by ``accept_in_one_statement``."""
+    key = (db.vendor, scopes, hold, events, keyed)
     if key not in _statements:
-        _statements[key] = _build_statement(db, scopes=scopes, hold=hold, events=events)
+        _statements[key] = _build_statement(
+            db, scopes=scopes, hold=hold, events=events, keyed=keyed
+        )
     return _statements[key]
 
 
-def _build_statement(db: Any, *, scopes: int, hold: bool, events: int) -> str:
-    ctes = [
-        "model_ok AS (SELECT 1 AS ok FROM tasks_aimodel m "
+def _build_statement(db: Any, *, scopes: int, hold: bool, events: int, keyed: bool) -> str:
+    def values(model: type[Any], skip: tuple[str, ...] = ()) -> tuple[str, str]:
+        columns = insert_columns(model, db, skip=skip)
+        return ", ".join(columns), ", ".join(["%s"] * len(columns))
+
+    ctes = []
+    first = ""
+    if keyed:
+        columns, marks = values(IdempotencyRecord)
+        ctes.append(
+            f"claim AS (INSERT INTO billing_idempotencyrecord ({columns}) VALUES ({marks}) "
+            "ON CONFLICT (user_id, key) DO NOTHING RETURNING 1 AS ok)"
+        )
+        first = ", claim"
+    ctes.append(
+        f"model_ok AS (SELECT 1 AS ok FROM tasks_aimodel m{first} "
         "WHERE m.id = %s AND m.enabled AND md5(m::text) = %s)"
-    ]
+    )
     previous = "model_ok"
     for n in range(scopes):
         ctes.append(
@@ -131,10 +161,6 @@ def _build_statement(db: Any, *, scopes: int, hold: bool, events: int) -> str:
             "RETURNING billing_account.id)"
         )
         previous = "account"
-
-    def values(model: type[Any], skip: tuple[str, ...] = ()) -> tuple[str, str]:
-        columns = insert_columns(model, db, skip=skip)
-        return ", ".join(columns), ", ".join(["%s"] * len(columns))
 
     columns, marks = values(Task)
     ctes.append(
@@ -160,11 +186,13 @@ def _build_statement(db: Any, *, scopes: int, hold: bool, events: int) -> str:
         )
         after = f"event_{n}"
     ctes.append("notify AS (SELECT pg_notify(%s, '') FROM task_row)")
-    # The answer: true, or an error that undoes the whole statement (the model changed since
-    # it was cached; or a capacity scope is full or the balance short, so nothing follows).
-    return (
-        f"WITH {', '.join(ctes)} SELECT CASE "
-        "WHEN NOT EXISTS (SELECT FROM model_ok) THEN rivya_accept_refused('model_changed') "
-        "WHEN NOT EXISTS (SELECT FROM notify) THEN rivya_accept_refused('refused') "
-        "ELSE true END"
+    # The answer: true, or an error that undoes the whole statement: the key has a record
+    # already; the model changed since it was cached; a capacity scope is full or the balance
+    # short (so nothing follows).
+    checks = [("claim", Accept.KEY_TAKEN)] if keyed else []
+    checks += [("model_ok", Accept.MODEL_CHANGED), ("notify", Accept.REFUSED)]
+    cases = " ".join(
+        f"WHEN NOT EXISTS (SELECT FROM {step}) THEN rivya_accept_refused('{outcome.value}')"
+        for step, outcome in checks
     )
+    return f"WITH {', '.join(ctes)} SELECT CASE {cases} ELSE true END"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing import services as billing
-from billing.models import Hold
+from billing.models import Hold, IdempotencyRecord
 from notifications.models import Notification
 from rivya.errors import (
     MAX_JSON_DEPTH,
@@ -69,29 +69,11 @@ def task_submit(
     """
     check_request_shape(model_slug, prompt, params, upload_ids)
     if accept.fast_path_available() and not files:
-        for _ in range(2):  # a second time only if the cached model row had changed
-            cached = model_cache.cached_model(model_slug)
-            if cached is None:
-                break  # unknown or disabled: the step-by-step path answers
-            try:
-                task, _ = prepare_task(
-                    user=user,
-                    model=cached.model,
-                    prompt=prompt,
-                    params=params,
-                    upload_ids=upload_ids,
-                )
-            except ValidationFailed:
-                # The copy may be out of date (a limit raised, a parameter added since): a
-                # refusal is given by the row as it is now, below.
-                model_cache.forget_model(model_slug)
-                break
-            outcome = accept_fast(task, cached.fingerprint)
-            if outcome is accept.Accept.ACCEPTED:
-                return SubmitOutcome(task=task, accepted=True)
-            if outcome is accept.Accept.REFUSED:
-                break
-            model_cache.forget_model(model_slug)
+        task = _accept_against_copy(
+            user=user, model_slug=model_slug, prompt=prompt, params=params, upload_ids=upload_ids
+        )
+        if task is not None:
+            return SubmitOutcome(task=task, accepted=True)
     model = AIModel.objects.filter(slug=model_slug, enabled=True).first()
     if model is None:
         raise ValidationFailed({"model": [f"No model {model_slug!r}."]}, code="unknown_model")
@@ -99,6 +81,68 @@ def task_submit(
         user=user, model=model, prompt=prompt, params=params, upload_ids=upload_ids, files=files
     )
     return accept_step_by_step(task, uploads=uploads, files=files)
+
+
+def task_submit_keyed(
+    *,
+    user: Any,
+    record_for: Callable[[Task], IdempotencyRecord],
+    model_slug: Any,
+    prompt: Any = "",
+    params: Any = None,
+    upload_ids: Sequence[Any] = (),
+) -> Task | None:
+    """``task_submit`` of a request with an ``Idempotency-Key`` whose record
+    (``record_for(task)``: completed, with the answer) is stored by the same statement as the
+    task (PostgreSQL): the accepted task. None if it was not accepted that way (the key has a
+    record already, the balance is short, a capacity scope is full, or the request is not
+    valid); then nothing was written, and the caller claims the key as usual and calls
+    ``task_submit``, which gives the answer. Raises ValidationFailed for a malformed request."""
+    if not accept.fast_path_available():
+        return None
+    check_request_shape(model_slug, prompt, params, upload_ids)
+    return _accept_against_copy(
+        user=user,
+        model_slug=model_slug,
+        prompt=prompt,
+        params=params,
+        upload_ids=upload_ids,
+        record_for=record_for,
+    )
+
+
+def _accept_against_copy(
+    *,
+    user: Any,
+    model_slug: Any,
+    prompt: Any,
+    params: Any,
+    upload_ids: Sequence[Any],
+    record_for: Callable[[Task], IdempotencyRecord] | None = None,
+) -> Task | None:
+    """Validate against the process's copy of the model and accept in one statement: the
+    accepted task, or None (refused, or not valid by the copy: the caller goes step by step,
+    and answers with the row as it is now)."""
+    for _ in range(2):  # a second time only if the cached model row had changed
+        cached = model_cache.cached_model(model_slug)
+        if cached is None:
+            return None  # unknown or disabled: the step-by-step path answers
+        try:
+            task, _ = prepare_task(
+                user=user, model=cached.model, prompt=prompt, params=params, upload_ids=upload_ids
+            )
+        except ValidationFailed:
+            # The copy may be out of date (a limit raised, a parameter added since): a refusal
+            # is given by the row as it is now.
+            model_cache.forget_model(model_slug)
+            return None
+        outcome = accept_fast(task, cached.fingerprint, record_for=record_for)
+        if outcome is accept.Accept.ACCEPTED:
+            return task
+        if outcome is not accept.Accept.MODEL_CHANGED:
+            return None
+        model_cache.forget_model(model_slug)
+    return None
 
 
 def check_request_shape(model_slug: Any, prompt: Any, params: Any, upload_ids: Any) -> None:
@@ -210,7 +254,12 @@ def task_for_model(
     return Task(**{**values, **fields})
 
 
-def accept_fast(task: Task, model_fingerprint: str) -> accept.Accept:
+def accept_fast(
+    task: Task,
+    model_fingerprint: str,
+    *,
+    record_for: Callable[[Task], IdempotencyRecord] | None = None,
+) -> accept.Accept:
     """The one-statement accept of a prepared task (PostgreSQL)."""
     scopes = capacity_plan(task=task)
     task.capacity_scopes = [scope for scope, _ in scopes]
@@ -227,6 +276,7 @@ def accept_fast(task: Task, model_fingerprint: str) -> accept.Accept:
         scopes=scopes,
         events=events,
         hold=hold,
+        record_for=record_for,
     )
     if outcome is not accept.Accept.ACCEPTED:
         task.reserved_micro, task.capacity_scopes = 0, []

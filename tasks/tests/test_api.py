@@ -1146,13 +1146,19 @@ def test_the_plain_json_submit_answers_as_the_drf_view_does(
     funded: Any, api_for: Any, credits: int
 ) -> None:
     # A JSON submit with an API key is served without DRF's request machinery
-    # (``views.submit_json``); with an Idempotency-Key the same request goes through DRF's view.
-    # Both answer the same status, headers and body, but for the task's own id and times.
+    # (``views.submit_json``); with a query string the same request goes through DRF's view.
+    # Both answer the same status, headers and body, but for the task's own id and times,
+    # with an Idempotency-Key or without.
     client = api_for(funded(credits))
     body = {"model": "sandbox-image", "prompt": "a fox", "params": {"width": 256}}
 
+    def keyed(key: str) -> dict[str, str]:
+        return {"Idempotency-Key": key}
+
     plain = client.post(TASKS, body, format="json")
-    keyed = client.post(TASKS, body, format="json", headers={"Idempotency-Key": "k-same"})
+    drf = client.post(f"{TASKS}?via=drf", body, format="json")
+    plain_keyed = client.post(TASKS, body, format="json", headers=keyed("k-plain"))
+    drf_keyed = client.post(f"{TASKS}?via=drf", body, format="json", headers=keyed("k-drf"))
 
     def shape(response: Any) -> tuple[int, dict[str, str], dict[str, Any]]:
         answer = response.json()
@@ -1161,9 +1167,48 @@ def test_the_plain_json_submit_answers_as_the_drf_view_does(
         volatile = ("id", "created_at", "finished_at", "expires_at", "poll_url")
         return response.status_code, headers, {k: v for k, v in answer.items() if k not in volatile}
 
-    assert shape(plain) == shape(keyed)
+    assert shape(plain) == shape(drf) == shape(plain_keyed) == shape(drf_keyed)
     assert plain.status_code == (202 if credits else 402)
     assert plain.headers["Content-Type"] == "application/json"
+    assert Task.objects.count() == 4
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("first", ["plain", "drf"])
+def test_a_keyed_json_submit_stores_the_record_drf_would_and_either_view_replays_it(
+    funded: Any, api_for: Any, submit_path: str, first: str, ledger_ok: None
+) -> None:
+    # On the one-statement path the plain view stores the key's record with the task
+    # (``services.task_submit_keyed``); DRF's view claims it, then completes it. Either way the
+    # record is the same, and a retry through the other view replays the first answer.
+    from billing.models import IdempotencyRecord
+
+    user = funded(10)
+    client = api_for(user)
+    body = {"model": "sandbox-image", "prompt": "a fox", "params": {"width": 256}}
+    plain_url, drf_url = TASKS, f"{TASKS}?via=drf"
+    urls = [plain_url, drf_url] if first == "plain" else [drf_url, plain_url]
+    headers = {"Idempotency-Key": "k-either"}
+
+    answer = client.post(urls[0], body, format="json", headers=headers)
+    record = IdempotencyRecord.objects.get(user=user, key="k-either")
+    retry = client.post(urls[1], body, format="json", headers=headers)
+    other = client.post(drf_url, body, format="json", headers={"Idempotency-Key": "k-other"})
+
+    assert answer.status_code == retry.status_code == other.status_code == 202
+    assert retry.json() == answer.json()
+    assert retry["Location"] == answer["Location"] == answer.json()["poll_url"]
+    assert retry["Idempotent-Replayed"] == "true"
+    assert not answer.has_header("Idempotent-Replayed")
+    assert record.status == IdempotencyRecord.Status.COMPLETED
+    assert record.response_status == 202
+    assert record.response_body == answer.json()
+    assert record.response_headers == {"Location": answer["Location"]}
+    reference = IdempotencyRecord.objects.get(user=user, key="k-other")  # always DRF's
+    assert record.fingerprint == reference.fingerprint
+    assert record.expires_at - record.locked_at == reference.expires_at - reference.locked_at
+    assert Task.objects.filter(user=user).count() == 2
+    assert held(user) == 2 * C
 
 
 @pytest.mark.django_db(transaction=True)
@@ -1189,11 +1234,11 @@ def test_only_the_plain_json_submit_skips_drf(
     assert (
         client.post(TASKS, body, format="json", HTTP_ACCEPT="application/json").status_code == 202
     )
-    keyed = client.post(TASKS, body, format="json", headers={"Idempotency-Key": "k-drf"})
+    keyed = client.post(TASKS, body, format="json", headers={"Idempotency-Key": "k-plain"})
     html = client.post(TASKS, body, format="json", HTTP_ACCEPT="text/html")
     other_type = client.post(TASKS, json.dumps(body), content_type="application/json-patch+json")
 
-    assert len(taken) == 2
+    assert len(taken) == 3  # with an Idempotency-Key too
     assert keyed.status_code == 202
     assert (html.status_code, html.json()["error"]["code"]) == (406, "not_acceptable")
     assert other_type.status_code == 415
