@@ -55,8 +55,8 @@ def accept_via(path: str, user: Any, **request: Any) -> submit.SubmitOutcome:
     calls: list[accept.Accept] = []
     original = submit.accept_fast
 
-    def spy(task: Task, fingerprint: str) -> accept.Accept:
-        calls.append(original(task, fingerprint))
+    def spy(task: Task, fingerprint: str, **options: Any) -> accept.Accept:
+        calls.append(original(task, fingerprint, **options))
         return calls[-1]
 
     with pytest.MonkeyPatch.context() as patch:
