@@ -163,20 +163,22 @@ def execute_prepared(
     usable. If what this process knows of the server connection's prepared statements is wrong
     (``DISCARD ALL``; a pooler handing it another server connection, or back one that already
     has the statement) it is put right and the statement tried once more. With PgBouncer, use
-    session pooling: transaction pooling does not keep SQL-level prepared statements."""
+    session pooling: transaction pooling does not keep SQL-level prepared statements. On a
+    connection that lasts one request (``CONN_MAX_AGE`` 0) the statement is sent as it is."""
     from psycopg2.errors import DuplicatePreparedStatement, InvalidSqlStatementName
 
+    if connection.settings_dict["CONN_MAX_AGE"] == 0:
+        # A connection per request (DB_CONN_MAX_AGE=0): preparing would cost a round trip
+        # more, and the statement would go with the connection.
+        with _isolated(connection), connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone()
     text, name = _prepared_text(sql, label)
     execute = f"EXECUTE {name}({', '.join(['%s'] * len(params))})" if params else f"EXECUTE {name}"
     for attempt in (1, 2):
         prepared = prepared_on(connection)
-        isolated = (
-            transaction.atomic(using=connection.alias)
-            if connection.in_atomic_block
-            else contextlib.nullcontext()
-        )
         try:
-            with isolated, connection.cursor() as cursor:
+            with _isolated(connection), connection.cursor() as cursor:
                 if name not in prepared:
                     cursor.execute(f"PREPARE {name} AS {text}")
                     prepared.add(name)
@@ -192,6 +194,14 @@ def execute_prepared(
             else:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _isolated(connection: BaseDatabaseWrapper) -> Any:
+    """A savepoint inside a transaction (so that a failing statement leaves it usable);
+    nothing outside one, where the statement is a transaction by itself."""
+    if connection.in_atomic_block:
+        return transaction.atomic(using=connection.alias)
+    return contextlib.nullcontext()
 
 
 def execute_checking_connection(

@@ -306,3 +306,26 @@ def test_submits_racing_for_the_last_credits_hold_each_credit_once(
     assert Hold.objects.filter(account__user=user, status="open").count() == 5
     assert billing_selectors.balance_for_user(user=user).held == 5 * C
     assert Task.objects.filter(user=user, status="WAITING").count() == 5
+
+
+def test_a_connection_per_request_sends_the_statement_unprepared(
+    funded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DB_CONN_MAX_AGE=0: the connection goes with the request, so preparing the statement
+    # would only add a round trip. It is sent as it is, and still accepts and refuses.
+    use_path(monkeypatch, "one-statement")
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+    connection.close()
+    rich, poor = funded(10), funded(0)
+
+    accepted = accept_via("one-statement", rich)
+    refused = submit.task_submit(user=poor, model_slug="sandbox-image", prompt="x")
+
+    assert accepted.accepted
+    assert Task.objects.get(pk=accepted.task.pk).reserved_micro == C
+    assert not refused.accepted
+    assert refused.task.error_code == "insufficient_credits"
+    assert prepared_on(transaction.get_connection()) == set()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+        assert cursor.fetchone() == (0,)
