@@ -54,10 +54,16 @@ def api_key_authenticate(*, raw: str) -> ApiKey | None:
     if key is None or not key.matches(raw) or not key.user.is_active:
         return None
     now = timezone.now()
-    # Touch last_used_at at most once a minute: no write on every request.
-    if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
+    if key_use_due(key, now):
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        key.last_used_at = now
     return key
+
+
+def key_use_due(key: ApiKey, now: Any) -> bool:
+    """Whether a request with ``key`` records its use (``last_used_at``): at most once a minute,
+    so that requests do not write."""
+    return key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60
 
 
 def _active_key_with_user(prefix: str) -> ApiKey | None:

@@ -23,10 +23,13 @@ pytestmark = pytest.mark.usefixtures("transactional_db")
 BODY = {"model": "sandbox-image", "prompt": "a lighthouse", "params": {"width": 512}}
 # Each statement of one submit, in order, as a pattern of its text.
 JSON_SUBMIT = [
-    # rivya.services and tasks.services.accept: each prepared on the connection at its first
-    # use (the warm-up below), then a transaction by itself. The key lookup is the
-    # connection's health check too (no SELECT 1).
-    ("the API key and its user", r"EXECUTE rivya_api_key_[0-9a-f]{16}\('.*'\)"),
+    # Django's connection health check (CONN_HEALTH_CHECKS) before the request's first
+    # statement: a write, which could not be sent again as the key lookup can
+    # (rivya.sql.execute_checking_connection).
+    ("the connection health check", r"SELECT 1"),
+    # tasks.services.accept, prepared on the connection at its first use (the warm-up below), a
+    # transaction by itself. The API key comes from the worker's copy (rivya.key_cache): the
+    # statement checks it is still unrevoked and its user active.
     ("the accept statement", r"EXECUTE rivya_accept_[0-9a-f]{16}\(.*\)"),
 ]
 
@@ -48,7 +51,7 @@ def test_a_json_submit_is_two_round_trips(
         return client.post("/api/v1/tasks/", json=BODY, headers=extra)
 
     with httpx.Client(base_url=base_url, headers=headers, trust_env=False) as client:
-        for _ in range(2):  # the worker's connection opens, its catalog copy fills
+        for _ in range(2):  # the worker's connection opens, its catalog and key copies fill
             assert submit().status_code == 202
         mark = proxy.recorder.mark()
 

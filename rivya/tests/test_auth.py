@@ -281,3 +281,20 @@ def test_the_key_lookup_of_a_request_replaces_a_dead_connection(user: Any) -> No
     assert key is not None
     assert key.user == user
     assert connection.connection.get_backend_pid() != before
+
+
+def test_the_process_keeps_a_bounded_number_of_key_copies(
+    user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rivya.key_cache: the oldest copy goes first; a copy answers only its own raw key.
+    from rivya import key_cache
+
+    monkeypatch.setattr(key_cache, "MAX_KEYS", 3)
+    monkeypatch.setattr(key_cache, "_keys", {})
+    raws = [services.api_key_create(user=user, name=f"k{n}").raw for n in range(4)]
+    for raw in raws:
+        key_cache.remember(services.api_key_authenticate(raw=raw))
+
+    assert key_cache.copied_key(raws[0]) is None
+    assert [key_cache.copied_key(raw).user for raw in raws[1:]] == [user] * 3
+    assert key_cache.copied_key(raws[1][:-1] + ("A" if raws[1][-1] != "A" else "B")) is None

@@ -29,6 +29,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from billing import services as billing
+from rivya import key_cache
 from rivya import services as services_auth
 from rivya.errors import (
     MAX_JSON_DEPTH,
@@ -204,21 +205,33 @@ def submit_json(request: HttpRequest, drf_view: Any, headers: dict[str, str]) ->
     plain case (a key that does not authenticate, a body that does not parse) is handed to DRF's
     view before anything is done, and it answers as it always has.
 
+    If this process holds a copy of the key (``rivya.key_cache``), the submit is first tried
+    by the one statement alone, which checks the key; an accepted submit is answered at once.
+    Anything else is answered only after the key is looked up in the database again.
+
     With an ``Idempotency-Key``, only an accepted submit is answered here: its key's record is
-    stored by the statement that stores the task (``services.task_submit_keyed``). Everything
-    else (a replay, a key in use, a refusal, a request that is not valid) is handed to DRF's
-    view, which claims the key and answers as it always has: nothing was written here."""
-    api_key = services_auth.api_key_authenticate(raw=request.META["HTTP_AUTHORIZATION"][7:])
-    if api_key is None:
-        return drf_view(request)
+    stored by the statement that stores the task. Everything else (a replay, a key in use, a
+    refusal, a request that is not valid) is handed to DRF's view, which claims the key and
+    answers as it always has: nothing was written here."""
+    raw = request.META["HTTP_AUTHORIZATION"][7:]
     try:
         data = JSONParser().parse(io.BytesIO(request.body))
     except (ParseError, RequestDataTooBig):
         return drf_view(request)
     if not isinstance(data, dict) or set(data) - TASK_FIELDS:
         return drf_view(request)
+    copied = key_cache.copied_key(raw)
+    if copied is not None:
+        answer = _accepted_at_once(request, headers, copied, data, checked=True)
+        if answer is not None:
+            return answer
+    api_key = services_auth.api_key_authenticate(raw=raw)
+    if api_key is None:
+        key_cache.forget(raw)
+        return drf_view(request)
+    key_cache.remember(api_key)
     if "HTTP_IDEMPOTENCY_KEY" in request.META:
-        return _submit_json_keyed(request, drf_view, headers, api_key.user, data)
+        return _accepted_at_once(request, headers, api_key, data) or drf_view(request)
     try:
         outcome = services.task_submit(user=api_key.user, **_json_task_input(data))
     except DomainError as exc:
@@ -230,34 +243,44 @@ def submit_json(request: HttpRequest, drf_view: Any, headers: dict[str, str]) ->
     return _json_answer(body, 202, {**headers, "Location": body["poll_url"]})
 
 
-def _submit_json_keyed(
-    request: HttpRequest, drf_view: Any, headers: dict[str, str], user: Any, data: dict[str, Any]
-) -> HttpResponse:
-    key = request.META["HTTP_IDEMPOTENCY_KEY"]
-    fingerprint = json_fingerprint(request.method, request.path, data)
+def _accepted_at_once(
+    request: HttpRequest,
+    headers: dict[str, str],
+    api_key: Any,
+    data: dict[str, Any],
+    *,
+    checked: bool = False,
+) -> HttpResponse | None:
+    """The 202 of a submit accepted by the one statement alone (with its ``Idempotency-Key``
+    record, if the request has one; checking the copied ``api_key``, if ``checked``), or None:
+    nothing was written."""
+    key = request.META.get("HTTP_IDEMPOTENCY_KEY")
     answer: dict[str, Any] = {}
 
     def record_for(task: Task) -> Any:
         answer["body"] = body = TaskSerializer.represent(task)
-        answer["headers"] = {"Location": body["poll_url"]}
         return billing.idempotency_record_completed(
-            user=user,
+            user=api_key.user,
             key=key,
-            fingerprint=fingerprint,
+            fingerprint=json_fingerprint(request.method, request.path, data),
             status=202,
             body=body,
-            headers=answer["headers"],
+            headers={"Location": body["poll_url"]},
         )
 
     try:
-        task = services.task_submit_keyed(
-            user=user, record_for=record_for, **_json_task_input(data)
+        task = services.task_submit_in_one_statement(
+            user=api_key.user,
+            record_for=record_for if key is not None else None,
+            credential=key_cache.credential(api_key) if checked else None,
+            **_json_task_input(data),
         )
     except DomainError:
-        task = None  # DRF's view answers (a replay or a 422 comes before a 400)
+        return None  # answered the ordinary way (a replay or a 422 comes before a 400)
     if task is None:
-        return drf_view(request)
-    return _json_answer(answer["body"], 202, {**headers, **answer["headers"]})
+        return None
+    body = answer.get("body") or TaskSerializer.represent(task)
+    return _json_answer(body, 202, {**headers, "Location": body["poll_url"]})
 
 
 def _json_answer(body: Any, status: int, headers: dict[str, str]) -> HttpResponse:

@@ -29,7 +29,7 @@ from tasks.services.expiry import results_expire_due, results_warn_expiring
 from tasks.services.outcomes import StoredOutput, task_fail, task_succeed
 from tasks.services.refresh import poll_claim_due, task_refresh
 from tasks.services.storage import SweepReport, storage_sweep
-from tasks.services.submit import SubmitOutcome, task_submit, task_submit_keyed
+from tasks.services.submit import SubmitOutcome, task_submit, task_submit_in_one_statement
 from tasks.services.support import (
     ActionRefused,
     SupportOutcome,
@@ -80,7 +80,7 @@ __all__ = [
     "task_refundable",
     "task_send_upstream",
     "task_submit",
-    "task_submit_keyed",
+    "task_submit_in_one_statement",
     "task_submit_attempt_failed",
     "task_submit_attempts",
     "task_submit_failed",

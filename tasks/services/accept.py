@@ -41,6 +41,8 @@ from typing import Any
 from django.db import DatabaseError, connection, transaction
 
 from billing.models import Hold, IdempotencyRecord
+from rivya.key_cache import Credential
+from rivya.models import ApiKey, User
 from rivya.sql import execute_prepared, insert_columns, insert_values
 from tasks.models import SubmitOutbox, Task, TaskEvent
 
@@ -52,6 +54,7 @@ class Accept(enum.Enum):
     MODEL_CHANGED = "model_changed"  # the model row changed since it was cached: validate again
     REFUSED = "refused"  # a capacity scope is full or the balance is short: nothing was written
     KEY_TAKEN = "key_taken"  # the Idempotency-Key has a record already: nothing was written
+    KEY_CHANGED = "key_changed"  # the API key was revoked or its user deactivated: ditto
 
 
 def fast_path_available() -> bool:
@@ -69,6 +72,7 @@ def accept_in_one_statement(
     events: list[TaskEvent],
     hold: Hold | None,
     record_for: Callable[[Task], IdempotencyRecord] | None = None,
+    credential: Credential | None = None,
 ) -> Accept:
     """Take ``scopes`` (name, limit), hold ``hold.amount`` (if ``hold``) and insert ``task``,
     ``hold`` and ``events``, all or nothing. ``task`` must already carry what the accepted row
@@ -76,7 +80,10 @@ def accept_in_one_statement(
 
     ``record_for``: the request's ``Idempotency-Key`` record, completed, built from the task as
     it is stored (its answer shows the task); it is inserted first, and if the key has a record
-    already nothing is done (``KEY_TAKEN``)."""
+    already nothing is done (``KEY_TAKEN``).
+
+    ``credential``: the request was authenticated by a copied API key (``rivya.key_cache``);
+    nothing is done unless that key is still unrevoked and its user active (``KEY_CHANGED``)."""
     db = transaction.get_connection()
     sql = _statement(
         db,
@@ -84,9 +91,12 @@ def accept_in_one_statement(
         hold=hold is not None,
         events=len(events),
         keyed=record_for is not None,
+        checked=credential is not None,
     )
     task_values = insert_values(task, db)  # sets created_at, which the record's answer shows
     params: list[Any] = []
+    if credential is not None:
+        params += [credential.key_id, credential.user_id]
     if record_for is not None:
         params += insert_values(record_for(task), db)
     params += [task.model_id, model_fingerprint]
@@ -111,37 +121,48 @@ def accept_in_one_statement(
     return Accept.ACCEPTED
 
 
-_statements: dict[tuple[str, int, bool, int, bool], str] = {}
+_statements: dict[tuple[str, int, bool, int, bool, bool], str] = {}
 
 
-def _statement(db: Any, *, scopes: int, hold: bool, events: int, keyed: bool) -> str:
-    """The accept statement for ``scopes`` capacity scopes, a hold or not, ``events`` events
-    and an Idempotency-Key record or not; built once (it depends on the model metadata only).
-    Its parameters, in order, are built by ``accept_in_one_statement``."""
-    key = (db.vendor, scopes, hold, events, keyed)
+def _statement(db: Any, *, scopes: int, hold: bool, events: int, keyed: bool, checked: bool) -> str:
+    """The accept statement for ``scopes`` capacity scopes, a hold or not, ``events`` events,
+    an Idempotency-Key record or not and a copied API key to check or not; built once (it
+    depends on the model metadata only). Its parameters, in order, are built by
+    ``accept_in_one_statement``."""
+    key = (db.vendor, scopes, hold, events, keyed, checked)
     if key not in _statements:
         _statements[key] = _build_statement(
-            db, scopes=scopes, hold=hold, events=events, keyed=keyed
+            db, scopes=scopes, hold=hold, events=events, keyed=keyed, checked=checked
         )
     return _statements[key]
 
 
-def _build_statement(db: Any, *, scopes: int, hold: bool, events: int, keyed: bool) -> str:
+def _build_statement(
+    db: Any, *, scopes: int, hold: bool, events: int, keyed: bool, checked: bool
+) -> str:
     def values(model: type[Any], skip: tuple[str, ...] = ()) -> tuple[str, str]:
         columns = insert_columns(model, db, skip=skip)
         return ", ".join(columns), ", ".join(["%s"] * len(columns))
 
     ctes = []
-    first = ""
+    gates = []  # what must pass before anything is written
+    if checked:
+        ctes.append(
+            f"key_ok AS (SELECT 1 AS ok FROM {ApiKey._meta.db_table} k "
+            f"JOIN {User._meta.db_table} u ON u.id = k.user_id "
+            "WHERE k.id = %s AND k.user_id = %s AND k.revoked_at IS NULL AND u.is_active)"
+        )
+        gates.append("key_ok")
     if keyed:
         columns, marks = values(IdempotencyRecord)
         ctes.append(
-            f"claim AS (INSERT INTO billing_idempotencyrecord ({columns}) VALUES ({marks}) "
+            f"claim AS (INSERT INTO billing_idempotencyrecord ({columns}) "
+            f"SELECT {marks}{' FROM key_ok' if checked else ''} "
             "ON CONFLICT (user_id, key) DO NOTHING RETURNING 1 AS ok)"
         )
-        first = ", claim"
+        gates.append("claim")
     ctes.append(
-        f"model_ok AS (SELECT 1 AS ok FROM tasks_aimodel m{first} "
+        f"model_ok AS (SELECT 1 AS ok FROM {', '.join(['tasks_aimodel m', *gates])} "
         "WHERE m.id = %s AND m.enabled AND md5(m::text) = %s)"
     )
     previous = "model_ok"
@@ -186,10 +207,11 @@ def _build_statement(db: Any, *, scopes: int, hold: bool, events: int, keyed: bo
         )
         after = f"event_{n}"
     ctes.append("notify AS (SELECT pg_notify(%s, '') FROM task_row)")
-    # The answer: true, or an error that undoes the whole statement: the key has a record
-    # already; the model changed since it was cached; a capacity scope is full or the balance
-    # short (so nothing follows).
-    checks = [("claim", Accept.KEY_TAKEN)] if keyed else []
+    # The answer: true, or an error that undoes the whole statement: the API key changed; the
+    # Idempotency-Key has a record already; the model changed since it was cached; a capacity
+    # scope is full or the balance short (so nothing follows).
+    checks = [("key_ok", Accept.KEY_CHANGED)] if checked else []
+    checks += [("claim", Accept.KEY_TAKEN)] if keyed else []
     checks += [("model_ok", Accept.MODEL_CHANGED), ("notify", Accept.REFUSED)]
     cases = " ".join(
         f"WHEN NOT EXISTS (SELECT FROM {step}) THEN rivya_accept_refused('{outcome.value}')"

@@ -21,6 +21,7 @@ from rivya.errors import (
     contains_nul,
     json_depth,
 )
+from rivya.key_cache import Credential
 from tasks import model_cache
 from tasks.capacity import capacity_acquire, capacity_plan, capacity_release
 from tasks.media import MediaInfo
@@ -83,21 +84,27 @@ def task_submit(
     return accept_step_by_step(task, uploads=uploads, files=files)
 
 
-def task_submit_keyed(
+def task_submit_in_one_statement(
     *,
     user: Any,
-    record_for: Callable[[Task], IdempotencyRecord],
     model_slug: Any,
     prompt: Any = "",
     params: Any = None,
     upload_ids: Sequence[Any] = (),
+    record_for: Callable[[Task], IdempotencyRecord] | None = None,
+    credential: Credential | None = None,
 ) -> Task | None:
-    """``task_submit`` of a request with an ``Idempotency-Key`` whose record
-    (``record_for(task)``: completed, with the answer) is stored by the same statement as the
-    task (PostgreSQL): the accepted task. None if it was not accepted that way (the key has a
-    record already, the balance is short, a capacity scope is full, or the request is not
-    valid); then nothing was written, and the caller claims the key as usual and calls
-    ``task_submit``, which gives the answer. Raises ValidationFailed for a malformed request."""
+    """``task_submit`` by the one statement only (PostgreSQL), for the requests it can answer
+    alone: the accepted task, or None, and then nothing was written and the caller answers by
+    the ordinary way. None when the balance is short, a capacity scope is full, the request is
+    not valid by the process's copy of the model, or:
+
+    - ``record_for``: the request's ``Idempotency-Key`` record (completed, with the answer,
+      built from the task), stored by the same statement; None if the key has a record already;
+    - ``credential``: the request was authenticated by a copied API key (``rivya.key_cache``),
+      checked by the same statement; None if it is revoked or its user deactivated.
+
+    Raises ValidationFailed for a malformed request."""
     if not accept.fast_path_available():
         return None
     check_request_shape(model_slug, prompt, params, upload_ids)
@@ -108,6 +115,7 @@ def task_submit_keyed(
         params=params,
         upload_ids=upload_ids,
         record_for=record_for,
+        credential=credential,
     )
 
 
@@ -119,6 +127,7 @@ def _accept_against_copy(
     params: Any,
     upload_ids: Sequence[Any],
     record_for: Callable[[Task], IdempotencyRecord] | None = None,
+    credential: Credential | None = None,
 ) -> Task | None:
     """Validate against the process's copy of the model and accept in one statement: the
     accepted task, or None (refused, or not valid by the copy: the caller goes step by step,
@@ -136,7 +145,9 @@ def _accept_against_copy(
             # is given by the row as it is now.
             model_cache.forget_model(model_slug)
             return None
-        outcome = accept_fast(task, cached.fingerprint, record_for=record_for)
+        outcome = accept_fast(
+            task, cached.fingerprint, record_for=record_for, credential=credential
+        )
         if outcome is accept.Accept.ACCEPTED:
             return task
         if outcome is not accept.Accept.MODEL_CHANGED:
@@ -259,6 +270,7 @@ def accept_fast(
     model_fingerprint: str,
     *,
     record_for: Callable[[Task], IdempotencyRecord] | None = None,
+    credential: Credential | None = None,
 ) -> accept.Accept:
     """The one-statement accept of a prepared task (PostgreSQL)."""
     scopes = capacity_plan(task=task)
@@ -277,6 +289,7 @@ def accept_fast(
         events=events,
         hold=hold,
         record_for=record_for,
+        credential=credential,
     )
     if outcome is not accept.Accept.ACCEPTED:
         task.reserved_micro, task.capacity_scopes = 0, []

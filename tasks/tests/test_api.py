@@ -1458,3 +1458,85 @@ def test_callback_outside_the_timestamp_tolerance_is_401(webhook: Webhook, age: 
 
     assert_error(response, 401, "invalid_signature", kind="provider")
     assert CallbackDelivery.objects.count() == 0
+
+
+# --- API keys copied by the process (rivya.key_cache) ---------------------------------------
+
+
+def key_of(client: APIClient) -> str:
+    return client._credentials["HTTP_AUTHORIZATION"][len("Bearer ") :]
+
+
+def revoke_or_deactivate(user: Any, raw: str, how: str) -> None:
+    from rivya.services import api_key_revoke
+
+    if how == "revoked":
+        api_key_revoke(user=user, prefix=raw.split("_")[1])
+    else:
+        type(user).objects.filter(pk=user.pk).update(is_active=False)
+
+
+@pytest.mark.parametrize("how", ["revoked", "deactivated"])
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "with-idempotency-key"])
+def test_a_copied_key_is_refused_on_the_next_submit_after_it_is_revoked(
+    funded: Any, api_for: Any, submit_path: str, how: str, keyed: bool
+) -> None:
+    # The process keeps a copy of the key after its first submit; the accept statement checks
+    # it, so a key revoked (or its user deactivated) in between still gets a 401 at once.
+    from rivya import key_cache
+
+    user = funded(10)
+    client = api_for(user)
+    raw = key_of(client)
+    for n in range(2):
+        assert post_with_key(client, f"k-copy-{n}").status_code == 202
+    assert key_cache.copied_key(raw) is not None
+    revoke_or_deactivate(user, raw, how)
+
+    body = {"model": "sandbox-image", "prompt": "a lighthouse at dusk"}
+    headers = {"Idempotency-Key": "k-after"} if keyed else {}
+    response = client.post(TASKS, body, format="json", headers=headers)
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "authentication_failed"
+    assert Task.objects.filter(user=user).count() == 2
+    assert held(user) == 2 * C
+    assert key_cache.copied_key(raw) is None
+
+
+@pytest.mark.parametrize(
+    ("credits", "body", "status"),
+    [
+        (10, {"model": "sandbox-image", "prompt": "x", "params": {"width": 1}}, 400),
+        (0, {"model": "sandbox-image", "prompt": "x"}, 402),
+    ],
+    ids=["invalid", "insufficient-credits"],
+)
+@pytest.mark.parametrize("revoked", [False, True], ids=["key-valid", "key-revoked"])
+def test_a_copied_key_answers_a_refusal_only_after_looking_the_key_up(
+    funded: Any,
+    api_for: Any,
+    submit_path: str,
+    credits: int,
+    body: dict[str, Any],
+    status: int,
+    revoked: bool,
+) -> None:
+    # Only an accepted submit is answered on the copy's word (the statement checked the key);
+    # a refusal is given after the key is looked up again: 401 for a revoked key, not 400/402.
+    from rivya import key_cache
+    from rivya.services import api_key_authenticate
+
+    user = funded(credits)
+    client = api_for(user)
+    raw = key_of(client)
+    key_cache.remember(api_key_authenticate(raw=raw))  # as a first submit leaves it
+    assert key_cache.copied_key(raw) is not None
+    if revoked:
+        revoke_or_deactivate(user, raw, "revoked")
+    before = Task.objects.count()
+
+    response = client.post(TASKS, body, format="json")
+
+    assert response.status_code == (401 if revoked else status)
+    assert Task.objects.count() == before + (1 if status == 402 and not revoked else 0)
