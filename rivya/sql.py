@@ -49,8 +49,12 @@ def insert_values(
     ``connection`` is a connection itself (``transaction.get_connection()``), not the proxy
     ``django.db.connection``, whose every attribute is a thread-local lookup."""
     values = []
-    for field, plain in _insert_plan(type(instance), skip):
-        value = field.pre_save(instance, add=True)
+    for field, plain, own_pre_save in _insert_plan(type(instance), skip):
+        # Field.pre_save is getattr(instance, attname); fields that set a value on save
+        # (auto_now_add and the like) have their own.
+        value = (
+            field.pre_save(instance, add=True) if own_pre_save else getattr(instance, field.attname)
+        )
         # Values the field's preparation returns unchanged are not prepared: NULL for every field
         # but JSON (where None may mean JSON null), and a value of the field's own plain type.
         if not (
@@ -72,15 +76,18 @@ _PLAIN_TYPES: tuple[tuple[type[models.Field], type], ...] = (
 @cache
 def _insert_plan(
     model: type[models.Model], skip: tuple[str, ...]
-) -> tuple[tuple[models.Field, type | None], ...]:
+) -> tuple[tuple[models.Field, type | None, bool], ...]:
     """Each field ``insert_values`` writes, with the Python type whose values its preparation
     returns as they are (``IntegerField.get_prep_value`` is ``int(value)``, ``CharField``'s
-    ``str(value)``), or None."""
+    ``str(value)``), or None; and whether it has a ``pre_save`` of its own."""
 
     def plain(field: models.Field) -> type | None:
         return next((t for cls, t in _PLAIN_TYPES if isinstance(field, cls)), None)
 
-    return tuple((f, plain(f)) for f in _insert_fields(model, skip))
+    return tuple(
+        (f, plain(f), type(f).pre_save is not models.Field.pre_save)
+        for f in _insert_fields(model, skip)
+    )
 
 
 _read_plans: dict[tuple[type[models.Model], str], list[tuple[models.Field, Any, list[Any]]]] = {}
