@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from django.urls import reverse
+from django.urls import get_script_prefix, reverse
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -76,8 +78,28 @@ class ResultSerializer(serializers.Serializer):
 _DATETIME = serializers.DateTimeField()  # formats as every DRF field does (ISO 8601, "Z")
 
 
-def _when(value: Any) -> str | None:
-    return None if value is None else _DATETIME.to_representation(value)
+def api_time(value: Any, tz: Any) -> str | None:
+    """``_DATETIME.to_representation(value)``, with the current time zone ``tz`` looked up once
+    per task rather than once per field: an aware time in ``tz``, ISO 8601, "Z" for UTC."""
+    if value is None:
+        return None
+    if timezone.is_naive(value):
+        return _DATETIME.to_representation(value)
+    text = value.astimezone(tz).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+_NO_TASK = uuid.UUID(int=0)
+_detail_urls: dict[str, str] = {}
+
+
+def task_detail_url(task_id: Any) -> str:
+    """``reverse("api-task-detail", args=[task_id])``, reversed once per script prefix."""
+    prefix = get_script_prefix()
+    template = _detail_urls.get(prefix)
+    if template is None:
+        template = _detail_urls[prefix] = reverse("api-task-detail", args=[_NO_TASK])
+    return template.replace(str(_NO_TASK), str(task_id))
 
 
 # A task as the API shows it. The fields below define it for the schema; the answer itself is
@@ -120,6 +142,7 @@ class TaskSerializer(serializers.ModelSerializer):
     @classmethod
     def represent(cls, task: Task) -> dict[str, Any]:
         """The task's JSON, field by field as ``Meta.fields`` lists them."""
+        tz = timezone.get_current_timezone()
         return {
             "id": str(task.pk),
             "model": task.model_slug,
@@ -129,11 +152,11 @@ class TaskSerializer(serializers.ModelSerializer):
             "prompt": task.prompt,
             "params": task.params,
             "upload_ids": task.upload_ids,
-            "created_at": _when(task.created_at),
-            "submitted_at": _when(task.submitted_at),
-            "started_at": _when(task.started_at),
-            "finished_at": _when(task.finished_at),
-            "expires_at": _when(task.expires_at),
+            "created_at": api_time(task.created_at, tz),
+            "submitted_at": api_time(task.submitted_at, tz),
+            "started_at": api_time(task.started_at, tz),
+            "finished_at": api_time(task.finished_at, tz),
+            "expires_at": api_time(task.expires_at, tz),
             "expired": cls.get_expired(task),
             "error": cls.get_error(task),
             "credits": cls.get_credits(task),
@@ -180,7 +203,7 @@ class TaskSerializer(serializers.ModelSerializer):
 
     @staticmethod
     def get_poll_url(obj: Task) -> str:
-        return reverse("api-task-detail", args=[obj.pk])
+        return task_detail_url(obj.pk)
 
 
 class UploadSerializer(serializers.ModelSerializer):

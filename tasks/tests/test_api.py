@@ -1540,3 +1540,33 @@ def test_a_copied_key_answers_a_refusal_only_after_looking_the_key_up(
 
     assert response.status_code == (401 if revoked else status)
     assert Task.objects.count() == before + (1 if status == 402 and not revoked else 0)
+
+
+@pytest.mark.parametrize("prefix", ["/", "/rivya/"])
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kolkata"])
+def test_the_hand_built_urls_and_times_are_what_drf_and_django_give(prefix: str, zone: str) -> None:
+    # TaskSerializer.represent builds the poll URL from a reversed template and formats times
+    # with the time zone looked up once: the same as reverse() under any script prefix, and as
+    # DRF's DateTimeField in any current time zone.
+    import datetime as dt
+    import uuid
+
+    from django.urls import get_script_prefix, reverse, set_script_prefix
+    from django.utils import timezone
+    from rest_framework.serializers import DateTimeField
+
+    from tasks.api.serializers import api_time, task_detail_url
+
+    task_id = uuid.uuid4()
+    when = dt.datetime(2026, 11, 28, 13, 5, 7, 123456, tzinfo=dt.UTC)
+    before = get_script_prefix()
+    set_script_prefix(prefix)
+    try:
+        with timezone.override(zone):
+            assert task_detail_url(task_id) == reverse("api-task-detail", args=[task_id])
+            assert task_detail_url(task_id).startswith(prefix)
+            shown = api_time(when, timezone.get_current_timezone())
+            assert shown == DateTimeField().to_representation(when)
+    finally:
+        set_script_prefix(before)
+    assert shown.endswith("Z") == (zone == "UTC")
