@@ -21,6 +21,7 @@ from billing import services as billing
 HEADER = "Idempotency-Key"
 # Responses worth replaying. Refusals that a retry may overcome (409, 429, 5xx) are not kept.
 KEEP = {200, 201, 202, 204, 402}
+KEPT_HEADERS = ("Location",)  # replayed with the body
 
 
 def request_fingerprint(request: Request) -> str:
@@ -48,6 +49,11 @@ def json_fingerprint(method: str, path: str, data: Any) -> str:
     return digest.hexdigest()
 
 
+def recorded_headers(headers: Any) -> dict[str, str]:
+    """The headers of a response (or a mapping of them) that its record keeps for replays."""
+    return {name: headers[name] for name in KEPT_HEADERS if name in headers}
+
+
 def run_idempotent(request: Request, handler: Callable[[], Response]) -> Response:
     key = request.headers.get(HEADER)
     if key is None:
@@ -70,7 +76,7 @@ def run_idempotent(request: Request, handler: Callable[[], Response]) -> Respons
             response = handler()
             if response.status_code not in KEEP:
                 raise _DoNotKeep(response)
-            headers = {h: response[h] for h in ("Location",) if response.has_header(h)}
+            headers = recorded_headers(response)
             billing.idempotency_complete(
                 record=record,
                 status=response.status_code,

@@ -59,7 +59,15 @@ def remember(key: ApiKey) -> None:
 
 
 def forget(raw: str) -> None:
+    """Drop the copy of the key ``raw`` (the database no longer accepts it). Only a request
+    with the key itself can: another secret with the same prefix leaves the copy alone."""
     match = KEY_RE.match(raw)
-    if match:
+    key = _keys.get(match.group(1)) if match else None
+    if key is not None and key.matches(raw):
         with _changing:
-            _keys.pop(match.group(1), None)
+            _keys.pop(key.prefix, None)
+
+
+def clear() -> None:
+    with _changing:
+        _keys.clear()

@@ -51,7 +51,7 @@ def api_key_authenticate(*, raw: str) -> ApiKey | None:
     if not match:
         return None
     key = _active_key_with_user(match.group(1))
-    if key is None or not key.matches(raw) or not key.user.is_active:
+    if key is None or not key.matches(raw):
         return None
     now = timezone.now()
     if key_use_due(key, now):
@@ -66,8 +66,15 @@ def key_use_due(key: ApiKey, now: Any) -> bool:
     return key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60
 
 
+def usable_key_condition(key: str, user: str) -> str:
+    """The SQL condition under which a key row (alias ``key``) with its user row (alias
+    ``user``) authenticates: the key unrevoked, the user active. The key lookup uses it, and so
+    does the submit's accept statement, which checks a key the process has copied."""
+    return f"{key}.revoked_at IS NULL AND {user}.is_active"
+
+
 def _active_key_with_user(prefix: str) -> ApiKey | None:
-    """The unrevoked key ``prefix`` with its user, in one query written out once (this runs on
+    """The usable key ``prefix`` with its user, in one query written out once (this runs on
     every API request; building it with the ORM cost more CPU than the rest of a submit)."""
     db = transaction.get_connection()
     # Prepared on PostgreSQL (parsed and planned once per connection), when outside a
@@ -98,7 +105,7 @@ def _key_query(db: Any) -> str:
         _key_queries[db.vendor] = (
             f"SELECT {select_list(ApiKey, 'k', db)}, {select_list(User, 'u', db)} "  # noqa: S608
             f"FROM {ApiKey._meta.db_table} k JOIN {User._meta.db_table} u ON u.id = k.user_id "
-            "WHERE k.prefix = %s AND k.revoked_at IS NULL"
+            f"WHERE k.prefix = %s AND {usable_key_condition('k', 'u')}"
         )
     return _key_queries[db.vendor]
 

@@ -183,6 +183,9 @@ def execute_prepared(
     text, name = _prepared_text(sql, label)
     execute = f"EXECUTE {name}({', '.join(['%s'] * len(params))})" if params else f"EXECUTE {name}"
     for attempt in (1, 2):
+        # What is prepared belongs to the server connection: have the one this statement uses.
+        connection.close_if_health_check_failed()
+        connection.ensure_connection()
         prepared = prepared_on(connection)
         try:
             with _isolated(connection), connection.cursor() as cursor:

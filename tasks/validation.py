@@ -85,7 +85,6 @@ SAME_IN_DRAFT_7 = frozenset(
         "maximum",
         "exclusiveMinimum",
         "exclusiveMaximum",
-        "multipleOf",
         "minLength",
         "maxLength",
         "properties",
@@ -106,17 +105,18 @@ def compiled_check(schema: Mapping[str, Any]) -> Callable[[Any], Any] | None:
     ``fastjsonschema.JsonSchemaException`` for a value the schema refuses; it fills no
     defaults."""
     text = json.dumps(schema, sort_keys=True)
-    if text not in _compiled:
-        check = None
-        if _only_keywords_same_in_draft_7(schema):
-            try:
-                check = fastjsonschema.compile({**schema, "type": "object"}, use_default=False)
-            except fastjsonschema.JsonSchemaDefinitionException:
-                check = None  # a broken schema: the rule says so, with its message
-        if len(_compiled) >= MAX_COMPILED:
-            _compiled.clear()
-        _compiled[text] = check
-    return _compiled[text]
+    if text in _compiled:
+        return _compiled.get(text)
+    check = None
+    if _only_keywords_same_in_draft_7(schema):
+        try:
+            check = fastjsonschema.compile({**schema, "type": "object"}, use_default=False)
+        except fastjsonschema.JsonSchemaDefinitionException:
+            check = None  # a broken schema: the rule says so, with its message
+    if len(_compiled) >= MAX_COMPILED:
+        _compiled.clear()
+    _compiled[text] = check
+    return check
 
 
 def _only_keywords_same_in_draft_7(schema: Any) -> bool:

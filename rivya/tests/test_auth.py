@@ -296,7 +296,7 @@ def test_the_process_keeps_a_bounded_number_of_key_copies(
     from rivya import key_cache
 
     monkeypatch.setattr(key_cache, "MAX_KEYS", 3)
-    monkeypatch.setattr(key_cache, "_keys", {})
+    key_cache.clear()
     raws = [services.api_key_create(user=user, name=f"k{n}").raw for n in range(4)]
     for raw in raws:
         key_cache.remember(services.api_key_authenticate(raw=raw))

@@ -90,6 +90,7 @@ def api_time(value: Any, tz: Any) -> str | None:
 
 
 _NO_TASK = uuid.UUID(int=0)
+MAX_SCRIPT_PREFIXES = 16  # a deployment has one; more are reversed each time
 _detail_urls: dict[str, str] = {}
 
 
@@ -98,7 +99,9 @@ def task_detail_url(task_id: Any) -> str:
     prefix = get_script_prefix()
     template = _detail_urls.get(prefix)
     if template is None:
-        template = _detail_urls[prefix] = reverse("api-task-detail", args=[_NO_TASK])
+        template = reverse("api-task-detail", args=[_NO_TASK])
+        if len(_detail_urls) < MAX_SCRIPT_PREFIXES:
+            _detail_urls[prefix] = template
     return template.replace(str(_NO_TASK), str(task_id))
 
 

@@ -41,7 +41,7 @@ from rivya.errors import (
     json_depth,
 )
 from rivya.exceptions import domain_error_answer, error_body, json_method_not_allowed
-from rivya.idempotency import json_fingerprint, run_idempotent
+from rivya.idempotency import json_fingerprint, recorded_headers, run_idempotent
 from rivya.pagination import CursorPagination
 from rivya.parsers import JSONParser
 from tasks import selectors, services
@@ -126,7 +126,7 @@ class TaskListCreateView(APIView):
     @classmethod
     def as_view(cls, **initkwargs: Any) -> Any:
         """DRF's view, with the most common request of all taken first: a JSON submit with an
-        API key and no ``Idempotency-Key`` (``submit_json``)."""
+        API key, with or without an ``Idempotency-Key`` (``submit_json``)."""
         drf_view = super().as_view(**initkwargs)
         probe = cls(**initkwargs)
         probe.setup(HttpRequest())  # as for every request (which lets HEAD be answered by GET)
@@ -231,7 +231,9 @@ def submit_json(request: HttpRequest, drf_view: Any, headers: dict[str, str]) ->
         return drf_view(request)
     key_cache.remember(api_key)
     if "HTTP_IDEMPOTENCY_KEY" in request.META:
-        return _accepted_at_once(request, headers, api_key, data) or drf_view(request)
+        # Tried once already with the copy: whatever stopped it, DRF's view answers.
+        answer = None if copied else _accepted_at_once(request, headers, api_key, data)
+        return answer or drf_view(request)
     try:
         outcome = services.task_submit(user=api_key.user, **_json_task_input(data))
     except DomainError as exc:
@@ -265,7 +267,7 @@ def _accepted_at_once(
             fingerprint=json_fingerprint(request.method, request.path, data),
             status=202,
             body=body,
-            headers={"Location": body["poll_url"]},
+            headers=recorded_headers({"Location": body["poll_url"]}),
         )
 
     try:

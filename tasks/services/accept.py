@@ -20,7 +20,8 @@ It runs as a prepared statement of the connection (``rivya.sql.execute_prepared`
 PostgreSQL parses and plans it once per connection.
 
 If a step does not pass, the statement raises (``rivya_accept_refused``, a function created by
-migration ``tasks 0012``, SQLSTATE ``RV001``, message ``model_changed`` or ``refused``), which
+migration ``tasks 0012``, SQLSTATE ``RV001``, message ``key_changed``, ``key_taken``,
+``model_changed`` or ``refused``), which
 undoes all of it: nothing is written. Inside an outer transaction (the Idempotency-Key path)
 it runs in a savepoint, with the same effect. On ``model_changed`` the submit is validated
 again against the row as it is now; on ``refused`` the caller takes the step-by-step path,
@@ -43,6 +44,7 @@ from django.db import DatabaseError, connection, transaction
 from billing.models import Hold, IdempotencyRecord
 from rivya.key_cache import Credential
 from rivya.models import ApiKey, User
+from rivya.services import usable_key_condition
 from rivya.sql import execute_prepared, insert_columns, insert_values
 from tasks.models import SubmitOutbox, Task, TaskEvent
 
@@ -150,13 +152,13 @@ def _build_statement(
         ctes.append(
             f"key_ok AS (SELECT 1 AS ok FROM {ApiKey._meta.db_table} k "
             f"JOIN {User._meta.db_table} u ON u.id = k.user_id "
-            "WHERE k.id = %s AND k.user_id = %s AND k.revoked_at IS NULL AND u.is_active)"
+            f"WHERE k.id = %s AND k.user_id = %s AND {usable_key_condition('k', 'u')})"
         )
         gates.append("key_ok")
     if keyed:
         columns, marks = values(IdempotencyRecord)
         ctes.append(
-            f"claim AS (INSERT INTO billing_idempotencyrecord ({columns}) "
+            f"claim AS (INSERT INTO {IdempotencyRecord._meta.db_table} ({columns}) "
             f"SELECT {marks}{' FROM key_ok' if checked else ''} "
             "ON CONFLICT (user_id, key) DO NOTHING RETURNING 1 AS ok)"
         )

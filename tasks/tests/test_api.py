@@ -1179,8 +1179,9 @@ def test_a_keyed_json_submit_stores_the_record_drf_would_and_either_view_replays
     funded: Any, api_for: Any, submit_path: str, first: str, ledger_ok: None
 ) -> None:
     # On the one-statement path the plain view stores the key's record with the task
-    # (``services.task_submit_keyed``); DRF's view claims it, then completes it. Either way the
-    # record is the same, and a retry through the other view replays the first answer.
+    # (``services.task_submit_in_one_statement``); DRF's view claims it, then completes it.
+    # Either way the record is the same, and a retry through the other view replays the first
+    # answer.
     from billing.models import IdempotencyRecord
 
     user = funded(10)
@@ -1463,8 +1464,14 @@ def test_callback_outside_the_timestamp_tolerance_is_401(webhook: Webhook, age: 
 # --- API keys copied by the process (rivya.key_cache) ---------------------------------------
 
 
-def key_of(client: APIClient) -> str:
-    return client._credentials["HTTP_AUTHORIZATION"][len("Bearer ") :]
+def client_and_key(user: Any) -> tuple[APIClient, str]:
+    """An API client for ``user`` with a new key, and that key."""
+    from rivya.services import api_key_create
+
+    raw = str(api_key_create(user=user).raw)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    return client, raw
 
 
 def revoke_or_deactivate(user: Any, raw: str, how: str) -> None:
@@ -1476,18 +1483,18 @@ def revoke_or_deactivate(user: Any, raw: str, how: str) -> None:
         type(user).objects.filter(pk=user.pk).update(is_active=False)
 
 
+@pytest.mark.django_db(transaction=True)  # as in production: no outer transaction
 @pytest.mark.parametrize("how", ["revoked", "deactivated"])
 @pytest.mark.parametrize("keyed", [False, True], ids=["plain", "with-idempotency-key"])
 def test_a_copied_key_is_refused_on_the_next_submit_after_it_is_revoked(
-    funded: Any, api_for: Any, submit_path: str, how: str, keyed: bool
+    funded: Any, submit_path: str, how: str, keyed: bool
 ) -> None:
     # The process keeps a copy of the key after its first submit; the accept statement checks
     # it, so a key revoked (or its user deactivated) in between still gets a 401 at once.
     from rivya import key_cache
 
     user = funded(10)
-    client = api_for(user)
-    raw = key_of(client)
+    client, raw = client_and_key(user)
     for n in range(2):
         assert post_with_key(client, f"k-copy-{n}").status_code == 202
     assert key_cache.copied_key(raw) is not None
@@ -1515,7 +1522,6 @@ def test_a_copied_key_is_refused_on_the_next_submit_after_it_is_revoked(
 @pytest.mark.parametrize("revoked", [False, True], ids=["key-valid", "key-revoked"])
 def test_a_copied_key_answers_a_refusal_only_after_looking_the_key_up(
     funded: Any,
-    api_for: Any,
     submit_path: str,
     credits: int,
     body: dict[str, Any],
@@ -1528,8 +1534,7 @@ def test_a_copied_key_answers_a_refusal_only_after_looking_the_key_up(
     from rivya.services import api_key_authenticate
 
     user = funded(credits)
-    client = api_for(user)
-    raw = key_of(client)
+    client, raw = client_and_key(user)
     key_cache.remember(api_key_authenticate(raw=raw))  # as a first submit leaves it
     assert key_cache.copied_key(raw) is not None
     if revoked:

@@ -329,3 +329,27 @@ def test_a_connection_per_request_sends_the_statement_unprepared(
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_prepared_statements")
         assert cursor.fetchone() == (0,)
+
+
+def test_a_new_connection_prepares_each_statement_once(
+    funded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What this process has prepared is kept per server connection: a connection opened by the
+    # statement's own call is the one its PREPARE is recorded for, so the next submit on it
+    # sends EXECUTE alone (not a PREPARE that fails, then the EXECUTE).
+    use_path(monkeypatch, "one-statement")
+    user = funded(10)
+    accept_via("one-statement", user)  # the process's copy of the model is current
+    connection.close()
+    sent: list[str] = []
+
+    def record(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        sent.append(sql.split(" ", 1)[0])
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(record):
+        for _ in range(3):
+            accept_via("one-statement", user)
+
+    assert sent.count("PREPARE") == 1, sent
+    assert sent.count("EXECUTE") == 3, sent

@@ -25,10 +25,14 @@ EVERY_KEYWORD = {
     "title": "every keyword",
     "description": "each keyword the compiled check is used for",
     "properties": {
-        "n": {"type": "integer", "minimum": 1, "maximum": 8, "multipleOf": 2, "default": 2},
+        "n": {"type": "integer", "minimum": 1, "maximum": 8, "default": 2},
         "x": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1.5},
         "s": {"type": "string", "minLength": 2, "maxLength": 4, "enum": ["ab", "abc", "abcd"]},
         "c": {"const": "fixed"},
+        "e": {"enum": [0, 1, "1", None, 1.5, [1], {"a": 0}]},
+        "k": {"const": 1},
+        "q": {"const": 'a"b\\"c\\\\'},  # quotes and backslashes: nothing may escape into code
+        "big": {"type": "integer", "maximum": 2**60},
         "b": {"type": "boolean"},
         "t": {"type": ["integer", "null"]},
         "o": {"type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"]},
@@ -59,6 +63,7 @@ def by_the_compiled_check(schema: dict[str, Any], params: Any) -> bool:
 def around(spec: Any) -> list[Any]:
     """Values at and around what ``spec`` allows, and of every JSON type."""
     values: list[Any] = [None, True, False, 0, 1, -1, 0.5, 1.0, "", "x", [], {}, [1], {"k": "v"}]
+    values += [[True], {"a": False}, 2**53 + 1, 2**60, 2**60 + 1, -(2**63), float(2**60), "1"]
     if isinstance(spec, dict):
         for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
             if isinstance(spec.get(bound), int | float):
@@ -88,6 +93,9 @@ def test_the_catalog_and_every_trusted_keyword_are_checked_by_compiled_code() ->
         {"properties": {"l": {"type": "array", "items": {"type": "integer"}}}},
         {"additionalProperties": {"type": "string", "format": "email"}},
         {"$defs": {}, "properties": {}},
+        # jsonschema divides in floats, fastjsonschema exactly: 0.3 is refused by the rule
+        {"properties": {"g": {"type": "number", "multipleOf": 0.1}}},
+        {"properties": {"n": {"type": "integer", "multipleOf": 2}}},
     ],
 )
 def test_a_schema_with_another_keyword_is_checked_by_the_rule_alone(schema: Any) -> None:
