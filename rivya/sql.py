@@ -217,14 +217,17 @@ def _isolated(connection: BaseDatabaseWrapper) -> Any:
 def execute_checking_connection(
     connection: BaseDatabaseWrapper, sql: str, params: list[Any], *, label: str
 ) -> tuple[Any, ...] | None:
-    """``execute_prepared`` for a read-only statement that is the first of a request, standing
-    in for Django's connection health check (``CONN_HEALTH_CHECKS``: a ``SELECT 1`` before a
-    request's first statement on a persistent connection, one round trip more).
+    """``execute_prepared`` for the first statement of a request, standing in for Django's
+    connection health check (``CONN_HEALTH_CHECKS``: a ``SELECT 1`` before a request's first
+    statement on a persistent connection, one round trip more).
 
     The statement itself is the check: if it fails because the connection is dead (the server
     restarted, the backend was terminated), the connection is closed and the statement sent
-    again on a new one, as the check would have done first. Reading twice is harmless; a
-    failure on a live connection is raised as it is."""
+    again on a new one, as the check would have done first. A failure on a live connection is
+    raised as it is. The statement must be one that may be sent twice, as a connection can die
+    after the server committed it: a read; or a write that recognises its own earlier success
+    (the submit's accept inserts a task whose id it chose, so a second one fails on the
+    primary key, and the caller takes that for the first's success)."""
     pending = (
         connection.connection is not None
         and connection.health_check_enabled

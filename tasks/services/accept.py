@@ -39,13 +39,13 @@ import enum
 from collections.abc import Callable
 from typing import Any
 
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 
 from billing.models import Hold, IdempotencyRecord
 from rivya.key_cache import Credential
 from rivya.models import ApiKey, User
 from rivya.services import usable_key_condition
-from rivya.sql import execute_prepared, insert_columns, insert_values
+from rivya.sql import execute_checking_connection, insert_columns, insert_values
 from tasks.models import SubmitOutbox, Task, TaskEvent
 
 NOTIFY_CHANNEL = "rivya_submits"  # the dispatcher LISTENs here (tasks.services.dispatch)
@@ -114,7 +114,14 @@ def accept_in_one_statement(
         params += insert_values(event, db)
     params.append(NOTIFY_CHANNEL)
     try:
-        execute_prepared(db, sql, params, label="rivya_accept")
+        # Often the request's first statement: it is the connection's health check too.
+        execute_checking_connection(db, sql, params, label="rivya_accept")
+    except IntegrityError:
+        # Sent a second time, after the connection died with the first on its way back: the
+        # first was committed (the task's id is taken), and with it everything else.
+        if Task.objects.filter(pk=task.pk).exists():
+            return Accept.ACCEPTED
+        raise
     except DatabaseError as exc:
         cause = exc.__cause__
         if getattr(cause, "pgcode", None) != REFUSED_SQLSTATE:

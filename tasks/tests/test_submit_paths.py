@@ -353,3 +353,53 @@ def test_a_new_connection_prepares_each_statement_once(
 
     assert sent.count("PREPARE") == 1, sent
     assert sent.count("EXECUTE") == 3, sent
+
+
+def test_the_accept_sent_twice_accepts_once(funded: Any) -> None:
+    # The accept may be sent a second time when the connection died with the first on its way
+    # back (rivya.sql.execute_checking_connection). The first was committed: the second fails on
+    # the task's primary key, rolls back whole, and is taken for the first's success.
+    user = funded(10)
+    task = prepared_task(user)
+    first = submit.accept_fast(task, fingerprint())
+    counts = capacity_counts()
+
+    second = submit.accept_fast(task, fingerprint())
+
+    assert first is second is accept.Accept.ACCEPTED
+    assert Task.objects.filter(user=user).count() == 1
+    assert Hold.objects.filter(subject_id=str(task.pk)).count() == 1
+    assert billing_selectors.balance_for_user(user=user).held == C
+    assert capacity_counts() == counts
+    assert TaskEvent.objects.filter(task=task).count() == 2
+
+
+def test_a_submit_whose_first_statement_meets_a_dead_connection_goes_through(
+    funded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the key and the model copied, the accept is a request's first statement and stands
+    # in for Django's connection health check: a terminated backend is replaced, the statement
+    # sent again, and the submit accepted once.
+    import psycopg2
+    from django.core.signals import request_finished, request_started
+
+    use_path(monkeypatch, "one-statement")
+    user = funded(10)
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 600)
+    connection.close()
+    accept_via("one-statement", user)
+    before = connection.connection.get_backend_pid()
+    request_finished.send(sender=None)  # as between two requests: the check is due again
+    request_started.send(sender=None)
+    killer = psycopg2.connect(**connection.get_connection_params())
+    with killer, killer.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [before])
+        assert cursor.fetchone() == (True,)
+    killer.close()
+
+    outcome = accept_via("one-statement", user)
+
+    assert outcome.accepted
+    assert connection.connection.get_backend_pid() != before
+    assert Task.objects.filter(user=user).count() == 2
+    assert billing_selectors.balance_for_user(user=user).held == 2 * C
