@@ -69,7 +69,7 @@ def task_submit(
     statement refuses, and every request elsewhere, goes step by step (``accept_step_by_step``).
     """
     check_request_shape(model_slug, prompt, params, upload_ids)
-    if accept.fast_path_available() and not files:
+    if not files:
         task = _accept_against_copy(
             user=user, model_slug=model_slug, prompt=prompt, params=params, upload_ids=upload_ids
         )
@@ -105,8 +105,6 @@ def task_submit_in_one_statement(
       checked by the same statement; None if it is revoked or its user deactivated.
 
     Raises ValidationFailed for a malformed request."""
-    if not accept.fast_path_available():
-        return None
     check_request_shape(model_slug, prompt, params, upload_ids)
     return _accept_against_copy(
         user=user,
@@ -130,8 +128,10 @@ def _accept_against_copy(
     credential: Credential | None = None,
 ) -> Task | None:
     """Validate against the process's copy of the model and accept in one statement: the
-    accepted task, or None (refused, or not valid by the copy: the caller goes step by step,
-    and answers with the row as it is now)."""
+    accepted task, or None (refused, not valid by the copy, or no such statement on this
+    database: the caller goes step by step, and answers with the row as it is now)."""
+    if not accept.fast_path_available():
+        return None
     for _ in range(2):  # a second time only if the cached model row had changed
         cached = model_cache.cached_model(model_slug)
         if cached is None:
