@@ -58,7 +58,10 @@ class ChatMessage(models.Model):
         FAILED = "FAILED", "Failed"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    session = models.ForeignKey(ChatSession, on_delete=models.PROTECT, related_name="messages")
+    # No index of its own: chat_message_session (session, …) serves lookups by session.
+    session = models.ForeignKey(
+        ChatSession, on_delete=models.PROTECT, related_name="messages", db_index=False
+    )
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="chat_messages"
     )

@@ -319,7 +319,8 @@ class SubmitOutbox(models.Model):
 class TaskEvent(models.Model):
     """The task's timeline: every transition, submission, callback, poll and ledger operation."""
 
-    task = models.ForeignKey(Task, on_delete=models.PROTECT, related_name="events")
+    # No index of its own: taskevent_timeline (task, created_at) serves lookups by task.
+    task = models.ForeignKey(Task, on_delete=models.PROTECT, related_name="events", db_index=False)
     kind = models.CharField(max_length=48)
     message = models.TextField(blank=True)
     data = models.JSONField(default=dict, blank=True)
@@ -382,8 +383,9 @@ class Upload(models.Model):
     """A reference file a user uploaded, its type and size verified by content."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # No index of its own: upload_recent (user, …) serves lookups by user.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="uploads"
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="uploads", db_index=False
     )
     file = models.FileField(upload_to=upload_path, max_length=300)
     original_name = models.CharField(max_length=255, blank=True)
@@ -445,8 +447,9 @@ class Dataset(models.Model):
         FAILED = "FAILED", "Failed"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # No index of its own: dataset_recent (user, …) serves lookups by user.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="datasets"
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="datasets", db_index=False
     )
     purpose = models.CharField(max_length=32, help_text="the single task type it was sent to")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
@@ -467,7 +470,10 @@ class DatasetFile(models.Model):
     """One stored file of a COMPLETED dataset, its type and size verified by content."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="files")
+    # No index of its own: dataset_file_once (dataset, …) serves lookups by dataset.
+    dataset = models.ForeignKey(
+        Dataset, on_delete=models.PROTECT, related_name="files", db_index=False
+    )
     position = models.PositiveIntegerField()
     file = models.FileField(upload_to=dataset_file_path, max_length=300)
     original_name = models.CharField(max_length=255, blank=True)
