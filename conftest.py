@@ -12,6 +12,7 @@ from rest_framework.test import APIClient
 
 from billing import services as billing
 from billing.invariants import run_checks
+from notifications.tests.receiver import Receiver, start_receiver, stop_receiver
 from rivya import services as rivya_services
 from tasks.catalog import seed_catalog
 from tasks.tests.sandbox_process import SandboxProcess, sandbox_process  # noqa: F401
@@ -159,3 +160,20 @@ def asgi_server(asgi_process: str, sandbox: SandboxProcess, transactional_db: An
     """Per test: the ASGI server's URL; the catalog seeded and committed where it can see it."""
     seed_catalog()
     return asgi_process
+
+
+@pytest.fixture(scope="session")
+def webhook_receiver_process() -> Iterator[Receiver]:
+    """The webhook receiver (notifications/tests/receiver.py), one process for the session."""
+    receiver = start_receiver()
+    yield receiver
+    stop_receiver(receiver)
+
+
+@pytest.fixture
+def webhook_receiver(webhook_receiver_process: Receiver, settings: Any) -> Receiver:
+    """The receiver, emptied, and the settings that let deliveries reach it (loopback, http)."""
+    webhook_receiver_process.reset()
+    settings.WEBHOOK_ALLOW_PRIVATE = True
+    settings.WEBHOOK_ALLOW_HTTP = True
+    return webhook_receiver_process

@@ -6,6 +6,7 @@ without its secrets. ``README.md`` lists every variable.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -242,6 +243,12 @@ CELERY_BEAT_SCHEDULE = {
     # Chat turns whose web process died mid-stream (docs/chat.md).
     "settle-abandoned-chat-turns": {"task": "chat.settle_abandoned", "schedule": 60.0},
     # Single tasks whose web process (or worker) died mid-run (docs/single.md).
+    # Outbound webhooks whose queued delivery was lost, retries further ahead than a minute,
+    # and messages held by a worker that died (docs/webhooks.md).
+    "deliver-due-webhooks": {
+        "task": "notifications.deliver_due_webhooks",
+        "schedule": env.float("WEBHOOK_SWEEP_EVERY", default=15.0),
+    },
     "settle-interrupted-single-tasks": {
         "task": "tasks.settle_interrupted_single",
         "schedule": env.float("SINGLE_RECONCILE_EVERY", default=10.0),
@@ -282,6 +289,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "StatusEnum": "tasks.models.Task.Status",
         "ChatMessageStatusEnum": "chat.models.ChatMessage.Status",
+        "WebhookMessageStatusEnum": "notifications.models.WebhookMessage.Status",
     },
 }
 
@@ -302,6 +310,15 @@ CALLBACKS_ENABLED = env.bool("CALLBACKS_ENABLED", default=True)
 CALLBACK_BASE_URL = env.str("CALLBACK_BASE_URL", default=SITE_URL).rstrip("/")
 TASK_RESULT_TTL = env.int("TASK_RESULT_TTL", default=7 * 24 * 3600)
 TASK_EXPIRY_WARNING = env.int("TASK_EXPIRY_WARNING", default=24 * 3600)
+
+# Outbound webhooks (docs/webhooks.md). Private and loopback receivers, and plain http, only
+# under DEBUG (as `make run` runs) unless set: production refuses both.
+WEBHOOK_ALLOW_PRIVATE = env.bool("WEBHOOK_ALLOW_PRIVATE", default=DEBUG)
+WEBHOOK_ALLOW_HTTP = env.bool("WEBHOOK_ALLOW_HTTP", default=DEBUG)
+WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=15.0)
+WEBHOOK_MAX_RESPONSE_BYTES = env.int("WEBHOOK_MAX_RESPONSE_BYTES", default=8192)
+WEBHOOK_SECRET_OVERLAP = timedelta(seconds=env.int("WEBHOOK_SECRET_OVERLAP", default=24 * 3600))
+WEBHOOK_DISABLE_AFTER = timedelta(seconds=env.int("WEBHOOK_DISABLE_AFTER", default=5 * 24 * 3600))
 TASK_MAX_RUNNING_PER_USER = env.int("TASK_MAX_RUNNING_PER_USER", default=20)
 TASK_MAX_RUNNING = env.int("TASK_MAX_RUNNING", default=500)
 # Optional per-user limits per category, e.g. "video=3,image=10" (within the per-user limit).

@@ -145,6 +145,10 @@ class Task(models.Model):
     prompt = models.TextField(blank=True)
     params = models.JSONField(default=dict, blank=True)
     upload_ids = models.JSONField(default=list, blank=True)
+    # Where this task's events are POSTed (docs/webhooks.md), and which of them (the short
+    # names, as Replicate's webhook_events_filter); signed with the account's secret.
+    webhook_url = models.CharField(max_length=2000, blank=True)
+    webhook_events = models.JSONField(default=list, blank=True)
     # A synchronous ("single") task: its runtime and type, snapshotted from the model, the
     # dataset of files it was sent with, and the time by which the request (or, for one accepted
     # with ``Prefer: respond-async``, the worker) running it must have finished it. Past that the

@@ -8,6 +8,7 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from notifications.webhooks import TASK_EVENTS
 from rivya.money import format_credits
 from tasks.models import AIModel, Task, Upload
 
@@ -48,6 +49,15 @@ class TaskCreateSerializer(serializers.Serializer):
     upload_ids = serializers.ListField(child=serializers.CharField(), required=False)
     files = serializers.ListField(
         child=serializers.FileField(), required=False, help_text="multipart only"
+    )
+    webhook_url = serializers.CharField(
+        required=False,
+        help_text="https URL the task's events are POSTed to, signed (docs/webhooks.md)",
+    )
+    webhook_events = serializers.ListField(
+        child=serializers.ChoiceField(choices=list(TASK_EVENTS)),
+        required=False,
+        help_text="which events go to webhook_url (default: all)",
     )
 
 
@@ -115,6 +125,7 @@ class TaskSerializer(serializers.ModelSerializer):
     credits = serializers.SerializerMethodField()
     results = serializers.SerializerMethodField()
     poll_url = serializers.SerializerMethodField()
+    webhook_url = serializers.SerializerMethodField()
 
     class Meta:
         model = Task
@@ -127,6 +138,8 @@ class TaskSerializer(serializers.ModelSerializer):
             "prompt",
             "params",
             "upload_ids",
+            "webhook_url",
+            "webhook_events",
             "created_at",
             "submitted_at",
             "started_at",
@@ -155,6 +168,8 @@ class TaskSerializer(serializers.ModelSerializer):
             "prompt": task.prompt,
             "params": task.params,
             "upload_ids": task.upload_ids,
+            "webhook_url": cls.get_webhook_url(task),
+            "webhook_events": task.webhook_events,
             "created_at": api_time(task.created_at, tz),
             "submitted_at": api_time(task.submitted_at, tz),
             "started_at": api_time(task.started_at, tz),
@@ -166,6 +181,11 @@ class TaskSerializer(serializers.ModelSerializer):
             "results": cls.get_results(task),
             "poll_url": cls.get_poll_url(task),
         }
+
+    @staticmethod
+    @extend_schema_field(serializers.CharField(allow_null=True, help_text="null: none"))
+    def get_webhook_url(obj: Task) -> str | None:
+        return obj.webhook_url or None
 
     @staticmethod
     def get_expired(obj: Task) -> bool:

@@ -72,7 +72,9 @@ def _too_large(request: Request) -> None:
         raise DomainError("A file is over the upload limit.", code="file_too_large", status=413)
 
 
-TASK_FIELDS = frozenset({"model", "prompt", "params", "upload_ids"})
+TASK_FIELDS = frozenset(
+    {"model", "prompt", "params", "upload_ids", "webhook_url", "webhook_events"}
+)
 
 
 def _task_input(request: Request) -> dict[str, Any]:
@@ -102,6 +104,9 @@ def _task_input(request: Request) -> dict[str, Any]:
             "params": params,
             "upload_ids": data.getlist("upload_ids"),
             "files": request.FILES.getlist("files"),
+            "webhook_url": data.get("webhook_url", ""),
+            # As repeated form fields, like upload_ids.
+            "webhook_events": data.getlist("webhook_events") or None,
         }
     if not isinstance(data, dict):
         raise ValidationFailed({"non_field_errors": ["Send a JSON object."]})
@@ -117,6 +122,8 @@ def _json_task_input(data: dict[str, Any]) -> dict[str, Any]:
         "prompt": data.get("prompt", ""),
         "params": data.get("params"),
         "upload_ids": data.get("upload_ids") or [],
+        "webhook_url": data.get("webhook_url", ""),
+        "webhook_events": data.get("webhook_events"),
     }
 
 

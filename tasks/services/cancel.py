@@ -25,6 +25,7 @@ from tasks.services.common import (
     record_event,
     result_ttl,
     settle_task,
+    task_webhook_event,
     transition_task,
 )
 
@@ -85,6 +86,7 @@ def task_cancel(*, task_id: Any, actor: Any = None, reason: str = "") -> Task:
                 f"{task.model_slug}: {message} "
                 + ("Your credits were refunded." if not charge else ""),
             )
+        task_webhook_event(task, "cancelled")
         if task.runtime == AIModel.Runtime.ASYNC and (task.upstream_id or task.submit_attempts):
             # A task still WAITING may have a job all the same (a submit answered unclearly):
             # the cancel then asks the provider for it by the task's key.

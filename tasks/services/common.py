@@ -8,6 +8,7 @@ from typing import Any
 
 from billing import selectors as billing_selectors
 from billing import services as billing
+from notifications import webhooks
 from notifications.services import notification_create
 from tasks.capacity import capacity_release
 from tasks.models import Task, TaskEvent
@@ -49,6 +50,32 @@ def notify_user(task: Task, kind: str, title: str, body: str) -> None:
         subject_type=SUBJECT,
         subject_id=str(task.pk),
         link=task_link(task.pk),
+    )
+
+
+def task_webhook_event(task: Task, name: str) -> int:
+    """Record the webhook event ``task.<name>`` (``name`` one of
+    ``notifications.webhooks.TASK_EVENTS``) for the account's endpoints and the task's own
+    ``webhook_url``, in the transaction of the change it reports. A single task sends
+    ``single.completed`` when it finishes instead (its requester got the answer in the
+    response; an endpoint may still want it). The payload's ``data`` is the task in its API
+    shape as it is after the change."""
+    if task.single_type:
+        if name not in ("completed", "failed", "cancelled"):
+            return 0
+        event_type = "single.completed"
+    else:
+        event_type = f"task.{name}"
+    from tasks.api.serializers import TaskSerializer  # the API shape; it imports the services
+
+    return webhooks.webhook_event_record(
+        user_id=task.user_id,
+        event_type=event_type,
+        subject_type=SUBJECT,
+        subject_id=task.pk,
+        data=lambda: TaskSerializer.represent(Task.objects.get(pk=task.pk)),
+        task_url=task.webhook_url,
+        task_events=task.webhook_events,
     )
 
 

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from notifications.models import Notification
 from tasks.models import Task, TaskEvent
-from tasks.services.common import S, notify_user
+from tasks.services.common import S, notify_user, task_webhook_event
 
 
 def results_expire_due(*, limit: int = 200) -> int:
@@ -84,5 +84,6 @@ def results_warn_expiring() -> int:
                     f"The results of your {task.model_slug} generation will be deleted at "
                     f"{task.expires_at:%Y-%m-%d %H:%M} UTC. Download them before then.",
                 )
+                task_webhook_event(task, "expiring")
                 sent += 1
     return sent

@@ -20,6 +20,7 @@ from tasks.services.common import (
     record_event,
     result_ttl,
     settle_task,
+    task_webhook_event,
     transition_task,
 )
 
@@ -104,6 +105,7 @@ def task_succeed(*, task_id: Any, outputs: Sequence[StoredOutput], notify: bool 
                 )
                 + ".",
             )
+        task_webhook_event(task, "completed")
     return True
 
 
@@ -181,4 +183,6 @@ def task_fail(
                 else (f"Per this model's billing policy {percent}% was charged.")
             )
             notify_user(task, notif_kind, title, f"{task.model_slug}: {message} {refund}")
+        # REJECTED too: its error says why.
+        task_webhook_event(task, "failed")
     return True

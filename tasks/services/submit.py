@@ -14,6 +14,7 @@ from django.utils import timezone
 from billing import services as billing
 from billing.models import Hold, IdempotencyRecord
 from notifications.models import Notification
+from notifications.webhooks import check_task_webhook
 from rivya.errors import (
     MAX_JSON_DEPTH,
     InsufficientCredits,
@@ -55,6 +56,8 @@ def task_submit(
     params: Any = None,
     upload_ids: Sequence[Any] = (),
     files: Sequence[Any] = (),
+    webhook_url: Any = "",
+    webhook_events: Any = None,
 ) -> SubmitOutcome:
     """Validate a generation request, record it and hold its credits.
 
@@ -69,9 +72,15 @@ def task_submit(
     statement refuses, and every request elsewhere, goes step by step (``accept_step_by_step``).
     """
     check_request_shape(model_slug, prompt, params, upload_ids)
+    webhook = check_task_webhook(webhook_url, webhook_events)
     if not files:
         task = _accept_against_copy(
-            user=user, model_slug=model_slug, prompt=prompt, params=params, upload_ids=upload_ids
+            user=user,
+            model_slug=model_slug,
+            prompt=prompt,
+            params=params,
+            upload_ids=upload_ids,
+            webhook=webhook,
         )
         if task is not None:
             return SubmitOutcome(task=task, accepted=True)
@@ -79,7 +88,13 @@ def task_submit(
     if model is None:
         raise ValidationFailed({"model": [f"No model {model_slug!r}."]}, code="unknown_model")
     task, uploads = prepare_task(
-        user=user, model=model, prompt=prompt, params=params, upload_ids=upload_ids, files=files
+        user=user,
+        model=model,
+        prompt=prompt,
+        params=params,
+        upload_ids=upload_ids,
+        files=files,
+        webhook=webhook,
     )
     return accept_step_by_step(task, uploads=uploads, files=files)
 
@@ -91,6 +106,8 @@ def task_submit_in_one_statement(
     prompt: Any = "",
     params: Any = None,
     upload_ids: Sequence[Any] = (),
+    webhook_url: Any = "",
+    webhook_events: Any = None,
     record_for: Callable[[Task], IdempotencyRecord] | None = None,
     credential: Credential | None = None,
 ) -> Task | None:
@@ -112,6 +129,7 @@ def task_submit_in_one_statement(
         prompt=prompt,
         params=params,
         upload_ids=upload_ids,
+        webhook=check_task_webhook(webhook_url, webhook_events),
         record_for=record_for,
         credential=credential,
     )
@@ -124,6 +142,7 @@ def _accept_against_copy(
     prompt: Any,
     params: Any,
     upload_ids: Sequence[Any],
+    webhook: tuple[str, list[str]] = ("", []),
     record_for: Callable[[Task], IdempotencyRecord] | None = None,
     credential: Credential | None = None,
 ) -> Task | None:
@@ -138,7 +157,12 @@ def _accept_against_copy(
             return None  # unknown or disabled: the step-by-step path answers
         try:
             task, _ = prepare_task(
-                user=user, model=cached.model, prompt=prompt, params=params, upload_ids=upload_ids
+                user=user,
+                model=cached.model,
+                prompt=prompt,
+                params=params,
+                upload_ids=upload_ids,
+                webhook=webhook,
             )
         except ValidationFailed:
             # The copy may be out of date (a limit raised, a parameter added since): a refusal
@@ -182,6 +206,7 @@ def prepare_task(
     params: Any,
     upload_ids: Any,
     files: Sequence[Any] = (),
+    webhook: tuple[str, list[str]] = ("", []),
 ) -> tuple[Task, list[Upload]]:
     """Validate the request against the enabled ``model`` and price it: the unsaved WAITING
     task, with the uploads it names. Raises ValidationFailed (400)."""
@@ -237,6 +262,8 @@ def prepare_task(
         params=params,
         price=price,
         upload_ids=[str(u.pk) for u in uploads],
+        webhook_url=webhook[0],
+        webhook_events=webhook[1],
     )
     return task, uploads
 

@@ -24,7 +24,7 @@ from tasks.providers.base import (
 )
 from tasks.providers.registry import get_provider
 from tasks.services import enqueue
-from tasks.services.common import S, record_event, transition_task
+from tasks.services.common import S, record_event, task_webhook_event, transition_task
 from tasks.services.outcomes import task_fail
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def _record_acceptance(task: Task, upstream_id: str, message: str) -> bool:
         )
         if moved:
             record_event(task_id, "submitted", message, upstream_id=upstream_id)
+            task_webhook_event(task, "started")
         elif (
             Task.objects.filter(pk=task_id).values_list("upstream_id", flat=True).first()
             != upstream_id
