@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from billing import services as billing
 from billing.invariants import run_checks
+from notifications import webhooks
+from notifications.models import WebhookMessage
 from notifications.tests.receiver import Receiver, start_receiver, stop_receiver
 from rivya import services as rivya_services
 from tasks.catalog import seed_catalog
@@ -177,3 +181,19 @@ def webhook_receiver(webhook_receiver_process: Receiver, settings: Any) -> Recei
     settings.WEBHOOK_ALLOW_PRIVATE = True
     settings.WEBHOOK_ALLOW_HTTP = True
     return webhook_receiver_process
+
+
+@pytest.fixture
+def deliver_due() -> Any:
+    """Outbound webhooks: one delivery attempt for every message due now, through the function
+    the Celery task runs (after moving retries to now with ``later=True``, as if their delay had
+    passed); returns the statuses by message id. (tests/test_e2e_webhooks.py runs the worker.)"""
+
+    def run(*, later: bool = False) -> dict[str, str]:
+        if later:
+            WebhookMessage.objects.filter(status=WebhookMessage.Status.PENDING).update(
+                next_attempt_at=timezone.now() - timedelta(seconds=1)
+            )
+        return {i: webhooks.webhook_deliver(message_id=i) for i in webhooks.webhooks_due()}
+
+    return run

@@ -9,6 +9,7 @@ exactly once. ``settle_abandoned_turns`` settles turns whose server died mid-str
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,11 +19,14 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
+from rest_framework.renderers import JSONRenderer
 
 from billing import selectors as billing_selectors
 from billing import services as billing
 from chat import tokens
+from chat.api.serializers import ChatMessageSerializer
 from chat.models import ChatMessage, ChatSession
+from notifications import webhooks
 from rivya.errors import (
     IdempotencyInProgress,
     IdempotencyKeyReused,
@@ -469,6 +473,13 @@ def finish_turn(
         if client_gone:
             message.client_gone_at = now
         message.save()
+        webhooks.webhook_event_record(
+            user_id=message.user_id,
+            event_type="chat.message.completed",  # completed or failed: its status says
+            subject_type=SUBJECT,
+            subject_id=message.pk,
+            data=lambda: message_api_shape(message),
+        )
     if message.uncollected_micro:
         log.warning(
             "chat message %s: usage beyond the hold, %s micro-credits uncollected",
@@ -476,6 +487,11 @@ def finish_turn(
             message.uncollected_micro,
         )
     return message
+
+
+def message_api_shape(message: ChatMessage) -> dict[str, Any]:
+    """The message as the API shows it, as plain JSON (a webhook event's ``data``)."""
+    return dict(json.loads(JSONRenderer().render(ChatMessageSerializer(message).data)))
 
 
 def error_kind(error: ProviderError) -> str:

@@ -167,6 +167,7 @@ class WebhookMessage(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        permissions = [("resend_webhookmessage", "Can resend webhook messages")]
         constraints = [
             # One message per event and destination: an event recorded twice is not sent twice.
             models.UniqueConstraint(

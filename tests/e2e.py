@@ -229,6 +229,10 @@ def stack(
         CALLBACK_RETRY_EVERY="2",
         DB_CONN_MAX_AGE="0",
         PYTHONUNBUFFERED="1",
+        # Outbound webhooks go to the test receiver on loopback, over http.
+        WEBHOOK_ALLOW_PRIVATE="1",
+        WEBHOOK_ALLOW_HTTP="1",
+        WEBHOOK_SWEEP_EVERY="1",
     )
     stack = Stack(sandbox_url=sandbox_url, secret=secret, media_root=media_root, env=env)
     try:

@@ -589,3 +589,28 @@ def test_a_host_that_resolves_elsewhere_at_connect_time_is_refused(
     assert attempt.status_code is None
     assert "loopback" in attempt.error
     assert webhook_receiver.received() == []
+
+
+def test_a_single_task_sends_single_completed(
+    sandbox: Any,
+    catalog: None,
+    funded: Any,
+    api_for: Any,
+    webhook_receiver: Receiver,
+    deliver_due: Any,
+) -> None:
+    user = funded(10)
+    hook = endpoint(user, webhook_receiver, "/single", event_types=["single.completed"])
+    answer = api_for(user).post(
+        "/api/v1/single/translation/",
+        {"text": "good morning", "source_language": "en", "target_language": "hi"},
+        format="json",
+    )
+    assert answer.status_code == 200, answer.content
+    deliver_due()
+    (request,) = webhook_receiver.received("/single")
+    payload = verify(hook.secret, request)
+    assert payload["type"] == "single.completed"
+    assert payload["data"]["id"] == answer.json()["task_id"]
+    assert payload["data"]["status"] == "SUCCESS"
+    assert payload["data"]["single_type"] == "translation"

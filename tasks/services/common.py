@@ -10,6 +10,7 @@ from billing import selectors as billing_selectors
 from billing import services as billing
 from notifications import webhooks
 from notifications.services import notification_create
+from tasks.api.serializers import TaskSerializer
 from tasks.capacity import capacity_release
 from tasks.models import Task, TaskEvent
 
@@ -66,8 +67,6 @@ def task_webhook_event(task: Task, name: str) -> int:
         event_type = "single.completed"
     else:
         event_type = f"task.{name}"
-    from tasks.api.serializers import TaskSerializer  # the API shape; it imports the services
-
     return webhooks.webhook_event_record(
         user_id=task.user_id,
         event_type=event_type,

@@ -2,7 +2,7 @@
 permissions are set to exactly the list below (a permission removed here is removed there).
 
 - Support: sees everything (the view permission of every Rivya model, users included); may
-  re-check, cancel and resubmit tasks (the user pays).
+  re-check, cancel and resubmit tasks (the user pays), and resend webhook messages.
 - Billing: all of Support, and marks failed with a refund, refunds, adjusts credits (the
   "Adjust credits" form asks for ``billing.add_ledgertransaction``) and resubmits at our cost.
 
@@ -20,7 +20,12 @@ from django.db import transaction
 from django.db.models import Q
 
 RIVYA_APPS = ("rivya", "billing", "tasks", "chat", "notifications")
-SUPPORT = ["tasks.recheck_task", "tasks.cancel_task", "tasks.resubmit_task"]
+SUPPORT = [
+    "tasks.recheck_task",
+    "tasks.cancel_task",
+    "tasks.resubmit_task",
+    "notifications.resend_webhookmessage",
+]
 BILLING = [
     *SUPPORT,
     "tasks.refund_task",
