@@ -20,6 +20,7 @@ from billing import selectors as billing
 from rivya import services
 from rivya.errors import DomainError, contains_nul
 from rivya.models import User
+from rivya.pages import account_webhooks
 from rivya.pages.common import price_label
 from tasks import selectors as tasks
 from tasks.models import AIModel, Category
@@ -116,6 +117,7 @@ class LogoutView(auth_views.LogoutView):
 @require_http_methods(["GET", "POST"])
 def account(request: HttpRequest) -> HttpResponse:
     new_key = None
+    shown_once: dict[str, Any] = {}
     if request.method == "POST":
         action = request.POST.get("action")
         if any(contains_nul(value) for value in request.POST.values()):
@@ -133,10 +135,16 @@ def account(request: HttpRequest) -> HttpResponse:
             except DomainError as exc:
                 messages.error(request, exc.message)
             return redirect("account")
+        elif action in account_webhooks.ACTIONS:
+            shown_once = account_webhooks.handle(request, action)
+            if not shown_once:
+                return redirect("/account/#webhooks")
     return render(
         request,
         "pages/account.html",
         {
+            **account_webhooks.context(request.user),
+            **shown_once,
             "new_key": new_key,
             "api_keys": request.user.api_keys.order_by("-created_at"),
             "credits": billing.balance_for_user(user=request.user),

@@ -1,0 +1,140 @@
+"""The webhooks section of the account page: endpoints added (secret shown once), disabled,
+rotated and removed; a private URL refused with the reason; another account's ids refused;
+recent deliveries listed and resent."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from notifications import webhooks
+from notifications.models import WebhookAttempt, WebhookEndpoint, WebhookMessage
+from notifications.tests.receiver import Receiver
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def logged_in(some_user: Any) -> Client:
+    client = Client()
+    client.force_login(some_user)
+    return client
+
+
+def page_text(client: Client) -> str:
+    return html.unescape(client.get("/account/").content.decode())
+
+
+def test_adding_an_endpoint_shows_its_secret_once(funded: Any, webhook_receiver: Receiver) -> None:
+    user = funded(0)
+    client = logged_in(user)
+    answer = client.post(
+        "/account/",
+        {
+            "action": "create_endpoint",
+            "url": webhook_receiver.url(),
+            "description": "staging",
+            "event_types": ["task.completed", "task.failed"],
+        },
+    )
+    assert answer.status_code == 200
+    endpoint = WebhookEndpoint.objects.get(user=user)
+    assert endpoint.event_types == ["task.completed", "task.failed"]
+    assert endpoint.secret in answer.content.decode()
+    again = page_text(client)
+    assert endpoint.url in again
+    assert "staging" in again
+    assert endpoint.secret not in again
+
+
+def test_a_private_url_is_refused_with_the_reason(funded: Any, settings: Any) -> None:
+    settings.WEBHOOK_ALLOW_PRIVATE = False
+    client = logged_in(funded(0))
+    answer = client.post(
+        "/account/", {"action": "create_endpoint", "url": "https://10.0.0.5/hook"}, follow=True
+    )
+    text = html.unescape(answer.content.decode())
+    assert "resolves to 10.0.0.5, a private address" in text
+    assert not WebhookEndpoint.objects.exists()
+
+
+def test_disable_enable_rotate_and_remove(funded: Any, webhook_receiver: Receiver) -> None:
+    user = funded(0)
+    endpoint = webhooks.endpoint_create(user=user, url=webhook_receiver.url())
+    client = logged_in(user)
+    client.post("/account/", {"action": "toggle_endpoint", "endpoint": str(endpoint.pk)})
+    endpoint.refresh_from_db()
+    assert not endpoint.enabled
+    assert "disabled" in page_text(client)
+    client.post("/account/", {"action": "toggle_endpoint", "endpoint": str(endpoint.pk)})
+    old = endpoint.secret
+    rotated = client.post("/account/", {"action": "rotate_endpoint", "endpoint": str(endpoint.pk)})
+    endpoint.refresh_from_db()
+    assert endpoint.enabled
+    assert endpoint.previous_secret == old
+    assert endpoint.secret in rotated.content.decode()
+    client.post("/account/", {"action": "delete_endpoint", "endpoint": str(endpoint.pk)})
+    assert not WebhookEndpoint.objects.exists()
+
+
+def test_another_account_s_endpoint_or_delivery_is_not_found(
+    funded: Any, webhook_receiver: Receiver, deliver_due: Any
+) -> None:
+    owner, other = funded(0), funded(0)
+    endpoint = webhooks.endpoint_create(user=owner, url=webhook_receiver.url())
+    webhooks.webhook_event_record(
+        user_id=owner.pk,
+        event_type="task.failed",
+        subject_type="",
+        subject_id="",
+        data=lambda: {},
+    )
+    deliver_due()
+    message = WebhookMessage.objects.get()
+    client = logged_in(other)
+    for action in ("toggle_endpoint", "rotate_endpoint", "delete_endpoint"):
+        answer = client.post(
+            "/account/", {"action": action, "endpoint": str(endpoint.pk)}, follow=True
+        )
+        assert "No such webhook endpoint." in answer.content.decode()
+    answer = client.post(
+        "/account/", {"action": "resend_message", "message": str(message.pk)}, follow=True
+    )
+    assert "No such delivery." in answer.content.decode()
+    endpoint.refresh_from_db()
+    message.refresh_from_db()
+    assert endpoint.enabled
+    assert endpoint.previous_secret == ""
+    assert message.resend_requested_at is None
+    assert endpoint.url not in page_text(client)
+
+
+def test_recent_deliveries_are_listed_and_resent(
+    funded: Any, webhook_receiver: Receiver, deliver_due: Any
+) -> None:
+    user = funded(0)
+    webhooks.endpoint_create(user=user, url=webhook_receiver.url())
+    webhook_receiver.script("/hook", {"status": 500})
+    webhooks.webhook_event_record(
+        user_id=user.pk,
+        event_type="task.failed",
+        subject_type="",
+        subject_id="",
+        data=lambda: {},
+    )
+    deliver_due()
+    client = logged_in(user)
+    text = page_text(client)
+    assert "task.failed" in text
+    assert "HTTP 500" in text
+    message = WebhookMessage.objects.get()
+    client.post("/account/", {"action": "resend_message", "message": str(message.pk)})
+    deliver_due()
+    message.refresh_from_db()
+    assert message.status == WebhookMessage.Status.SUCCEEDED
+    assert list(WebhookAttempt.objects.order_by("number").values_list("trigger", flat=True)) == [
+        "scheduled",
+        "resend",
+    ]
