@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from bench.common import ROOT
 
@@ -298,14 +299,16 @@ class Processes:
 
 
 def wait_until(
-    check: Callable[[], bool], *, proc: Proc, timeout: float, what: str, every: float = 0.1
-) -> None:
+    check: Callable[[], Any], *, proc: Proc, timeout: float, what: str, every: float = 0.1
+) -> Any:
+    """``check()``'s first true value, asked every ``every`` s while ``proc`` lives."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
             raise RuntimeError(f"{proc.name} exited early while waiting for {what}:\n{proc.tail()}")
-        if check():
-            return
+        value = check()
+        if value:
+            return value
         time.sleep(every)
     raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}:\n{proc.tail()}")
 

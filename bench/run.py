@@ -53,8 +53,8 @@ from bench.procs import reap_recorded  # noqa: E402
 
 DEFAULT_URL = "postgres://postgres@127.0.0.1:5432/rivya"
 PGBENCH_DB = f"{DB_PREFIX}pgbench"
-ALL_SUITES = ("holds", "submit", "callbacks", "latency", "scale", "chat", "single")
-DEFAULT_SUITES = ("holds", "submit", "callbacks", "latency", "scale")
+ALL_SUITES = ("holds", "submit", "callbacks", "latency", "scale", "chat", "single", "webhooks")
+DEFAULT_SUITES = ("holds", "submit", "callbacks", "latency", "scale", "webhooks")
 DEFAULT_SCENARIOS = "hot,many,hot+capture,many+capture"
 STOP_GRACE_S = 60
 
@@ -218,6 +218,9 @@ def suite_timeout(args: argparse.Namespace, suite: str) -> float:
         return 300 + args.seconds * 4 * 2 + args.finalize_tasks
     if suite == "latency":
         return 300 + args.latency_tasks * 30
+    if suite == "webhooks":
+        # pgbench twice, two stacks started, 2,000 deliveries, 100 tasks, with margins.
+        return 600 + args.seconds * 4
     if suite == "chat":
         # Two rounds of streams, the timed turns, six load windows and pgbench, with margins.
         rounds = 2 * (args.chat_ramp + args.chat_stream_seconds * 3 + 180)
@@ -355,7 +358,9 @@ def main(argv: list[str]) -> int:
     databases = [f"{DB_PREFIX}{suite}" for suite in args.suites]
     if "scale" in args.suites:
         databases.append(f"{DB_PREFIX}scale_large")
-    needs_pgbench = bool({"holds", "submit", "callbacks", "chat", "single"} & set(args.suites))
+    needs_pgbench = bool(
+        {"holds", "submit", "callbacks", "chat", "single", "webhooks"} & set(args.suites)
+    )
     if needs_pgbench:
         databases.append(PGBENCH_DB)
     run_dir = Path(tempfile.mkdtemp(prefix="rivya-bench-"))

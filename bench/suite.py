@@ -1,12 +1,11 @@
 """One benchmark suite in a process of its own: ``python bench/suite.py CONFIG.json OUT.json``.
 
 Started by ``bench/run.py`` for each suite (``holds``, ``submit``, ``callbacks``, ``latency``,
-``scale``, ``chat``, ``single``): the process points Django at the suite's scratch database,
-migrates it, runs the suite and writes its rows (``SuiteResult``) to ``OUT.json``. Exit status
-0 when the suite's checks passed, 1 when they did not (the rows are still written), 2 when it
-could not run. SIGTERM (the orchestrator giving up) or SIGINT (Ctrl-C) ends it through the same
-clean-up as an error: the servers it started are stopped.
-"""
+``scale``, ``chat``, ``single``, ``webhooks``): the process points Django at the suite's scratch
+database, migrates it, runs the suite and writes its rows (``SuiteResult``) to ``OUT.json``.
+Exit status 0 when the suite's checks passed, 1 when they did not (the rows are still written),
+2 when it could not run. SIGTERM (the orchestrator giving up) or SIGINT (Ctrl-C) ends it through
+the same clean-up as an error: the servers it started are stopped."""
 
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import SuiteConfig, SuiteResult, setup_django  # noqa: E402
 from bench.scratch import url_with_db  # noqa: E402
 
-SUITES = ("holds", "submit", "callbacks", "latency", "scale", "chat", "single")
+SUITES = ("holds", "submit", "callbacks", "latency", "scale", "chat", "single", "webhooks")
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -61,6 +60,10 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
         from bench import single
 
         return single.run(config)
+    if config.suite == "webhooks":
+        from bench import webhooks
+
+        return webhooks.run(config)
     raise SystemExit(f"unknown suite {config.suite!r}; choose among {', '.join(SUITES)}")
 
 
