@@ -245,9 +245,19 @@ class Processes:
         )
         return f"http://127.0.0.1:{port}", proc
 
-    def celery_worker(self, *, pool: str = "prefork", concurrency: int = 2, **env: str) -> Proc:
+    def celery_worker(
+        self,
+        *,
+        pool: str = "prefork",
+        concurrency: int = 2,
+        queues: str = "celery,webhooks",
+        name: str = "worker",
+        **env: str,
+    ) -> Proc:
+        """A Celery worker; by default it serves both queues (``make run`` starts one worker for
+        each: ``celery``, and ``webhooks`` on threads)."""
         proc = self.start(
-            "worker",
+            name,
             [
                 sys.executable,
                 "-m",
@@ -264,8 +274,10 @@ class Processes:
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
+                "--queues",
+                queues,
                 "-n",
-                f"bench-{os.getpid()}@%h",
+                f"bench-{name}-{os.getpid()}@%h",
             ],
             **env,
         )

@@ -3,10 +3,12 @@ from a task's SUCCESS to its event reaching the receiver.
 
 Runs in a suite process whose Django points at the scratch database ``rivya_bench_webhooks``.
 Started here, on 127.0.0.1: the receiver (``notifications/tests/receiver.py``, a threaded
-standard-library server that records each request and answers 200), one Celery worker (threads,
-concurrency 8, as the end-to-end tests; ``WEBHOOK_ALLOW_PRIVATE`` and ``WEBHOOK_ALLOW_HTTP``
-on, since the receiver is on loopback over http), and for the latency part the whole lifecycle
-stack of the latency suite (sandbox, gunicorn ASGI, beat, the submit dispatcher).
+standard-library server that records each request and answers 200), the worker of the
+``webhooks`` queue as ``make run`` starts it (threads ×16; ``WEBHOOK_ALLOW_PRIVATE`` and
+``WEBHOOK_ALLOW_HTTP`` on, since the receiver is on loopback over http), and for the latency
+part the whole lifecycle
+stack of the latency suite (sandbox, gunicorn ASGI, the lifecycle's worker as
+``--latency-pool`` says, beat, the submit dispatcher).
 
 1. **Throughput.** One endpoint; this process records N events (``webhook_event_record``, as a
    state change does) in one transaction, so that the Celery messages are all published at its
@@ -25,6 +27,7 @@ stack of the latency suite (sandbox, gunicorn ASGI, beat, the submit dispatcher)
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,10 +40,15 @@ from bench.common import (
     SuiteConfig,
     SuiteResult,
     api_key,
+    cpu_cores,
+    cpu_report,
+    cpu_sample,
     flush_bench_redis,
     funded_user,
     lifecycle_env,
     percentile,
+    pids_named,
+    tree_pids,
 )
 from bench.procs import Proc, Processes, free_port, new_webhook_secret, wait_until
 from bench.scratch import Pgbench
@@ -48,6 +56,18 @@ from bench.scratch import Pgbench
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_ENV = {"WEBHOOK_ALLOW_PRIVATE": "1", "WEBHOOK_ALLOW_HTTP": "1", "WEBHOOK_SWEEP_EVERY": "1"}
 TASK_TIMEOUT_S = 60.0
+# The deliveries' worker, as make run starts it (bin/dev.py); and the lifecycle's worker
+# (--latency-pool) as the latency suite starts it.
+WEBHOOKS_WORKER: dict[str, Any] = {
+    "name": "webhooks-worker",
+    "queues": "webhooks",
+    "pool": "threads",
+    "concurrency": 16,
+}
+LIFECYCLE_POOLS: dict[str, dict[str, Any]] = {
+    "prefork": {"pool": "prefork", "concurrency": 2},
+    "threads": {"pool": "threads", "concurrency": 8},
+}
 WARMUP = 50
 
 
@@ -109,9 +129,9 @@ def _throughput(config: SuiteConfig, run_dir: Path, problems: list[str]) -> tupl
     user = funded_user("bench-webhooks")
     env = lifecycle_env(config, secret=new_webhook_secret(), port=free_port())
     with Processes(run_dir / "throughput", env) as procs:
-        base, _ = _receiver(procs)
+        base, receiver = _receiver(procs)
         endpoint = webhooks.endpoint_create(user=user, url=f"{base}/bench")
-        worker = procs.celery_worker(pool="threads", concurrency=8, **WEBHOOK_ENV)
+        worker = procs.celery_worker(**WEBHOOKS_WORKER, **WEBHOOK_ENV)
         # Warm-up, and recording one event per transaction timed apart.
         started = time.perf_counter()
         for n in range(WARMUP):
@@ -120,8 +140,16 @@ def _throughput(config: SuiteConfig, run_dir: Path, problems: list[str]) -> tupl
         wait_until(
             lambda: _all_done(WARMUP), proc=worker, timeout=60, what="the warm-up deliveries"
         )
-        started = time.perf_counter()
+        groups = {
+            "worker": lambda: tree_pids(worker.pid),
+            "receiver": lambda: tree_pids(receiver.pid),
+            "postgres": lambda: pids_named("postgres"),
+            "redis": lambda: pids_named("redis-server"),
+            "this process (recording, publishing)": lambda: [os.getpid()],
+        }
+        before, started = cpu_sample(groups), time.perf_counter()
         _record(user.pk, range(count))
+        recorded_at = time.perf_counter()
         wait_until(
             lambda: _all_done(WARMUP + count),
             proc=worker,
@@ -130,6 +158,7 @@ def _throughput(config: SuiteConfig, run_dir: Path, problems: list[str]) -> tupl
             every=0.02,
         )
         elapsed = time.perf_counter() - started
+        after = cpu_sample(groups)
         got = _received(base, "/bench")
     ids = {r["headers"]["webhook-id"] for r in got}
     messages = WebhookMessage.objects.filter(endpoint=endpoint)
@@ -145,12 +174,17 @@ def _throughput(config: SuiteConfig, run_dir: Path, problems: list[str]) -> tupl
     print(
         f"  {count} deliveries in {elapsed:.2f} s = {rate:.0f}/s (recording them "
         f"included); receiver got {len(got)} requests for {len(expected)} messages; recording one "
-        f"event in its own transaction: {recorded * 1000:.2f} ms",
+        f"event in its own transaction: {recorded * 1000:.2f} ms; the recording transaction "
+        f"and its publishing took {recorded_at - started:.2f} s",
         flush=True,
     )
+    cores = cpu_cores(before, after, elapsed)
+    print(f"  {cpu_report(before, after, elapsed)}", flush=True)
+    per = {name: cores[name] / rate * 1000 for name in ("worker", "postgres", "receiver")}
+    print("  CPU per delivery: " + ", ".join(f"{k} {v:.2f} ms" for k, v in per.items()), flush=True)
     return rate, (
-        f"{count} events, threads ×8 worker; an event recorded in its own transaction "
-        f"{recorded * 1000:.1f} ms"
+        f"{count} events, threads ×16 webhooks worker (as make run); worker CPU "
+        f"{per['worker']:.1f} ms per delivery"
     )
 
 
@@ -170,7 +204,8 @@ def _latency(config: SuiteConfig, run_dir: Path, problems: list[str]) -> dict[st
         sandbox_url, _ = procs.sandbox(secret)
         procs.env["SANDBOX_URL"] = sandbox_url
         url, _ = procs.gunicorn(port=port)
-        procs.celery_worker(pool="threads", concurrency=8)
+        procs.celery_worker(**LIFECYCLE_POOLS[config.latency_pool], queues="celery")
+        procs.celery_worker(**WEBHOOKS_WORKER)
         procs.celery_beat()
         procs.dispatcher()
         with (

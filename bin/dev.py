@@ -163,6 +163,30 @@ def commands(settings: Any) -> list[tuple[str, list[str]]]:
                 "2",
             ],
         ),
+        # Outbound webhook deliveries, on their own queue: I/O-bound waits on receivers, so
+        # threads; a slow receiver ties up one of these, never the worker above
+        # (docs/webhooks.md).
+        (
+            "webhooks",
+            [
+                PY,
+                "-m",
+                "celery",
+                "-A",
+                "rivya",
+                "worker",
+                "--queues",
+                "webhooks",
+                "--pool",
+                "threads",
+                "--concurrency",
+                "16",
+                "--hostname",
+                "webhooks@%h",
+                "--loglevel",
+                loglevel,
+            ],
+        ),
         ("beat", [PY, "-m", "celery", "-A", "rivya", "beat", "--loglevel", loglevel]),
         # The outbox dispatcher: hands each committed submit to the worker (docs/submit.md).
         ("dispatcher", [PY, str(ROOT / "manage.py"), "dispatch_submits"]),

@@ -202,6 +202,10 @@ else:
     # task idempotent.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TASK_IGNORE_RESULT = True
+# Outbound webhook deliveries wait on receivers the users chose (up to WEBHOOK_TIMEOUT_SECONDS
+# each): they run on a queue of their own, served by a worker of their own (`make run` starts
+# it), so that a slow receiver never delays a generation (docs/webhooks.md).
+CELERY_TASK_ROUTES = {"notifications.deliver_webhook": {"queue": "webhooks"}}
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

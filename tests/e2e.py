@@ -84,6 +84,10 @@ class Stack:
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
+                # Both queues: the lifecycle's and outbound webhooks' (make run serves them with
+                # two workers; one is enough here).
+                "--queues",
+                "celery,webhooks",
                 "-n",
                 f"e2e{index}@%h",
             ],
