@@ -1,5 +1,5 @@
-"""Start Rivya's processes in one terminal (web, Celery worker, Celery beat, the submit
-dispatcher and the sandbox provider); Ctrl-C stops all.
+"""Start Rivya's processes in one terminal (web, Celery worker, the worker of outbound
+webhooks, Celery beat, the submit dispatcher and the sandbox provider); Ctrl-C stops all.
 
 Used by ``make run``. Each child gets its own process group so that one Ctrl-C (or SIGTERM)
 reaches every process, and if any child dies the others are stopped too.

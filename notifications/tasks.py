@@ -20,3 +20,8 @@ def deliver_due_webhooks() -> int:
     for message_id in due:
         deliver_webhook.delay(message_id)
     return len(due)
+
+
+@shared_task(name="notifications.purge_webhook_messages", soft_time_limit=600, time_limit=660)
+def purge_webhook_messages() -> int:
+    return webhooks.webhooks_purge()

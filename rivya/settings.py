@@ -253,6 +253,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "notifications.deliver_due_webhooks",
         "schedule": env.float("WEBHOOK_SWEEP_EVERY", default=15.0),
     },
+    "purge-webhook-messages": {"task": "notifications.purge_webhook_messages", "schedule": 3600.0},
     "settle-interrupted-single-tasks": {
         "task": "tasks.settle_interrupted_single",
         "schedule": env.float("SINGLE_RECONCILE_EVERY", default=10.0),
@@ -322,6 +323,8 @@ WEBHOOK_ALLOW_HTTP = env.bool("WEBHOOK_ALLOW_HTTP", default=DEBUG)
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=15.0)
 WEBHOOK_MAX_RESPONSE_BYTES = env.int("WEBHOOK_MAX_RESPONSE_BYTES", default=8192)
 WEBHOOK_SECRET_OVERLAP = timedelta(seconds=env.int("WEBHOOK_SECRET_OVERLAP", default=24 * 3600))
+# Finished messages (with their attempts) are kept this long, then purged.
+WEBHOOK_RETENTION = timedelta(seconds=env.int("WEBHOOK_RETENTION", default=30 * 24 * 3600))
 WEBHOOK_DISABLE_AFTER = timedelta(seconds=env.int("WEBHOOK_DISABLE_AFTER", default=5 * 24 * 3600))
 TASK_MAX_RUNNING_PER_USER = env.int("TASK_MAX_RUNNING_PER_USER", default=20)
 TASK_MAX_RUNNING = env.int("TASK_MAX_RUNNING", default=500)

@@ -614,3 +614,48 @@ def test_a_single_task_sends_single_completed(
     assert payload["data"]["id"] == answer.json()["task_id"]
     assert payload["data"]["status"] == "SUCCESS"
     assert payload["data"]["single_type"] == "translation"
+
+
+# --- operations --------------------------------------------------------------------------------
+
+
+def test_deliveries_go_to_their_own_queue_and_make_run_serves_it(
+    settings: Any, monkeypatch: Any
+) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    from rivya.celery import app
+
+    path = Path(__file__).resolve().parents[2] / "bin" / "dev.py"
+    spec = importlib.util.spec_from_file_location("rivya_dev", path)
+    assert spec is not None
+    assert spec.loader is not None
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    monkeypatch.setenv("SANDBOX_WEBHOOK_SECRET", settings.SANDBOX_WEBHOOK_SECRET)  # it sets it
+    route = app.amqp.router.route({}, "notifications.deliver_webhook")
+    assert route["queue"].name == "webhooks"
+    assert app.amqp.router.route({}, "tasks.submit")["queue"].name == "celery"
+    workers = [argv for _, argv in dev.commands(settings) if "worker" in argv]
+    assert any(
+        "--queues" in argv and argv[argv.index("--queues") + 1] == "webhooks" for argv in workers
+    )
+    assert any("--queues" not in argv for argv in workers)  # the default queue's worker
+
+
+def test_finished_messages_are_purged_after_the_retention(
+    funded: Any, webhook_receiver: Receiver, deliver_due: Any, settings: Any
+) -> None:
+    user = funded(0)
+    endpoint(user, webhook_receiver)
+    webhook_receiver.script("/hook", {"status": 500})
+    record(user)
+    record(user)
+    deliver_due()  # one answered 500 (pending, its retry due in 5 s), the other 200
+    old = timezone.now() - settings.WEBHOOK_RETENTION - timedelta(seconds=1)
+    WebhookMessage.objects.update(finished_at=old, created_at=old)
+    assert webhooks.webhooks_purge() == 1
+    (left,) = WebhookMessage.objects.all()
+    assert left.status == S.PENDING
+    assert WebhookAttempt.objects.filter(message=left).count() == 1
