@@ -125,11 +125,11 @@ class WebhookMessage(models.Model):
     same on every attempt and resend, so a receiver can drop duplicates."""
 
     class Status(models.TextChoices):
-        PENDING = "pending", "Pending (to be sent at next_attempt_at)"
-        SENDING = "sending", "Sending (a worker holds it until lease_until)"
+        PENDING = "pending", "Pending"  # to be sent at next_attempt_at
+        SENDING = "sending", "Sending"  # a worker holds it until lease_until
         SUCCEEDED = "succeeded", "Succeeded"
-        FAILED = "failed", "Failed (every attempt of the schedule failed)"
-        ABORTED = "aborted", "Aborted (the receiver asked for no more attempts)"
+        FAILED = "failed", "Failed"  # gave up: every attempt failed, or no endpoint to send to
+        ABORTED = "aborted", "Stopped by the receiver"  # webhook-delivery: abort-message
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     event_id = models.CharField(max_length=40, help_text="the payload's id: one per event")

@@ -32,9 +32,19 @@ def overlap() -> str:
     return f"{hours:g} hour{'s' if hours != 1 else ''}"
 
 
-def handle(request: HttpRequest, action: str) -> dict[str, Any]:
-    """Carry out ``action`` for the logged-in user; returns what the page shows once (a new
-    secret). Refusals become error messages."""
+SHOWN_ONCE = "webhook_secret_shown_once"  # the session key of a new secret, until shown
+
+
+def handle(request: HttpRequest, action: str) -> None:
+    """Carry out ``action`` for the logged-in user. A new secret is kept in the session until
+    the next page shows it (``context``), so the answer can be a redirect: reloading the page
+    does not add the endpoint again. Refusals become error messages."""
+    shown = _carry_out(request, action)
+    if shown:
+        request.session[SHOWN_ONCE] = shown
+
+
+def _carry_out(request: HttpRequest, action: str) -> dict[str, str]:
     user = request.user
     data = request.POST
     try:
@@ -84,8 +94,10 @@ def handle(request: HttpRequest, action: str) -> dict[str, Any]:
     return {}
 
 
-def context(user: Any) -> dict[str, Any]:
+def context(request: HttpRequest) -> dict[str, Any]:
+    user = request.user
     return {
+        **request.session.pop(SHOWN_ONCE, {}),
         "webhook_secret": webhooks.account_secret(user=user),
         "webhook_endpoints": selectors.webhook_endpoints_for_user(user=user),
         "webhook_messages": selectors.webhook_messages_for_user(user=user).select_related(

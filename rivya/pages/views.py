@@ -117,7 +117,6 @@ class LogoutView(auth_views.LogoutView):
 @require_http_methods(["GET", "POST"])
 def account(request: HttpRequest) -> HttpResponse:
     new_key = None
-    shown_once: dict[str, Any] = {}
     if request.method == "POST":
         action = request.POST.get("action")
         if any(contains_nul(value) for value in request.POST.values()):
@@ -136,15 +135,13 @@ def account(request: HttpRequest) -> HttpResponse:
                 messages.error(request, exc.message)
             return redirect("account")
         elif action in account_webhooks.ACTIONS:
-            shown_once = account_webhooks.handle(request, action)
-            if not shown_once:
-                return redirect("/account/#webhooks")
+            account_webhooks.handle(request, action)
+            return redirect("/account/#webhooks")
     return render(
         request,
         "pages/account.html",
         {
-            **account_webhooks.context(request.user),
-            **shown_once,
+            **account_webhooks.context(request),
             "new_key": new_key,
             "api_keys": request.user.api_keys.order_by("-created_at"),
             "credits": billing.balance_for_user(user=request.user),
