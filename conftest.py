@@ -194,6 +194,7 @@ def deliver_due() -> Any:
             WebhookMessage.objects.filter(status=WebhookMessage.Status.PENDING).update(
                 next_attempt_at=timezone.now() - timedelta(seconds=1)
             )
-        return {i: webhooks.webhook_deliver(message_id=i) for i in webhooks.webhooks_due()}
+        due = webhooks.webhooks_due(grace=timedelta(0))
+        return {i: webhooks.webhook_deliver(message_id=i) for i in due}
 
     return run

@@ -159,6 +159,7 @@ class WebhookMessage(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     lease_until = models.DateTimeField(null=True, blank=True)
+    lease_token = models.UUIDField(null=True, blank=True, help_text="whose hold it is")
     # Set by a resend: the next attempt is recorded as one.
     resend_requested_at = models.DateTimeField(null=True, blank=True)
     last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
@@ -169,7 +170,7 @@ class WebhookMessage(models.Model):
     class Meta:
         permissions = [("resend_webhookmessage", "Can resend webhook messages")]
         constraints = [
-            # One message per event and destination: an event recorded twice is not sent twice.
+            # An event has one message per destination.
             models.UniqueConstraint(
                 fields=["event_id", "endpoint"], name="webhook_message_once_per_endpoint"
             ),
@@ -207,7 +208,7 @@ class WebhookAttempt(models.Model):
         SCHEDULED = "scheduled", "Scheduled"
         RESEND = "resend", "Resent"
 
-    message = models.ForeignKey(  # indexed by webhook_attempt_by_message
+    message = models.ForeignKey(  # indexed by webhook_attempt_once
         WebhookMessage, on_delete=models.CASCADE, related_name="attempts_made", db_index=False
     )
     number = models.PositiveIntegerField()
@@ -221,7 +222,9 @@ class WebhookAttempt(models.Model):
     error = models.CharField(max_length=300, blank=True)
 
     class Meta:
-        indexes = [models.Index(fields=["message", "number"], name="webhook_attempt_by_message")]
+        constraints = [
+            models.UniqueConstraint(fields=["message", "number"], name="webhook_attempt_once")
+        ]
 
     def __str__(self) -> str:
         return f"attempt {self.number} of {self.message_id}"

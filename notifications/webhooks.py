@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import secrets
 import uuid
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ from notifications.models import (
 )
 from notifications.services import notification_create
 from rivya import safe_http
-from rivya.errors import NotFound, ValidationFailed
+from rivya.errors import NotFound, ValidationFailed, contains_nul
 
 # Delay before each attempt (Svix's schedule): at once, then 5 s, 5 min, 30 min, 2 h, 5 h,
 # 10 h and 10 h after the attempt before. Eight attempts, over about 27.6 hours.
@@ -52,8 +53,11 @@ RETRY_SCHEDULE: tuple[timedelta, ...] = (
     timedelta(hours=10),
     timedelta(hours=10),
 )
-# A retry due this soon is queued with a countdown; later ones are found by the beat sweep.
+# A retry due this soon is queued with a countdown; later ones are found by the beat sweep,
+# which leaves alone what became due less than SWEEP_GRACE ago (it is in the queue already).
 QUEUE_AHEAD = timedelta(seconds=60)
+SWEEP_GRACE = timedelta(seconds=30)
+LEASE_MARGIN_S = 30  # a worker's hold on a message: the attempt's deadline plus this
 
 # The event types; a task's own filter uses the short names (the part after "task.").
 TASK_EVENTS = ("started", "completed", "failed", "cancelled", "expiring")
@@ -65,6 +69,7 @@ EVENT_TYPES = (
 ABORT_HEADER = "webhook-delivery"
 ABORT_VALUE = "abort-message"
 STORED_BODY_CHARS = 1000
+log = logging.getLogger(__name__)
 Status = WebhookMessage.Status
 
 
@@ -104,6 +109,13 @@ def check_event_types(value: Any, *, field: str, names: Sequence[str]) -> list[s
             {field: [f"Unknown event(s) {', '.join(unknown)}; known: {', '.join(names)}."]}
         )
     return sorted(set(value), key=list(names).index)
+
+
+def check_description(value: Any) -> str:
+    """An endpoint's description: text of at most 200 characters."""
+    if not isinstance(value, str) or len(value) > 200 or contains_nul(value):
+        raise ValidationFailed({"description": ["Text of at most 200 characters."]})
+    return value
 
 
 def check_task_webhook(url: Any, events: Any) -> tuple[str, list[str]]:
@@ -166,8 +178,12 @@ def signature_header(secrets_: Sequence[str], webhook_id: str, at: datetime, bod
 def endpoint_create(
     *, user: Any, url: Any, description: Any = "", event_types: Any = None
 ) -> WebhookEndpoint:
-    if not isinstance(description, str) or len(description) > 200:
-        raise ValidationFailed({"description": ["At most 200 characters."]})
+    check_description(description)
+    if WebhookEndpoint.objects.filter(user=user).count() >= settings.WEBHOOK_MAX_ENDPOINTS:
+        raise ValidationFailed(
+            {"url": [f"An account has at most {settings.WEBHOOK_MAX_ENDPOINTS} endpoints."]},
+            code="too_many_endpoints",
+        )
     types = check_event_types(event_types, field="event_types", names=EVENT_TYPES)
     return WebhookEndpoint.objects.create(
         user=user,
@@ -193,10 +209,7 @@ def endpoint_update(*, endpoint: WebhookEndpoint, changes: dict[str, Any]) -> We
         raise ValidationFailed({k: ["Unknown field."] for k in unknown})
     fields = []
     if "description" in changes:
-        description = changes["description"]
-        if not isinstance(description, str) or len(description) > 200:
-            raise ValidationFailed({"description": ["At most 200 characters."]})
-        endpoint.description = description
+        endpoint.description = check_description(changes["description"])
         fields.append("description")
     if "event_types" in changes:
         endpoint.event_types = check_event_types(
@@ -218,6 +231,11 @@ def endpoint_update(*, endpoint: WebhookEndpoint, changes: dict[str, Any]) -> We
     if fields:
         endpoint.save(update_fields=[*fields, "updated_at"])
     return endpoint
+
+
+def endpoint_delete(*, endpoint: WebhookEndpoint) -> None:
+    """Remove the endpoint; its messages stay (listed, not sent: ``webhook_deliver``)."""
+    endpoint.delete()
 
 
 # --- recording events (in the caller's transaction) --------------------------------------------
@@ -300,17 +318,22 @@ def webhook_deliver(*, message_id: Any) -> str:
     """One attempt at delivering the message, if it is due and no one else holds it. Returns
     the message's status afterwards ("" if this call did not take it)."""
     now = timezone.now()
-    lease = now + timedelta(seconds=settings.WEBHOOK_TIMEOUT_SECONDS * 2 + 30)
+    # The attempt's deadline (safe_http enforces it) plus a margin for the database work.
+    lease = now + timedelta(seconds=settings.WEBHOOK_TIMEOUT_SECONDS + LEASE_MARGIN_S)
+    token = uuid.uuid4()
     # Taken by one conditional UPDATE: due and pending, or held by a worker whose lease ran out
-    # (it died mid-delivery: the message is sent again, at least once in all).
+    # (it died mid-delivery: the message is sent again, at least once in all). The token says
+    # whose hold it is: only its holder records the outcome.
     taken = WebhookMessage.objects.filter(
         Q(status=Status.PENDING, next_attempt_at__lte=now)
         | Q(status=Status.SENDING, lease_until__lt=now),
         pk=message_id,
-    ).update(status=Status.SENDING, lease_until=lease)
+    ).update(status=Status.SENDING, lease_until=lease, lease_token=token)
     if not taken:
         return ""
     message = WebhookMessage.objects.select_related("endpoint").get(pk=message_id)
+    if message.lease_token != token:
+        return ""  # taken from us in between (cannot happen within the lease)
     trigger = (
         WebhookAttempt.Trigger.RESEND
         if message.resend_requested_at is not None
@@ -318,9 +341,11 @@ def webhook_deliver(*, message_id: Any) -> str:
     )
     endpoint = message.endpoint
     if endpoint is not None and not endpoint.enabled:
-        return _finish_without_attempt(message, "The endpoint is disabled; resend it once enabled.")
+        return _finish_without_attempt(
+            message, token, "The endpoint is disabled; resend it once enabled."
+        )
     if endpoint is None and not message.for_task_url:
-        return _finish_without_attempt(message, "The endpoint was deleted.")
+        return _finish_without_attempt(message, token, "The endpoint was deleted.")
     url = endpoint.url if endpoint is not None else message.url
     signer: SigningSecret = endpoint if endpoint is not None else account_secret(user=message.user)
     body = json.dumps(message.payload, separators=(",", ":"), ensure_ascii=False)
@@ -357,13 +382,14 @@ def webhook_deliver(*, message_id: Any) -> str:
             )
     except safe_http.UnsafeDestination as exc:
         error = f"refused: {exc.message}"
-    except (OSError, ValueError, Exception) as exc:  # noqa: BLE001 - any failure to get an answer
+    except Exception as exc:  # noqa: BLE001 - any failure to get an answer is the attempt's
         error = f"no answer: {type(exc).__name__}: {exc}"[:300]
         latency = int((timezone.now() - sent_at).total_seconds() * 1000)
     succeeded = status_code is not None and 200 <= status_code < 300
     return _after_attempt(
         message,
         endpoint,
+        token=token,
         trigger=trigger,
         url=url,
         started_at=sent_at,
@@ -376,10 +402,11 @@ def webhook_deliver(*, message_id: Any) -> str:
     )
 
 
-def _finish_without_attempt(message: WebhookMessage, reason: str) -> str:
-    WebhookMessage.objects.filter(pk=message.pk, status=Status.SENDING).update(
+def _finish_without_attempt(message: WebhookMessage, token: uuid.UUID, reason: str) -> str:
+    WebhookMessage.objects.filter(pk=message.pk, status=Status.SENDING, lease_token=token).update(
         status=Status.FAILED,
         lease_until=None,
+        lease_token=None,
         next_attempt_at=None,
         last_error=reason[:300],
         finished_at=timezone.now(),
@@ -391,6 +418,7 @@ def _after_attempt(
     message: WebhookMessage,
     endpoint: WebhookEndpoint | None,
     *,
+    token: uuid.UUID,
     trigger: str,
     url: str,
     started_at: datetime,
@@ -412,6 +440,22 @@ def _after_attempt(
     else:
         status, next_at = Status.FAILED, None
     with transaction.atomic():
+        held = WebhookMessage.objects.filter(
+            pk=message.pk, status=Status.SENDING, lease_token=token
+        ).update(
+            status=status,
+            attempts=number,
+            next_attempt_at=next_at,
+            lease_until=None,
+            lease_token=None,
+            resend_requested_at=None,
+            last_status_code=status_code,
+            last_error=error[:300],
+            finished_at=None if status == Status.PENDING else now,
+        )
+        if not held:  # the lease ran out and another worker took the message: its outcome
+            log.warning("webhook message %s: lease lost during attempt %s", message.pk, number)
+            return ""
         WebhookAttempt.objects.create(
             message=message,
             number=number,
@@ -423,16 +467,6 @@ def _after_attempt(
             latency_ms=max(0, latency),
             response_body=body,
             error=error[:300],
-        )
-        WebhookMessage.objects.filter(pk=message.pk, status=Status.SENDING).update(
-            status=status,
-            attempts=number,
-            next_attempt_at=next_at,
-            lease_until=None,
-            resend_requested_at=None,
-            last_status_code=status_code,
-            last_error=error[:300],
-            finished_at=None if status == Status.PENDING else now,
         )
         if endpoint is not None:
             _endpoint_health(endpoint, succeeded=succeeded, now=now)
@@ -481,13 +515,14 @@ def webhook_resend(*, message: WebhookMessage) -> WebhookMessage:
     return message
 
 
-def webhooks_due(*, limit: int = 500) -> list[str]:
-    """Messages due (their queued delivery lost, or a retry too far ahead to queue) and those
-    whose worker's lease ran out (it died mid-delivery)."""
+def webhooks_due(*, limit: int = 500, grace: timedelta = SWEEP_GRACE) -> list[str]:
+    """Messages due for longer than ``grace`` (their queued delivery lost, or a retry too far
+    ahead to queue; one due more recently is in the queue already) and those whose worker's
+    lease ran out (it died mid-delivery)."""
     now = timezone.now()
-    due = WebhookMessage.objects.filter(status=Status.PENDING, next_attempt_at__lte=now).order_by(
-        "next_attempt_at"
-    )
+    due = WebhookMessage.objects.filter(
+        status=Status.PENDING, next_attempt_at__lte=now - grace
+    ).order_by("next_attempt_at")
     leased = WebhookMessage.objects.filter(status=Status.SENDING, lease_until__lt=now)
     ids = list(due.values_list("pk", flat=True)[:limit]) + list(
         leased.values_list("pk", flat=True)[:limit]

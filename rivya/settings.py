@@ -323,6 +323,7 @@ WEBHOOK_ALLOW_HTTP = env.bool("WEBHOOK_ALLOW_HTTP", default=DEBUG)
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=15.0)
 WEBHOOK_MAX_RESPONSE_BYTES = env.int("WEBHOOK_MAX_RESPONSE_BYTES", default=8192)
 WEBHOOK_SECRET_OVERLAP = timedelta(seconds=env.int("WEBHOOK_SECRET_OVERLAP", default=24 * 3600))
+WEBHOOK_MAX_ENDPOINTS = env.int("WEBHOOK_MAX_ENDPOINTS", default=20)
 # Finished messages (with their attempts) are kept this long, then purged.
 WEBHOOK_RETENTION = timedelta(seconds=env.int("WEBHOOK_RETENTION", default=30 * 24 * 3600))
 WEBHOOK_DISABLE_AFTER = timedelta(seconds=env.int("WEBHOOK_DISABLE_AFTER", default=5 * 24 * 3600))

@@ -175,7 +175,9 @@ class EndpointDetailView(APIView):
 
     @extend_schema(responses={204: None})
     def delete(self, request: Request, pk: Any) -> Response:
-        webhooks.endpoint_for_user(user=request.user, endpoint_id=pk).delete()
+        webhooks.endpoint_delete(
+            endpoint=webhooks.endpoint_for_user(user=request.user, endpoint_id=pk)
+        )
         return Response(status=204)
 
 
@@ -204,10 +206,15 @@ class MessageListView(generics.ListAPIView):
 
     def get_queryset(self) -> Any:
         params = self.request.query_params
+        status = params.get("status") or None
+        if status is not None and status not in WebhookMessage.Status.values:
+            raise ValidationFailed(
+                {"status": [f"One of {', '.join(WebhookMessage.Status.values)}."]}
+            )
         return selectors.webhook_messages_for_user(
             user=self.request.user,
             task_id=params.get("task") or None,
-            status=params.get("status") or None,
+            status=status,
             endpoint_id=params.get("endpoint") or None,
         )
 

@@ -4,7 +4,8 @@
 
 - ``POST <any path>``: recorded (path, headers, body as received); answered by the next of the
   answers scripted for that path, else 200 ``ok``. An answer may carry ``status``, ``headers``,
-  ``body`` and ``delay`` (seconds to wait before answering).
+  ``body``, ``delay`` (seconds to wait before answering) and ``trickle`` (send the answer one
+  byte every that many seconds).
 - ``POST /_script`` ``{"path": "/x", "answers": [{"status": 500}, …]}``: script a path.
 - ``GET /_received?path=/x``: what it received, oldest first (``body`` as text).
 - ``POST /_reset``: forget everything. ``GET /healthz``: 200.
@@ -103,6 +104,19 @@ class Handler(BaseHTTPRequestHandler):
             queue = STATE.scripts.get(path) or []
             answer = queue.pop(0) if queue else {}
         time.sleep(float(answer.get("delay", 0)))
+        if answer.get("trickle"):  # the whole answer, one byte every ``trickle`` seconds
+            raw = (
+                f"HTTP/1.1 {int(answer.get('status', 200))} OK\r\nContent-Length: 2\r\n\r\nok"
+            ).encode()
+            try:
+                for byte in raw:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(float(answer["trickle"]))
+            except OSError:
+                pass  # the client gave up
+            self.close_connection = True
+            return
         self._answer(
             int(answer.get("status", 200)),
             str(answer.get("body", "ok")).encode(),

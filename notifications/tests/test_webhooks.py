@@ -7,11 +7,13 @@ calls (``deliver_due``); tests/test_e2e_webhooks.py runs them in the real worker
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -513,6 +515,11 @@ def test_patch_changes_an_endpoint_and_enabling_clears_its_failures(
         ("224.0.0.1", "multicast"),
         ("240.0.0.1", "reserved"),
         ("[::ffff:127.0.0.1]", "ipv4_mapped"),
+        ("[2002:7f00:1::]", "embedded_ipv4"),  # 6to4 around 127.0.0.1
+        ("[2002:a9fe:a9fe::]", "embedded_ipv4"),  # 6to4 around 169.254.169.254
+        ("[2001:0:4136:e378:8000:63bf:3fff:fdd2]", "embedded_ipv4"),  # Teredo, 192.0.2.45
+        ("[fec0::1]", "private"),  # site-local
+        ("192.88.99.1", "reserved"),
         ("localhost", "loopback"),
     ],
 )
@@ -580,14 +587,16 @@ def test_a_host_that_resolves_elsewhere_at_connect_time_is_refused(
     settings.WEBHOOK_ALLOW_PRIVATE = False
     port = webhook_receiver.url().split(":")[2].split("/")[0]
     answers = iter([["93.184.216.34"]])
-    monkeypatch.setattr(safe_http, "resolve", lambda host, port: next(answers, ["127.0.0.1"]))
+    monkeypatch.setattr(
+        safe_http, "resolve", lambda host, port, timeout: next(answers, ["127.0.0.1"])
+    )
     user = funded(0)
     webhooks.endpoint_create(user=user, url=f"http://rebinding.example:{port}/hook")
     record(user)
     assert list(deliver_due().values()) == [S.PENDING]
     attempt = WebhookAttempt.objects.get()
     assert attempt.status_code is None
-    assert "loopback" in attempt.error
+    assert "does not resolve to a public address" in attempt.error
     assert webhook_receiver.received() == []
 
 
@@ -659,3 +668,186 @@ def test_finished_messages_are_purged_after_the_retention(
     (left,) = WebhookMessage.objects.all()
     assert left.status == S.PENDING
     assert WebhookAttempt.objects.filter(message=left).count() == 1
+
+
+# --- after the review: deadlines, leases, inputs, every event ---------------------------------
+
+
+def test_a_receiver_trickling_its_answer_cannot_hold_an_attempt_past_the_deadline(
+    funded: Any, webhook_receiver: Receiver, deliver_due: Any, settings: Any
+) -> None:
+    settings.WEBHOOK_TIMEOUT_SECONDS = 1.0
+    user = funded(0)
+    endpoint(user, webhook_receiver, "/trickle")
+    webhook_receiver.script("/trickle", {"status": 200, "trickle": 0.2})  # ~8 s for the answer
+    record(user)
+    started = time.monotonic()
+    assert list(deliver_due().values()) == [S.PENDING]
+    assert time.monotonic() - started < 3
+    attempt = WebhookAttempt.objects.get()
+    assert not attempt.succeeded
+    assert "did not answer within 1 s" in attempt.error
+
+
+def test_a_worker_that_outlived_its_lease_does_not_record_over_the_one_that_took_over(
+    funded: Any, webhook_receiver: Receiver, deliver_due: Any
+) -> None:
+    user = funded(0)
+    endpoint(user, webhook_receiver, "/slow")
+    webhook_receiver.script("/slow", {"status": 500, "delay": 2}, {"status": 200})
+    record(user)
+    message = WebhookMessage.objects.get()
+    first: dict[str, str] = {}
+
+    def worker_a() -> None:
+        try:
+            first["status"] = webhooks.webhook_deliver(message_id=message.pk)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=worker_a)
+    thread.start()
+    webhook_receiver.wait_for(1, "/slow")  # A is waiting on the receiver
+    # A's lease runs out (here at once); B takes the message and succeeds.
+    WebhookMessage.objects.filter(pk=message.pk).update(
+        lease_until=timezone.now() - timedelta(seconds=1)
+    )
+    assert webhooks.webhook_deliver(message_id=message.pk) == S.SUCCEEDED
+    thread.join(timeout=30)
+    assert first["status"] == ""  # A's 500 is not recorded over B's success
+    message.refresh_from_db()
+    assert message.status == S.SUCCEEDED
+    assert message.attempts == 1
+    assert [(a.number, a.status_code) for a in message.attempts_made.all()] == [(1, 200)]
+
+
+def test_each_retry_waits_as_long_as_the_schedule_says(
+    funded: Any, webhook_receiver: Receiver, deliver_due: Any
+) -> None:
+    user = funded(0)
+    endpoint(user, webhook_receiver)
+    webhook_receiver.script("/hook", *[{"status": 500}] * 7)
+    record(user)
+    waits = []
+    for _ in range(7):
+        before = timezone.now()
+        deliver_due(later=True)
+        message = WebhookMessage.objects.get()
+        waits.append(round((message.next_attempt_at - before).total_seconds()))
+    assert waits == [5, 300, 1800, 7200, 18000, 36000, 36000]
+    assert [d.total_seconds() for d in webhooks.RETRY_SCHEDULE] == [0, *waits]
+
+
+def test_cancelled_and_expiring_tasks_send_their_events(
+    sandbox: Any, catalog: None, funded: Any, webhook_receiver: Receiver, deliver_due: Any
+) -> None:
+    user = funded(100)
+    url = webhook_receiver.url("/events")
+    cancelled = services.task_submit(
+        user=user, model_slug="sandbox-image", prompt="a fox", params={}, webhook_url=url
+    ).task
+    services.task_cancel(task_id=cancelled.pk, actor=user)
+    done = services.task_submit(
+        user=user,
+        model_slug="sandbox-image",
+        prompt="a fox",
+        params={},
+        webhook_url=url,
+        webhook_events=["expiring"],
+    ).task
+    run_to_end(done)
+    Task.objects.filter(pk=done.pk).update(expires_at=timezone.now() + timedelta(hours=1))
+    assert services.results_warn_expiring() == 1
+    deliver_due()
+    found = {
+        (json.loads(r["body"])["type"], json.loads(r["body"])["data"]["id"])
+        for r in webhook_receiver.received("/events")
+    }
+    assert found == {("task.cancelled", str(cancelled.pk)), ("task.expiring", str(done.pk))}
+
+
+def test_an_outcome_that_rolls_back_records_no_event(
+    sandbox: Any, catalog: None, funded: Any, webhook_receiver: Receiver, deliver_due: Any
+) -> None:
+    user = funded(100)
+    task = services.task_submit(
+        user=user,
+        model_slug="sandbox-image",
+        prompt="a fox",
+        params={},
+        webhook_url=webhook_receiver.url(),
+    ).task
+
+    def fail_then_roll_back() -> None:
+        with transaction.atomic():
+            assert services.task_fail(task_id=task.pk, code="x", message="x", kind="provider")
+            raise RuntimeError("the transaction of the outcome fails after it")
+
+    with pytest.raises(RuntimeError):
+        fail_then_roll_back()
+    task.refresh_from_db()
+    assert task.status == Task.Status.WAITING
+    assert not WebhookMessage.objects.exists()
+    assert deliver_due() == {}
+
+
+def test_a_task_url_delivery_is_signed_with_both_account_secrets_during_a_rotation(
+    funded: Any, webhook_receiver: Receiver, deliver_due: Any, api_for: Any
+) -> None:
+    user = funded(0)
+    api = api_for(user)
+    old = api.get("/api/v1/webhooks/secret/").json()["secret"]
+    new = api.post("/api/v1/webhooks/secret/rotate/").json()["secret"]
+    record(user, task_url=webhook_receiver.url())
+    deliver_due()
+    (request,) = webhook_receiver.received()
+    verify(old, request)
+    verify(new, request)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        ("post", "/api/v1/webhooks/endpoints/", {"url": "https://93.184.216.34/ä"}, "url"),
+        ("post", "/api/v1/webhooks/endpoints/", {"url": "https://93.184.216.34:0/x"}, "url"),
+        ("post", "/api/v1/webhooks/endpoints/", {"url": "https://93.184.216.34/x\x7f"}, "url"),
+        (
+            "post",
+            "/api/v1/webhooks/endpoints/",
+            {"url": "https://93.184.216.34/x", "description": "a\x00b"},
+            "description",
+        ),
+        ("get", "/api/v1/webhooks/messages/?status=%00", None, "status"),
+        ("get", "/api/v1/webhooks/messages/?status=done", None, "status"),
+    ],
+)
+def test_more_bad_input_is_a_400(
+    funded: Any, api_for: Any, method: str, path: str, body: Any, field: str
+) -> None:
+    answer = getattr(api_for(funded(0)), method)(path, body, format="json")
+    assert answer.status_code == 400, answer.content
+    assert field in answer.json()["error"]["fields"]
+    assert not WebhookEndpoint.objects.exists()
+
+
+def test_an_account_has_at_most_so_many_endpoints(funded: Any, api_for: Any, settings: Any) -> None:
+    settings.WEBHOOK_MAX_ENDPOINTS = 2
+    api = api_for(funded(0))
+    answers = [
+        api.post(
+            "/api/v1/webhooks/endpoints/", {"url": f"https://93.184.216.34/{n}"}, format="json"
+        )
+        for n in range(3)
+    ]
+    assert [a.status_code for a in answers] == [201, 201, 400]
+    assert answers[2].json()["error"]["code"] == "too_many_endpoints"
+
+
+def test_the_metadata_address_is_refused_even_where_private_ones_are_allowed(
+    settings: Any,
+) -> None:
+    with pytest.raises(safe_http.UnsafeDestination) as refused:
+        safe_http.check_destination(
+            "http://169.254.169.254/latest/meta-data/", allow_http=True, allow_private=True
+        )
+    assert refused.value.code == "address_metadata"

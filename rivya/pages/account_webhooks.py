@@ -85,7 +85,7 @@ def _carry_out(request: HttpRequest, action: str) -> dict[str, str]:
             messages.success(request, f"A new secret; the previous one also signs for {overlap()}.")
             return {"new_secret": rotated.secret, "new_secret_for": endpoint.url}
         elif action == "delete_endpoint":
-            endpoint.delete()
+            webhooks.endpoint_delete(endpoint=endpoint)
             messages.success(request, f"{endpoint.url} was removed.")
     except DomainError as exc:
         fields = exc.extra.get("fields") if isinstance(exc.extra, dict) else None

@@ -56,7 +56,8 @@ def test_a_private_url_is_refused_with_the_reason(funded: Any, settings: Any) ->
         "/account/", {"action": "create_endpoint", "url": "https://10.0.0.5/hook"}, follow=True
     )
     text = html.unescape(answer.content.decode())
-    assert "resolves to 10.0.0.5, a private address" in text
+    assert "does not resolve to a public address" in text
+    assert "10.0.0.5, a" not in text  # what an internal name points to is not said
     assert not WebhookEndpoint.objects.exists()
 
 
