@@ -1,6 +1,7 @@
 """Outbound webhooks: events recorded in the transaction of the change they report (an outbox),
 then delivered by Celery, signed (Standard Webhooks), retried on Svix's schedule, replayable.
-docs/webhooks.md is the contract; this module owns every rule of it:
+docs/webhooks.md is the contract; this module owns its rules (which event a task's change is,
+is ``tasks.services.common.task_webhook_event``'s; the address checks are ``rivya.safe_http``'s):
 
 - which destinations an event goes to (``webhook_event_record``);
 - the secrets (``account_secret``, ``endpoint_create``, ``secret_rotate``) and the signature

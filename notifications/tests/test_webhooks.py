@@ -851,3 +851,29 @@ def test_the_metadata_address_is_refused_even_where_private_ones_are_allowed(
             "http://169.254.169.254/latest/meta-data/", allow_http=True, allow_private=True
         )
     assert refused.value.code == "address_metadata"
+
+
+@pytest.mark.parametrize(("debug", "expected"), [("0", [False, False]), ("1", [True, True])])
+def test_private_and_http_receivers_are_allowed_only_under_debug(
+    debug: str, expected: list[bool]
+) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEBHOOK_") and k != "DEBUG"}
+    code = (
+        "import json, django; django.setup(); from django.conf import settings; "
+        "print(json.dumps([settings.WEBHOOK_ALLOW_PRIVATE, settings.WEBHOOK_ALLOW_HTTP]))"
+    )
+    done = subprocess.run(  # noqa: S603 - our own interpreter and code
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**env, "DEBUG": debug, "DJANGO_SETTINGS_MODULE": "rivya.settings"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
