@@ -31,6 +31,7 @@ counts that must be 0:
   refund do not add up to what was held;
 - **lost tasks**: accepted but missing, or not finished when the run ends;
 - **stuck holds**: holds still open for a finished task;
+- **duplicate upstream jobs**: jobs the sandbox created beyond one per task sent upstream;
 - and ``ledger_check``'s breaches.
 
 The exit status is 0 only if all of those are 0. ``tests/chaos/test_chaos.py`` runs each run
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from django.utils import timezone
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -82,6 +84,7 @@ class Stack:
         self.sandbox_url = sandbox_url
         self.secret = secret
         self.key = key
+        self.kill_dir = Path()  # the worker's FAULT_KILL_DIR (rivya/faults.py)
 
     def client(self) -> httpx.Client:
         return httpx.Client(
@@ -136,7 +139,7 @@ def private_redis(procs: Processes) -> str:
     return f"redis://127.0.0.1:{port}/0"
 
 
-def start_stack(procs: Processes, env: dict[str, str]) -> Stack:
+def start_stack(procs: Processes, env: dict[str, str], worker_env: dict[str, str]) -> Stack:
     from tasks.catalog import seed_catalog
     from tasks.models import AIModel
 
@@ -153,7 +156,7 @@ def start_stack(procs: Processes, env: dict[str, str]) -> Stack:
     sandbox_url, _ = procs.sandbox(env["SANDBOX_WEBHOOK_SECRET"])
     procs.env["SANDBOX_URL"] = sandbox_url
     api_url, _ = procs.gunicorn(port=int(env["CALLBACK_BASE_URL"].rsplit(":", 1)[1]))
-    procs.celery_worker(pool="prefork", concurrency=2)
+    procs.celery_worker(pool="prefork", concurrency=2, **worker_env)
     procs.celery_beat()
     procs.dispatcher()
     return Stack(procs, api_url, sandbox_url, env["SANDBOX_WEBHOOK_SECRET"], key)
@@ -292,7 +295,69 @@ def run_cancel_race(stack: Stack, small: bool, tally: dict[str, int]) -> list[st
     return ids
 
 
-RUNS = {"callbacks": run_callbacks, "cancel-race": run_cancel_race}
+def wait_for_text(path: Path, timeout: float = 5.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        time.sleep(0.01)
+    return ""
+
+
+def run_worker_kills(stack: Stack, small: bool, tally: dict[str, int]) -> list[str]:
+    """The worker killed with SIGKILL at each of ``rivya.faults.POINTS``, 30 times each (2 with
+    ``--small``): for each kill, the point is armed, one task submitted, and the run waits
+    until the worker killed itself there (Celery's main process starts a new child). Recovery
+    is the product's: the submit message redelivered (``acks_late``), the callback's retry, the
+    poll. A kill while storing outputs leaves the task's output lease (300 s) to run out; the
+    run ends that lease at once, as if it had (so the time to terminal leaves it out), and
+    counts those tasks."""
+    from rivya.faults import POINTS
+    from tasks.models import Task
+
+    per_point = 2 if small else 30
+    ids: list[str] = []
+    victims: dict[str, set[str]] = {point: set() for point in POINTS}
+    params = {"width": 64, "height": 64, "sandbox_latency_ms": 0}
+    with stack.client() as client:
+        for point in POINTS:
+            for _ in range(per_point):
+                armed = stack.kill_dir / point
+                hit = stack.kill_dir / f"{point}.killed"
+                hit.unlink(missing_ok=True)
+                armed.touch()
+                task_id = submit(client, "sandbox-image", params, tally)
+                ids.append(task_id)
+                deadline = time.monotonic() + 30
+                while armed.exists() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if armed.exists():
+                    armed.unlink()
+                    tally["not_killed"] = tally.get("not_killed", 0) + 1
+                    continue
+                tally[f"killed_{point}"] = tally.get(f"killed_{point}", 0) + 1
+                # The kill may hit another task than the one just submitted (one recovering
+                # from an earlier kill passes the same point): the point says which.
+                victim = wait_for_text(hit)
+                victims[point].add(victim)
+                if victim != task_id:
+                    tally["kills_of_an_earlier_task"] = tally.get("kills_of_an_earlier_task", 0) + 1
+                if point != "after_upstream_accept":
+                    tally["output_leases_ended"] = tally.get("output_leases_ended", 0) + 1
+                    Task.objects.filter(pk=victim, output_lease_until__isnull=False).update(
+                        output_lease_until=timezone.now()
+                    )
+    for point, hit_tasks in victims.items():
+        tally[f"tasks_killed_{point}"] = len(hit_tasks)
+    wait_terminal(ids, 180)
+    return ids
+
+
+RUNS: dict[str, Any] = {
+    "callbacks": run_callbacks,
+    "cancel-race": run_cancel_race,
+    "worker-kills": run_worker_kills,
+}
 
 
 # --- what it cost ---------------------------------------------------------------------------
@@ -390,10 +455,20 @@ def main(argv: list[str]) -> int:
                 "TASK_MAX_RUNNING_PER_USER": "1000",
             }
             procs.env = env
-            stack = start_stack(procs, env)
+            kill_dir = run_dir / "armed"
+            kill_dir.mkdir(exist_ok=True)
+            stack = start_stack(procs, env, {"FAULT_KILL_DIR": str(kill_dir)})
+            stack.kill_dir = kill_dir
             tally: dict[str, int] = {}
             ids = RUNS[args.run](stack, args.small, tally)
             result = outcome(ids, tally)
+            # Jobs the provider created beyond one per task sent upstream (each would be paid
+            # for upstream): the task's id is the idempotency key of its submit.
+            from tasks.models import Task
+
+            created = httpx.get(f"{stack.sandbox_url}/v1/stats", trust_env=False).json()
+            sent = Task.objects.filter(pk__in=ids).exclude(upstream_id="").count()
+            result["duplicate_upstream_jobs"] = created["jobs_created"] - sent
     finally:
         from django.db import connections
 
@@ -407,11 +482,20 @@ def main(argv: list[str]) -> int:
     print(json.dumps(result, indent=2), flush=True)
     bad = [
         name
-        for name in ("double_charges", "double_refunds", "lost_tasks", "stuck_holds", "answers_5xx")
+        for name in (
+            "double_charges",
+            "double_refunds",
+            "lost_tasks",
+            "stuck_holds",
+            "answers_5xx",
+            "duplicate_upstream_jobs",
+        )
         if result[name]
     ] + (["ledger_check"] if result["ledger_breaches"] else [])
     if tally.get("deliveries_stored", 0) != tally.get("deliveries_distinct", 0):
         bad.append("a delivery stored other than once")
+    if tally.get("not_killed"):
+        bad.append("a fault point was armed but never reached")
     if bad:
         print(f"FAILED: {', '.join(bad)}", flush=True)
         return 1

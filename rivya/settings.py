@@ -323,6 +323,9 @@ WEBHOOK_ALLOW_HTTP = env.bool("WEBHOOK_ALLOW_HTTP", default=DEBUG)
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=15.0)
 WEBHOOK_MAX_RESPONSE_BYTES = env.int("WEBHOOK_MAX_RESPONSE_BYTES", default=8192)
 WEBHOOK_SECRET_OVERLAP = timedelta(seconds=env.int("WEBHOOK_SECRET_OVERLAP", default=24 * 3600))
+# Fault injection (rivya/faults.py, bench/chaos.py): empty, as in production, unless a run
+# sets it for its worker.
+FAULT_KILL_DIR = env.str("FAULT_KILL_DIR", default="")
 WEBHOOK_MAX_ENDPOINTS = env.int("WEBHOOK_MAX_ENDPOINTS", default=20)
 # Finished messages (with their attempts) are kept this long, then purged.
 WEBHOOK_RETENTION = timedelta(seconds=env.int("WEBHOOK_RETENTION", default=30 * 24 * 3600))

@@ -10,6 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from notifications.models import Notification
+from rivya.faults import fault_point
 from tasks.models import Task
 from tasks.pricing import success_charge
 from tasks.services import enqueue
@@ -77,6 +78,7 @@ def task_succeed(*, task_id: Any, outputs: Sequence[StoredOutput], notify: bool 
         ):
             return False
         settle_task(task, charge, f"{task.model_slug} generation")
+        fault_point("in_outcome_transaction", task_id)
         record_event(
             task_id,
             "succeeded",

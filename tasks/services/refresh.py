@@ -18,6 +18,7 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
+from rivya.faults import fault_point
 from tasks.media import MediaError, MediaInfo, inspect_media
 from tasks.models import Task
 from tasks.providers.base import (
@@ -406,6 +407,7 @@ def _download_and_succeed(task: Task, status: JobStatus, reason: str, *, fresh: 
             "refunded.",
         )
         return
+    fault_point("after_outputs_stored", task.pk)
     try:
         won = task_succeed(task_id=task.pk, outputs=stored)
     except BaseException:

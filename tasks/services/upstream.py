@@ -15,6 +15,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from rivya.faults import fault_point
 from tasks.media import MediaError, inspect_media
 from tasks.models import Task, Upload
 from tasks.providers.base import (
@@ -79,6 +80,7 @@ def task_send_upstream(*, task_id: Any) -> bool:
             callback_url=callback_url(task.provider),
         )
     )
+    fault_point("after_upstream_accept", task.pk)
     return _record_acceptance(task, result.upstream_id, "Accepted upstream.")
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("run", ["callbacks", "cancel-race"])
+@pytest.mark.parametrize("run", ["callbacks", "cancel-race", "worker-kills"])
 def test_small_run_loses_nothing(run: str) -> None:
     report = ROOT / "var" / "chaos" / f"{run}.json"
     report.unlink(missing_ok=True)
@@ -33,6 +33,7 @@ def test_small_run_loses_nothing(run: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(report.read_text())
     assert result["submitted"] == result["terminal"] > 0
-    for name in ("double_charges", "double_refunds", "lost_tasks", "stuck_holds", "answers_5xx"):
+    names = ("double_charges", "double_refunds", "lost_tasks", "stuck_holds", "answers_5xx")
+    for name in (*names, "duplicate_upstream_jobs"):
         assert result[name] == 0, (name, result)
     assert result["ledger_breaches"] == []
