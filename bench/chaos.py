@@ -18,6 +18,7 @@ queues), beat and the submit dispatcher. Every run is bounded in time and ends w
   ids of their own (a provider retrying with new ids), and 30 stale ones (``running`` and
   ``starting``, ids of their own) posted around them. Each distinct delivery id must be stored
   exactly once (61 per task).
+- ``worker-kills`` and ``redis-outage``: see their functions' docstrings.
 - ``cancel-race``: 200 tasks (``--small``: 20) whose sandbox job finishes after 0-300 ms and
   calls back, each cancelled through the API after 0-300 ms (8 at a time): success and cancel
   race. Either may win; the money must follow the winner.
@@ -85,6 +86,8 @@ class Stack:
         self.secret = secret
         self.key = key
         self.kill_dir = Path()  # the worker's FAULT_KILL_DIR (rivya/faults.py)
+        self.redis: Any = None  # the private redis-server's Proc
+        self.redis_url = ""
 
     def client(self) -> httpx.Client:
         return httpx.Client(
@@ -109,10 +112,11 @@ def setup_django_on(database_url: str, broker: str) -> None:
     call_command("migrate", verbosity=0, interactive=False)
 
 
-def private_redis(procs: Processes) -> str:
+def private_redis(procs: Processes, port: int | None = None) -> str:
+    """A redis-server of the run's own on ``port`` (default: a free one); its URL once up."""
     import redis
 
-    port = free_port()
+    port = port or free_port()
     proc = procs.start(
         "redis",
         [
@@ -353,10 +357,66 @@ def run_worker_kills(stack: Stack, small: bool, tally: dict[str, int]) -> list[s
     return ids
 
 
+def run_redis_outage(stack: Stack, small: bool, tally: dict[str, int]) -> list[str]:
+    """A steady submit load (4 clients, a submit every 50 ms each); after 10 s the private
+    redis-server is stopped (SIGKILL) for 60 s (``--small``: 5 s), then started again on the
+    same port, empty; the load goes on 15 s more. Every submit must be answered 202, or refused
+    cleanly (a 4xx or 503 with an error code), never with another 5xx; every accepted task must
+    finish."""
+    import threading
+    from urllib.parse import urlsplit
+
+    before, outage, after = (3.0, 5.0, 5.0) if small else (10.0, 60.0, 15.0)
+    stop = threading.Event()
+    ids: list[str] = []
+    lock = threading.Lock()
+    params = {"width": 64, "height": 64, "sandbox_latency_ms": 0}
+
+    def load() -> None:
+        with stack.client() as client:
+            while not stop.is_set():
+                try:
+                    answer = client.post(
+                        "/api/v1/tasks/",
+                        json={"model": "sandbox-image", "prompt": "outage", "params": params},
+                    )
+                except httpx.HTTPError:
+                    with lock:
+                        tally["no_answer"] = tally.get("no_answer", 0) + 1
+                    continue
+                with lock:
+                    count(tally, answer)
+                    key = f"submit_{answer.status_code}"
+                    tally[key] = tally.get(key, 0) + 1
+                    if answer.status_code == 202:
+                        ids.append(str(answer.json()["id"]))
+                    elif answer.status_code == 503 and "error" not in answer.json():
+                        tally["5xx"] = tally.get("5xx", 0) + 1  # a 503 without a reason
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(before)
+        stack.redis.popen.kill()
+        stack.redis.popen.wait(timeout=10)
+        time.sleep(outage)
+        private_redis(stack.procs, port=urlsplit(stack.redis_url).port)
+        time.sleep(after)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    wait_terminal(ids, 180)
+    return ids
+
+
 RUNS: dict[str, Any] = {
     "callbacks": run_callbacks,
     "cancel-race": run_cancel_race,
     "worker-kills": run_worker_kills,
+    "redis-outage": run_redis_outage,
 }
 
 
@@ -440,6 +500,7 @@ def main(argv: list[str]) -> int:
     try:
         with Processes(run_dir, {k: os.environ[k] for k in INHERITED if k in os.environ}) as procs:
             broker = private_redis(procs)
+            stack_redis = [p for p in procs.procs if p.name == "redis"]
             setup_django_on(url_with_db(url, DATABASE), broker)
             port = free_port()
             env = {
@@ -459,6 +520,8 @@ def main(argv: list[str]) -> int:
             kill_dir.mkdir(exist_ok=True)
             stack = start_stack(procs, env, {"FAULT_KILL_DIR": str(kill_dir)})
             stack.kill_dir = kill_dir
+            stack.redis = stack_redis[0]
+            stack.redis_url = broker
             tally: dict[str, int] = {}
             ids = RUNS[args.run](stack, args.small, tally)
             result = outcome(ids, tally)

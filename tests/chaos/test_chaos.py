@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("run", ["callbacks", "cancel-race", "worker-kills"])
+@pytest.mark.parametrize("run", ["callbacks", "cancel-race", "worker-kills", "redis-outage"])
 def test_small_run_loses_nothing(run: str) -> None:
     report = ROOT / "var" / "chaos" / f"{run}.json"
     report.unlink(missing_ok=True)
