@@ -220,9 +220,10 @@ class Processes:
         )
         return f"http://127.0.0.1:{port}", proc
 
-    def sandbox(self, secret: str) -> tuple[str, Proc]:
-        """The sandbox provider process (``python -m tasks.sandbox``)."""
-        port = free_port()
+    def sandbox(self, secret: str, port: int | None = None) -> tuple[str, Proc]:
+        """The sandbox provider process (``python -m tasks.sandbox``) on ``port`` (default: a
+        free one)."""
+        port = port or free_port()
         launcher = ["-m", "tasks.sandbox"]
         proc = self.start(
             "sandbox",

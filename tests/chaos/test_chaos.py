@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("run", ["callbacks", "cancel-race", "worker-kills", "redis-outage"])
+RUNS = ["callbacks", "cancel-race", "worker-kills", "redis-outage", "sandbox-outage"]
+
+
+@pytest.mark.parametrize("run", RUNS)
 def test_small_run_loses_nothing(run: str) -> None:
     report = ROOT / "var" / "chaos" / f"{run}.json"
     report.unlink(missing_ok=True)
@@ -34,6 +37,8 @@ def test_small_run_loses_nothing(run: str) -> None:
     result = json.loads(report.read_text())
     assert result["submitted"] == result["terminal"] > 0
     names = ("double_charges", "double_refunds", "lost_tasks", "stuck_holds", "answers_5xx")
-    for name in (*names, "duplicate_upstream_jobs"):
+    for name in names:
         assert result[name] == 0, (name, result)
+    # (not measurable once the sandbox restarted: it forgets its jobs)
+    assert result["duplicate_upstream_jobs"] in (0, None if run == "sandbox-outage" else 0)
     assert result["ledger_breaches"] == []
