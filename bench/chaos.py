@@ -458,12 +458,41 @@ def run_sandbox_outage(stack: Stack, small: bool, tally: dict[str, int]) -> list
     return ids
 
 
+def run_pg_terminate(stack: Stack, small: bool, tally: dict[str, int]) -> list[str]:
+    """A steady submit load (4 clients, a task every 100 ms each, jobs of 200 ms); every 2 s
+    for 60 s (``--small``: 10 s), every other connection to the run's database is terminated
+    (``pg_terminate_backend``): the web's, the worker's, beat's and the dispatcher's, whatever
+    they are doing. Then the load goes on 10 s more. Submits must be answered without a 5xx;
+    every accepted task must finish."""
+    from django.db import connection
+
+    duration = 10.0 if small else 60.0
+    params = {"width": 64, "height": 64, "sandbox_latency_ms": 200}
+    load, ids = steady_load(stack, tally, params, every=0.1)
+    try:
+        deadline = time.monotonic() + duration
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                tally["terminated"] = tally.get("terminated", 0) + cursor.fetchone()[0]
+        time.sleep(10)
+    finally:
+        load.stop()
+    wait_terminal(ids, 180)
+    return ids
+
+
 RUNS: dict[str, Any] = {
     "callbacks": run_callbacks,
     "cancel-race": run_cancel_race,
     "worker-kills": run_worker_kills,
     "redis-outage": run_redis_outage,
     "sandbox-outage": run_sandbox_outage,
+    "pg-terminate": run_pg_terminate,
 }
 
 
