@@ -52,6 +52,20 @@ def record(user: Any, event_type: str = "task.completed", **extra: Any) -> int:
         )
 
 
+def submit_with_webhook(user: Any, url: str, events: list[str] | None = None) -> Task:
+    """An accepted sandbox-image task reporting to ``url`` (``events``: its filter)."""
+    outcome = services.task_submit(
+        user=user,
+        model_slug="sandbox-image",
+        prompt="a fox",
+        params={},
+        webhook_url=url,
+        webhook_events=events,
+    )
+    assert outcome.accepted
+    return outcome.task
+
+
 def endpoint(user: Any, receiver: Receiver, path: str = "/hook", **fields: Any) -> WebhookEndpoint:
     return webhooks.endpoint_create(user=user, url=receiver.url(path), **fields)
 
@@ -68,14 +82,8 @@ def test_a_task_sends_started_and_completed_to_its_url_signed_with_the_account_s
     ledger_ok: None,
 ) -> None:
     user = funded(100)
-    outcome = services.task_submit(
-        user=user,
-        model_slug="sandbox-image",
-        prompt="a lighthouse",
-        params={},
-        webhook_url=webhook_receiver.url(),
-    )
-    task = run_to_end(outcome.task)
+    task = submit_with_webhook(user, webhook_receiver.url())
+    task = run_to_end(task)
     assert task.status == Task.Status.SUCCESS
     assert set(deliver_due().values()) == {S.SUCCEEDED}
 
@@ -103,16 +111,9 @@ def test_a_failed_or_rejected_task_sends_task_failed_with_its_error(
     sandbox: Any, catalog: None, funded: Any, webhook_receiver: Receiver, deliver_due: Any
 ) -> None:
     user = funded(100)
-    outcome = services.task_submit(
-        user=user,
-        model_slug="sandbox-image",
-        prompt="a lighthouse",
-        params={},
-        webhook_url=webhook_receiver.url(),
-        webhook_events=["failed"],
-    )
+    task = submit_with_webhook(user, webhook_receiver.url(), ["failed"])
     services.task_fail(
-        task_id=outcome.task.pk,
+        task_id=task.pk,
         code="input_rejected",
         message="Bad input.",
         kind="user",
@@ -130,15 +131,8 @@ def test_the_task_filter_sends_only_the_events_it_names(
     sandbox: Any, catalog: None, funded: Any, webhook_receiver: Receiver, deliver_due: Any
 ) -> None:
     user = funded(100)
-    outcome = services.task_submit(
-        user=user,
-        model_slug="sandbox-image",
-        prompt="a fox",
-        params={},
-        webhook_url=webhook_receiver.url(),
-        webhook_events=["completed"],
-    )
-    run_to_end(outcome.task)
+    task = submit_with_webhook(user, webhook_receiver.url(), ["completed"])
+    run_to_end(task)
     deliver_due()
     types = [json.loads(r["body"])["type"] for r in webhook_receiver.received()]
     assert types == ["task.completed"]
@@ -743,18 +737,9 @@ def test_cancelled_and_expiring_tasks_send_their_events(
 ) -> None:
     user = funded(100)
     url = webhook_receiver.url("/events")
-    cancelled = services.task_submit(
-        user=user, model_slug="sandbox-image", prompt="a fox", params={}, webhook_url=url
-    ).task
+    cancelled = submit_with_webhook(user, url)
     services.task_cancel(task_id=cancelled.pk, actor=user)
-    done = services.task_submit(
-        user=user,
-        model_slug="sandbox-image",
-        prompt="a fox",
-        params={},
-        webhook_url=url,
-        webhook_events=["expiring"],
-    ).task
+    done = submit_with_webhook(user, url, ["expiring"])
     run_to_end(done)
     Task.objects.filter(pk=done.pk).update(expires_at=timezone.now() + timedelta(hours=1))
     assert services.results_warn_expiring() == 1
@@ -770,13 +755,7 @@ def test_an_outcome_that_rolls_back_records_no_event(
     sandbox: Any, catalog: None, funded: Any, webhook_receiver: Receiver, deliver_due: Any
 ) -> None:
     user = funded(100)
-    task = services.task_submit(
-        user=user,
-        model_slug="sandbox-image",
-        prompt="a fox",
-        params={},
-        webhook_url=webhook_receiver.url(),
-    ).task
+    task = submit_with_webhook(user, webhook_receiver.url())
 
     def fail_then_roll_back() -> None:
         with transaction.atomic():
