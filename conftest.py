@@ -111,6 +111,29 @@ def ledger_ok() -> Iterator[None]:
     assert breaches == [], breaches
 
 
+@pytest.fixture
+def terminate_backend() -> Any:
+    """``terminate()``: PostgreSQL terminates the backend of this process's default connection,
+    as a server restart, a failover or a network cut would; from another connection, as an
+    operator's ``pg_terminate_backend``. Returns the terminated backend's pid."""
+    import psycopg2
+    from django.db import connection
+
+    def terminate() -> int:
+        connection.ensure_connection()
+        pid = connection.connection.get_backend_pid()
+        killer = psycopg2.connect(**connection.get_connection_params())
+        try:
+            with killer, killer.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+                assert cursor.fetchone() == (True,)
+        finally:
+            killer.close()
+        return pid
+
+    return terminate
+
+
 def database_url() -> str:
     """The URL of the database this test run uses (the test database, once it exists)."""
     from urllib.parse import quote

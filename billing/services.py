@@ -23,6 +23,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from billing.models import Account, Entry, Hold, IdempotencyRecord, LedgerTransaction
+from rivya.db import reconnect_if_broken
 from rivya.errors import (
     HoldAlreadyResolved,
     IdempotencyInProgress,
@@ -539,7 +540,12 @@ def idempotency_complete(
 
 
 def idempotency_abandon(*, record: IdempotencyRecord) -> None:
-    """Drop our claim so that a retry with the same key runs anew (nothing was committed)."""
+    """Drop our claim so that a retry with the same key runs anew (nothing was committed).
+
+    Called when the work failed, perhaps because the database connection was lost: the claim is
+    dropped on a working connection, else a retry would meet ``IdempotencyInProgress`` until
+    the claim goes stale."""
+    reconnect_if_broken()
     IdempotencyRecord.objects.filter(
         pk=record.pk, locked_at=record.locked_at, status=IdempotencyRecord.Status.IN_PROGRESS
     ).delete()

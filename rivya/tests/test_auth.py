@@ -257,12 +257,11 @@ def test_create_api_key_with_create_user_finds_an_email_in_another_case(make_use
 
 @pytest.mark.django_db(transaction=True)
 def test_the_key_lookup_of_a_request_replaces_a_dead_connection(
-    user: Any, monkeypatch: pytest.MonkeyPatch
+    user: Any, monkeypatch: pytest.MonkeyPatch, terminate_backend: Any
 ) -> None:
     # On PostgreSQL the key lookup is a request's first statement and stands in for Django's
     # connection health check (rivya.sql.execute_checking_connection): a persistent connection
     # whose server backend is gone is replaced, and the request goes on as if nothing happened.
-    import psycopg2
     from django.core.signals import request_finished, request_started
     from django.db import connection
 
@@ -277,11 +276,7 @@ def test_the_key_lookup_of_a_request_replaces_a_dead_connection(
     before = connection.connection.get_backend_pid()
     request_finished.send(sender=None)  # as between two requests: the check is due again
     request_started.send(sender=None)
-    params = connection.get_connection_params()
-    with psycopg2.connect(**params) as killer, killer.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)", [before])
-        assert cursor.fetchone() == (True,)
-    killer.close()
+    assert terminate_backend() == before
 
     key = services.api_key_authenticate(raw=raw)
 

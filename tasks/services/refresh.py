@@ -18,6 +18,7 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
+from rivya.db import reconnect_if_broken
 from rivya.faults import fault_point
 from tasks.media import MediaError, MediaInfo, inspect_media
 from tasks.models import Task
@@ -313,32 +314,37 @@ def _store_and_succeed(task: Task, status: JobStatus, reason: str, *, fresh: boo
         if Task.objects.filter(pk=task.pk, status=S.GENERATING).exists():
             record_event(task.pk, "outputs_busy", "Another worker is storing this task's results.")
         return
-    task.refresh_from_db(fields=["output_attempts"])
-    if task.output_attempts > settings.TASK_OUTPUT_MAX_ATTEMPTS:
-        # Every earlier attempt died storing these outputs (a poison output that crashes or
-        # hangs the worker): stop fetching them, and tell the user and support.
-        logger.error(
-            "task %s: storing its outputs failed %s times; giving up",
-            task.pk,
-            task.output_attempts - 1,
-        )
-        task_fail(
-            task_id=task.pk,
-            code="result_unprocessable",
-            kind="infra",
-            sources=[S.GENERATING],
-            message=f"The result could not be processed after {task.output_attempts - 1} "
-            "attempts; your credits were refunded. Support has been told.",
-            charge_policy=False,
-        )
-        return
+    # From the claim on, every way out gives the lease back, the first statement after it
+    # included: a connection lost right after the claim's commit left a task waiting out its
+    # whole lease (docs/reliability.md, pg-terminate).
     try:
+        task.refresh_from_db(fields=["output_attempts"])
+        if task.output_attempts > settings.TASK_OUTPUT_MAX_ATTEMPTS:
+            # Every earlier attempt died storing these outputs (a poison output that crashes
+            # or hangs the worker): stop fetching them, and tell the user and support.
+            logger.error(
+                "task %s: storing its outputs failed %s times; giving up",
+                task.pk,
+                task.output_attempts - 1,
+            )
+            task_fail(
+                task_id=task.pk,
+                code="result_unprocessable",
+                kind="infra",
+                sources=[S.GENERATING],
+                message=f"The result could not be processed after {task.output_attempts - 1} "
+                "attempts; your credits were refunded. Support has been told.",
+                charge_policy=False,
+            )
+            return
         _download_and_succeed(task, status, reason, fresh=fresh)
     except BaseException:
-        # It failed in this process (an error, or the soft time limit): the attempt stays
-        # counted, but the lease is given back so the next check need not wait for it to run
-        # out. Only a worker that died outright leaves its lease to expire.
+        # It failed in this process (an error, a lost connection, or the soft time limit): the
+        # attempt stays counted, but the lease is given back, on a working connection, so the
+        # next check need not wait for it to run out. Only a worker that died outright leaves
+        # its lease to expire.
         with contextlib.suppress(Exception):
+            reconnect_if_broken()
             Task.objects.filter(pk=task.pk).update(output_lease_until=None)
         raise
 

@@ -375,12 +375,11 @@ def test_the_accept_sent_twice_accepts_once(funded: Any) -> None:
 
 
 def test_a_submit_whose_first_statement_meets_a_dead_connection_goes_through(
-    funded: Any, monkeypatch: pytest.MonkeyPatch
+    funded: Any, monkeypatch: pytest.MonkeyPatch, terminate_backend: Any
 ) -> None:
     # With the key and the model copied, the accept is a request's first statement and stands
     # in for Django's connection health check: a terminated backend is replaced, the statement
     # sent again, and the submit accepted once.
-    import psycopg2
     from django.core.signals import request_finished, request_started
 
     use_path(monkeypatch, "one-statement")
@@ -391,11 +390,7 @@ def test_a_submit_whose_first_statement_meets_a_dead_connection_goes_through(
     before = connection.connection.get_backend_pid()
     request_finished.send(sender=None)  # as between two requests: the check is due again
     request_started.send(sender=None)
-    killer = psycopg2.connect(**connection.get_connection_params())
-    with killer, killer.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)", [before])
-        assert cursor.fetchone() == (True,)
-    killer.close()
+    assert terminate_backend() == before
 
     outcome = accept_via("one-statement", user)
 
