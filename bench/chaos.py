@@ -88,6 +88,7 @@ class Stack:
         self.kill_dir = Path()  # the worker's FAULT_KILL_DIR (rivya/faults.py)
         self.redis: Any = None  # the private redis-server's Proc
         self.sandbox: Any = None  # the sandbox's Proc
+        self.supervisor: Any = None  # the WorkerSupervisor of the Celery worker
         self.redis_url = ""
 
     def client(self) -> httpx.Client:
@@ -161,12 +162,60 @@ def start_stack(procs: Processes, env: dict[str, str], worker_env: dict[str, str
     sandbox_url, sandbox = procs.sandbox(env["SANDBOX_WEBHOOK_SECRET"])
     procs.env["SANDBOX_URL"] = sandbox_url
     api_url, _ = procs.gunicorn(port=int(env["CALLBACK_BASE_URL"].rsplit(":", 1)[1]))
-    procs.celery_worker(pool="prefork", concurrency=2, **worker_env)
+    stack = Stack(procs, api_url, sandbox_url, env["SANDBOX_WEBHOOK_SECRET"], key)
+    stack.supervisor = WorkerSupervisor(procs, worker_env)
     procs.celery_beat()
     procs.dispatcher()
-    stack = Stack(procs, api_url, sandbox_url, env["SANDBOX_WEBHOOK_SECRET"], key)
     stack.sandbox = sandbox
     return stack
+
+
+class WorkerSupervisor:
+    """The Celery worker under ``rivya.supervise``, as in production: started again whenever
+    it exits (Celery's worker exits on an error its consumer cannot recover from; the
+    ``redis-outage`` run met one). Its restarts are counted; a worker that fails at its very
+    start fails the run."""
+
+    def __init__(self, procs: Processes, worker_env: dict[str, str]) -> None:
+        import itertools
+        import threading
+
+        from rivya.supervise import Supervisor
+
+        self.supervisor = Supervisor(log=lambda line: print(f"[chaos] {line}", flush=True))
+        self.failed: str | None = None
+        self._stop = threading.Event()
+        names = itertools.count(1)
+
+        def start() -> Any:
+            n = next(names)
+            return procs.celery_worker(
+                pool="prefork",
+                concurrency=2,
+                name="worker" if n == 1 else f"worker-{n}",
+                wait=n == 1,
+                **worker_env,
+            ).popen
+
+        self.child = self.supervisor.add("the Celery worker", start)
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            problem = self.supervisor.poll()
+            if problem is not None:
+                self.failed = problem
+                return
+
+    @property
+    def restarts(self) -> int:
+        return self.child.starts - 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
 
 
 def submit(client: httpx.Client, model: str, params: dict[str, Any], tally: dict[str, int]) -> str:
@@ -604,6 +653,10 @@ def main(argv: list[str]) -> int:
             stack.redis_url = broker
             tally: dict[str, int] = {}
             ids = RUNS[args.run](stack, args.small, tally)
+            stack.supervisor.stop()
+            tally["worker_restarts"] = stack.supervisor.restarts
+            if stack.supervisor.failed:
+                tally["worker_failed"] = 1
             result = outcome(ids, tally)
             # Jobs the provider created beyond one per task sent upstream (each would be paid
             # for upstream): the task's id is the idempotency key of its submit.
@@ -640,6 +693,8 @@ def main(argv: list[str]) -> int:
     ] + (["ledger_check"] if result["ledger_breaches"] else [])
     if tally.get("deliveries_stored", 0) != tally.get("deliveries_distinct", 0):
         bad.append("a delivery stored other than once")
+    if tally.get("worker_failed"):
+        bad.append("the Celery worker failed at its start")
     if tally.get("not_killed"):
         bad.append("a fault point was armed but never reached")
     if bad:

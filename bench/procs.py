@@ -253,10 +253,14 @@ class Processes:
         concurrency: int = 2,
         queues: str = "celery,webhooks",
         name: str = "worker",
+        include: str = "",
+        wait: bool = True,
         **env: str,
     ) -> Proc:
         """A Celery worker; by default it serves both queues (``make run`` starts one worker for
-        each: ``celery``, and ``webhooks`` on threads)."""
+        each: ``celery``, and ``webhooks`` on threads). ``include``: a module of extra tasks to
+        load. ``wait``: return once it is ready (a worker started again during a broker outage
+        is ready only once the broker is back)."""
         proc = self.start(
             name,
             [
@@ -277,17 +281,19 @@ class Processes:
                 "--without-heartbeat",
                 "--queues",
                 queues,
+                *(["--include", include] if include else []),
                 "-n",
                 f"bench-{name}-{os.getpid()}@%h",
             ],
             **env,
         )
-        wait_until(
-            lambda: b"ready." in proc.log.read_bytes(),
-            proc=proc,
-            timeout=60,
-            what="the Celery worker to be ready",
-        )
+        if wait:
+            wait_until(
+                lambda: b"ready." in proc.log.read_bytes(),
+                proc=proc,
+                timeout=60,
+                what="the Celery worker to be ready",
+            )
         return proc
 
     def celery_beat(self, **env: str) -> Proc:

@@ -2,7 +2,9 @@
 webhooks, Celery beat, the submit dispatcher and the sandbox provider); Ctrl-C stops all.
 
 Used by ``make run``. Each child gets its own process group so that one Ctrl-C (or SIGTERM)
-reaches every process, and if any child dies the others are stopped too.
+reaches every process. A child that exits is started again (``rivya.supervise``), as a
+production supervisor would; one that fails right at its start stops the others, so that the
+error is seen.
 """
 
 from __future__ import annotations
@@ -194,7 +196,9 @@ def commands(settings: Any) -> list[tuple[str, list[str]]]:
 
 
 def main() -> int:
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    from rivya.supervise import Supervisor
+
+    supervisor = Supervisor(log=lambda line: print(f"[dev] {line}", flush=True))
     stopping = False
 
     def stop(*_: object) -> None:
@@ -204,34 +208,39 @@ def main() -> int:
         stopping = True
         # Signal each main process (gunicorn's arbiter, Celery's main process) and let it stop
         # its own children; whatever is left after the grace period is killed as a group.
-        for _name, proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        for child in supervisor.children:
+            if child.alive():
+                child.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     settings = django_settings()
     for name, cmd in commands(settings):
-        procs.append((name, subprocess.Popen(cmd, start_new_session=True)))
-        print(f"[dev] started {name} (pid {procs[-1][1].pid})", flush=True)
+        # A process that exits is started again, as a production supervisor would (a Celery
+        # worker exits on errors it cannot recover from; docs/reliability.md); one that fails
+        # at its start stops everything, so that the error is seen.
+        child = supervisor.add(name, lambda cmd=cmd: subprocess.Popen(cmd, start_new_session=True))
+        print(f"[dev] started {name} (pid {child.pid})", flush=True)
     print(f"[dev] Rivya is at {settings.SERVE_URL}/ — Ctrl-C stops everything.", flush=True)
     threading.Thread(target=check_callbacks, args=(settings,), daemon=True).start()
     code = 0
     while not stopping:
-        for name, proc in procs:
-            if proc.poll() is not None:
-                print(f"[dev] {name} exited with {proc.returncode}; stopping the rest.", flush=True)
-                code = proc.returncode or 1
-                stop()
-                break
+        problem = supervisor.poll()
+        if problem is not None:
+            print(f"[dev] {problem} at its start; stopping the rest.", flush=True)
+            code = 1
+            stop()
+            break
         time.sleep(0.5)
     deadline = time.monotonic() + 15
-    for name, proc in procs:
+    for child in supervisor.children:
+        if child.popen is None:
+            continue
         try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            child.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            print(f"[dev] {name} did not stop in time; killing it.", flush=True)
-            os.killpg(proc.pid, signal.SIGKILL)
+            print(f"[dev] {child.name} did not stop in time; killing it.", flush=True)
+            os.killpg(child.popen.pid, signal.SIGKILL)
     return code
 
 
