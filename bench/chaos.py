@@ -217,7 +217,6 @@ class WorkerSupervisor:
         self._thread.join(timeout=10)
 
 
-
 def submit(client: httpx.Client, model: str, params: dict[str, Any], tally: dict[str, int]) -> str:
     answer = client.post(
         "/api/v1/tasks/", json={"model": model, "prompt": "chaos", "params": params}

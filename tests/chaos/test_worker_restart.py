@@ -85,9 +85,7 @@ def test_a_worker_that_exits_is_started_again_and_consumes_what_waited(
             app.send_task("celery.accumulate", args=(1,), task_id=probe, connection=conn)
 
         # Then a new worker is started, and consumes it
-        assert wait_for(lambda: consumed(processes, probe), 90), [
-            p.tail() for p in processes.procs
-        ]
+        assert wait_for(lambda: consumed(processes, probe), 90), [p.tail() for p in processes.procs]
         assert supervised.restarts == 1
         assert supervised.child.pid != first
         assert supervised.failed is None
