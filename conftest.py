@@ -105,6 +105,24 @@ def funded(make_user: Any) -> Any:
 
 
 @pytest.fixture
+def queued(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
+    """What the services hand to Celery after commit, instead of sending it (the services are
+    called directly in these tests; tests/ runs the real worker)."""
+    from tasks.services import enqueue
+
+    calls: dict[str, list[Any]] = {"submit": [], "callback": [], "cancel": [], "cancel_jobs": []}
+    monkeypatch.setattr(enqueue, "submit", lambda i: calls["submit"].append(str(i)))
+    monkeypatch.setattr(enqueue, "callback", lambda i: calls["callback"].append(i))
+
+    def cancel(task_id: Any, upstream_id: str | None = None) -> None:
+        calls["cancel"].append(str(task_id))
+        calls["cancel_jobs"].append(upstream_id)
+
+    monkeypatch.setattr(enqueue, "cancel_upstream", cancel)
+    return calls
+
+
+@pytest.fixture
 def ledger_ok() -> Iterator[None]:
     yield
     breaches = run_checks()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,7 +24,7 @@ from rest_framework.renderers import JSONRenderer
 
 from billing import selectors as billing_selectors
 from billing import services as billing
-from chat import tokens
+from chat import tokens, tools
 from chat.api.serializers import ChatMessageSerializer
 from chat.models import ChatMessage, ChatSession
 from notifications import webhooks
@@ -38,7 +39,13 @@ from rivya.errors import (
 )
 from rivya.money import credits_phrase
 from tasks.models import AIModel, Category
-from tasks.providers.base import ChatRequest, ChatTurnMessage, ChatUsage, ProviderError
+from tasks.providers.base import (
+    ChatRequest,
+    ChatToolCall,
+    ChatTurnMessage,
+    ChatUsage,
+    ProviderError,
+)
 from tasks.validation import normalize_params
 
 log = logging.getLogger(__name__)
@@ -218,11 +225,13 @@ def _context(session: ChatSession, content: str, budget: int) -> _Context:
         )
         .exclude(role=ChatMessage.Role.ASSISTANT, status=ChatMessage.Status.STREAMING)
         .order_by("-created_at", "-id")
-        .values_list("role", "content")[: settings.CHAT_HISTORY_MAX_MESSAGES]
+        .values_list("role", "content", "tool_calls")[: settings.CHAT_HISTORY_MAX_MESSAGES]
     )
     used = tokens.request_tokens([content])
     kept: list[tuple[str, str]] = []
-    for role, text in history:
+    for role, text, calls in history:
+        if calls:  # the model is told how its tool calls went
+            text = f"{text}\n\n{tools.context_note(calls)}"
         cost = tokens.message_tokens(text)
         if used + cost > budget:
             break
@@ -347,6 +356,7 @@ def start_turn(
             messages=context.messages,
             max_tokens=allowed,
             params=params,
+            tools=tools.tool_definitions(tools.tool_models()),
         )
         return TurnStart(message=message, provider=model.provider, request=request)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -427,9 +437,11 @@ def finish_turn(
     finish_reason: str,
     error: ProviderError | None = None,
     client_gone: bool = False,
+    tool_calls: Sequence[ChatToolCall] = (),
 ) -> ChatMessage:
     """Store the reply and settle the turn's hold, exactly once (a second call returns the
-    message as the first left it).
+    message as the first left it); then run the tools the model called (``chat.tools``), in the
+    same transaction, so that each creates its task exactly once, with its own hold.
 
     Billed: ``turn_cost`` of the usage (``_settlement``), captured up to the hold; the rest of
     the hold is released (``refunded_micro``); what the provider reported beyond the hold is
@@ -468,6 +480,10 @@ def finish_turn(
             message.error_code = error.code or "provider_error"
             message.error_message = str(error)[:2000]
             message.error_kind = error_kind(error)
+        elif tool_calls:
+            records = tools.run_tool_calls(user=message.user, calls=tool_calls)
+            message.tool_calls = records
+            message.task_ids = tools.task_ids(records)
         now = timezone.now()
         message.finished_at = now
         if client_gone:

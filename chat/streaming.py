@@ -24,7 +24,7 @@ from django.db import connection
 
 from chat import services
 from chat.models import ChatMessage
-from tasks.providers.base import ChatDelta, ChatEnd, ChatUsage, ProviderError
+from tasks.providers.base import ChatDelta, ChatEnd, ChatToolCall, ChatUsage, ProviderError
 from tasks.providers.registry import get_provider
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class Turn:
         usage: ChatUsage | None = None
         finish = "stop"
         error: ProviderError | None = None
+        tool_calls: tuple[ChatToolCall, ...] = ()
         stream = None
         try:
             async with asyncio.timeout(settings.CHAT_TURN_MAX_SECONDS):
@@ -104,6 +105,7 @@ class Turn:
                             break
                     elif isinstance(item, ChatEnd):
                         usage, finish, error = item.usage, item.finish_reason, item.error
+                        tool_calls = item.tool_calls
         except asyncio.CancelledError:
             # The event loop is shutting down (a restart): settle what was read, then go.
             await asyncio.shield(
@@ -140,7 +142,7 @@ class Turn:
             if stream is not None:
                 await stream.aclose()
             self.queue.put_nowait(_DONE)
-        return await self._settle(parts, streamed, usage, finish, error)
+        return await self._settle(parts, streamed, usage, finish, error, tool_calls)
 
     async def _settle(
         self,
@@ -149,6 +151,7 @@ class Turn:
         usage: ChatUsage | None,
         finish: str,
         error: ProviderError | None,
+        tool_calls: tuple[ChatToolCall, ...] = (),
     ) -> ChatMessage:
         for delay in (*SETTLE_DELAYS_S, None):
             try:
@@ -160,6 +163,7 @@ class Turn:
                     finish_reason=finish,
                     error=error,
                     client_gone=self.client_gone,
+                    tool_calls=tool_calls,
                 )
             except Exception:
                 if delay is None:

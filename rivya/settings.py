@@ -364,6 +364,17 @@ STORAGE_SWEEP_MIN_AGE = env.int("STORAGE_SWEEP_MIN_AGE", default=24 * 3600)
 # is settled by the beat. At most this many earlier messages are considered for the context.
 CHAT_TURN_MAX_SECONDS = env.int("CHAT_TURN_MAX_SECONDS", default=600)
 CHAT_HISTORY_MAX_MESSAGES = env.int("CHAT_HISTORY_MAX_MESSAGES", default=200)
+# Tool calls (chat/tools.py): the catalog model each tool generates with (a tool whose model is
+# missing or disabled is not offered), how many calls of one message run, and how long a
+# turn's stream waits for its tools' tasks to finish before it ends (the page and the API go
+# on showing them live).
+CHAT_TOOL_MODELS = {
+    "generate_image": env.str("CHAT_TOOL_IMAGE_MODEL", default="sandbox-image"),
+    "generate_video": env.str("CHAT_TOOL_VIDEO_MODEL", default="sandbox-video"),
+    "generate_audio": env.str("CHAT_TOOL_AUDIO_MODEL", default="sandbox-speech"),
+}
+CHAT_MAX_TOOL_CALLS = env.int("CHAT_MAX_TOOL_CALLS", default=4)
+CHAT_TOOL_WAIT_SECONDS = env.int("CHAT_TOOL_WAIT_SECONDS", default=120)
 # Serving (rivya/asgi.py): threads per web worker process for everything but chat turns (each
 # keeps a database connection), and chat turns being recorded at once per process (each needs
 # a connection for that moment; more wait their turn). Together with the settling threads

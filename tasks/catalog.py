@@ -44,6 +44,13 @@ def _schema(**properties: Any) -> dict[str, Any]:
 
 
 # The sandbox's chat knobs (docs/sandbox.md): how the streamed reply behaves.
+# Makes the sandbox model call a tool (chat/tools.py) with these arguments, after its reply.
+TOOL_CALL_KNOB: dict[str, Any] = {
+    "type": ["object", "array"],
+    "description": 'call a tool: {"tool": "generate_image", "arguments": {"prompt": "a red '
+    'fox"}}, or a list of such calls',
+}
+
 CHAT_KNOBS: dict[str, Any] = {
     "sandbox_latency_ms": {
         "type": "integer",
@@ -85,6 +92,7 @@ CHAT_KNOBS: dict[str, Any] = {
     },
     "sandbox_callback": {"enum": ["once", "early", "duplicate", "none", "out_of_order"]},
     "sandbox_status": {"enum": ["ok", "error"]},
+    "sandbox_tool_call": TOOL_CALL_KNOB,
 }
 
 

@@ -113,11 +113,32 @@ class ChatTurnMessage:
 
 
 @dataclass(frozen=True)
+class ChatTool:
+    """A tool the model may call (OpenAI's function tools): its name, what it does, and a JSON
+    Schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ChatToolCall:
+    """A call the model made: the provider's id for it, the tool's name, and the arguments as
+    the model wrote them (a JSON text, not yet checked)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     model: str  # the provider's model id (AIModel.upstream_model)
     messages: tuple[ChatTurnMessage, ...]
     max_tokens: int
     params: Mapping[str, Any]  # the model's own options, e.g. sandbox_* knobs
+    tools: tuple[ChatTool, ...] = ()  # what the model may call (chat.tools)
 
 
 @dataclass(frozen=True)
@@ -134,8 +155,9 @@ class ChatDelta:
 @dataclass(frozen=True)
 class ChatEnd:
     usage: ChatUsage | None  # None when the provider reported none
-    finish_reason: str  # "stop" | "length" | "error"
+    finish_reason: str  # "stop" | "length" | "error" | "tool_calls"
     error: ProviderError | None = None  # set when the provider failed mid-stream
+    tool_calls: tuple[ChatToolCall, ...] = ()  # what the model called, in order
 
 
 # ---- synchronous ("single") services: one request, one answer ------------------------------

@@ -23,6 +23,7 @@ from tasks.providers.base import (
     ChatDelta,
     ChatEnd,
     ChatRequest,
+    ChatToolCall,
     ChatUsage,
     CompletionRequest,
     CompletionResult,
@@ -238,8 +239,21 @@ class SandboxProvider:
             "stream": True,
             "params": dict(request.params),
         }
+        if request.tools:
+            body["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": tool.name,
+                        "description": tool.description,
+                        "parameters": dict(tool.parameters),
+                    },
+                }
+                for tool in request.tools
+            ]
         url = f"{self._base_url}/v1/chat/completions"
         end: ChatEnd | None = None
+        calls = _ToolCalls()
         try:
             async with http.astream(
                 "POST", url, json=body, read_timeout_s=self._chat_read_timeout_s
@@ -266,10 +280,15 @@ class SandboxProvider:
                         end = _chat_error_end(event)
                         continue
                     text, finish_reason = _chat_choice(event)
+                    calls.add(event)
                     if text:
                         yield ChatDelta(text=text)
                     if finish_reason is not None:
-                        end = ChatEnd(usage=_chat_usage(event), finish_reason=finish_reason)
+                        end = ChatEnd(
+                            usage=_chat_usage(event),
+                            finish_reason=finish_reason,
+                            tool_calls=calls.complete(),
+                        )
         except ProviderError as exc:
             # A transport error after the final event: the reply is complete all the same.
             if end is None or exc.code not in _TRANSPORT_CODES:
@@ -482,7 +501,48 @@ def _chat_choice(event: dict[str, Any]) -> tuple[str, str | None]:
         return text, None
     if not isinstance(reason, str):
         raise _chat_bad("finish_reason is not a string")
-    return text, "length" if reason == "length" else "stop"
+    return text, reason if reason in ("length", "tool_calls") else "stop"
+
+
+class _ToolCalls:
+    """Tool calls as OpenAI streams them: pieces under ``delta.tool_calls``, each with the
+    ``index`` of the call it continues; the id and name come once, the arguments text in
+    pieces."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, dict[str, str]] = {}
+
+    def add(self, event: dict[str, Any]) -> None:
+        delta = event["choices"][0].get("delta") or {}
+        pieces = delta.get("tool_calls")
+        if pieces is None:
+            return
+        if not isinstance(pieces, list):
+            raise _chat_bad("tool_calls is not a list")
+        for piece in pieces:
+            index = piece.get("index") if isinstance(piece, dict) else None
+            function = piece.get("function") or {} if isinstance(piece, dict) else None
+            if not isinstance(index, int) or not isinstance(function, dict):
+                raise _chat_bad("a tool call without an index or function")
+            call = self.calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            for key, value in (
+                ("id", piece.get("id")),
+                ("name", function.get("name")),
+                ("arguments", function.get("arguments")),
+            ):
+                if value is None:
+                    continue
+                if not isinstance(value, str):
+                    raise _chat_bad(f"tool call {key} is not a string")
+                call[key] = call[key] + value if key == "arguments" else value
+
+    def complete(self) -> tuple[ChatToolCall, ...]:
+        return tuple(
+            ChatToolCall(
+                id=call["id"] or f"call_{index}", name=call["name"], arguments=call["arguments"]
+            )
+            for index, call in sorted(self.calls.items())
+        )
 
 
 def _chat_usage(event: dict[str, Any]) -> ChatUsage | None:

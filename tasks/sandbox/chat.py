@@ -8,6 +8,7 @@ formulas below, so tests can predict every byte and every count.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ WORDS = (
     "credit", "ledger", "reply", "upstream",
 )  # fmt: skip
 
+MAX_TOOL_CALLS = 8
+
 REJECT_MESSAGE = "The sandbox refused the conversation (sandbox_outcome=reject)."
 FAIL_MESSAGE = "The sandbox failed mid-reply (sandbox_outcome=fail)."
 
@@ -56,6 +59,9 @@ class ChatPlan:
     outcome: str
     fail_after: int  # tokens streamed before a fail/drop (at most len(tokens))
     usage_mode: str
+    # (tool name, its arguments as a JSON text), as OpenAI sends them: what the
+    # ``sandbox_tool_call`` knob asks the model to call, each among the request's ``tools``.
+    tool_calls: tuple[tuple[str, str], ...] = ()
 
     @property
     def streamed_count(self) -> int:
@@ -117,6 +123,54 @@ def _choice(params: Mapping[str, Any], name: str, values: tuple[str, ...]) -> st
     return str(value)
 
 
+def _offered_tools(body: Mapping[str, Any]) -> set[str]:
+    """The names of the request's ``tools`` (OpenAI's shape: ``{"type": "function",
+    "function": {"name", "description", "parameters"}}``)."""
+    tools = body.get("tools")
+    if tools is None:
+        return set()
+    if not isinstance(tools, list):
+        raise InvalidChat("tools must be a list.")
+    names = set()
+    for n, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if (
+            not isinstance(function, dict)
+            or tool.get("type") != "function"  # type: ignore[union-attr]
+            or not isinstance(name, str)
+        ):
+            raise InvalidChat(f"tools[{n}] must be {{type: function, function: {{name, ...}}}}.")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise InvalidChat(f"tools[{n}].function.parameters must be an object.")
+        names.add(name)
+    return names
+
+
+def _tool_calls(params: Mapping[str, Any], offered: set[str]) -> tuple[tuple[str, str], ...]:
+    """``sandbox_tool_call``: one ``{"tool", "arguments"}`` or a list of them, each naming a
+    tool the request offered; the arguments are passed through as the model would write them
+    (a JSON text; a string is sent as it is, so a client can send malformed arguments)."""
+    wanted = params.get("sandbox_tool_call")
+    if wanted is None:
+        return ()
+    calls = wanted if isinstance(wanted, list) else [wanted]
+    if len(calls) > MAX_TOOL_CALLS:
+        raise InvalidChat(f"sandbox_tool_call: at most {MAX_TOOL_CALLS} calls.")
+    out = []
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("tool"), str):
+            raise InvalidChat("sandbox_tool_call must be {tool, arguments} or a list of them.")
+        if call["tool"] not in offered:
+            raise InvalidChat(
+                f"sandbox_tool_call names {call['tool']!r}, a tool the request did not offer."
+            )
+        arguments = call.get("arguments", {})
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        out.append((call["tool"], text))
+    return tuple(out)
+
+
 def parse(body: Any) -> ChatPlan:
     """Validate a ``POST /v1/chat/completions`` body. Raises ``InvalidChat``.
 
@@ -170,15 +224,18 @@ def parse(body: Any) -> ChatPlan:
     usage_mode = _choice(params, "sandbox_usage", USAGE_MODES)
     length = min(wanted, max_tokens)
     fail_after = _integer(params, "sandbox_fail_after_tokens", 0, MAX_REPLY_TOKENS, length // 2)
+    tool_calls = _tool_calls(params, _offered_tools(body))
+    finish_reason = "length" if max_tokens < wanted else "stop"
     return ChatPlan(
         model=model,
         stream=stream,
         tokens=tuple(reply_tokens(last_user, length)),
-        finish_reason="length" if max_tokens < wanted else "stop",
+        finish_reason="tool_calls" if tool_calls else finish_reason,
         prompt_tokens=prompt_tokens(contents),
         latency_s=latency_ms / 1000,
         token_delay_s=delay_ms / 1000,
         outcome=outcome,
         fail_after=min(fail_after, length),
         usage_mode=usage_mode,
+        tool_calls=tool_calls,
     )

@@ -834,7 +834,11 @@ class Handler(BaseHTTPRequestHandler):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(plan.tokens)},
+                    "message": {
+                        "role": "assistant",
+                        "content": "".join(plan.tokens),
+                        **({"tool_calls": _tool_calls(plan)} if plan.tool_calls else {}),
+                    },
                     "finish_reason": plan.finish_reason,
                 }
             ],
@@ -875,6 +879,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
+            if plan.tool_calls and plan.outcome == "success":
+                self._event({"choices": [{"delta": {"tool_calls": _tool_calls(plan)}}]})
             usage = plan.usage(streamed)
             final: dict[str, Any]
             if plan.outcome == "fail":
@@ -972,3 +978,16 @@ def make_server(host: str, port: int, secret: str, *, quiet: bool = False) -> Sa
             print(f"sandbox: {line}", file=sys.stderr, flush=True)
 
     return SandboxHTTPServer((host, port), Sandbox(secret, log=log), quiet=quiet)
+
+
+def _tool_calls(plan: chat.ChatPlan) -> list[dict[str, Any]]:
+    """The plan's tool calls in OpenAI's shape (one delta carrying them whole)."""
+    return [
+        {
+            "index": n,
+            "id": f"call_{n}",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+        for n, (name, arguments) in enumerate(plan.tool_calls)
+    ]
