@@ -185,7 +185,9 @@ class Turn:
 
     async def events(self) -> AsyncIterator[bytes]:
         """The turn as server-sent events: ``message`` (the assistant message as it starts),
-        ``delta`` per piece of text, and ``settlement`` (the settled message), last."""
+        ``delta`` per piece of text, ``tool_call`` per tool the model called (its task
+        created, or its tool error), ``tool_result`` as each of those tasks finishes, and
+        ``settlement`` (the settled message), last."""
         try:
             yield sse("message", self.shape(self.start.message))
             if self.start.replayed:
@@ -213,6 +215,10 @@ class Turn:
                     yield b": ping\n\n"
                 else:
                     break
+            for call in message.tool_calls:
+                yield sse("tool_call", call)
+            async for event in tool_results(message):
+                yield event
             yield sse("settlement", self.shape(message))
         except (asyncio.CancelledError, GeneratorExit):
             self.client_gone = True
@@ -233,6 +239,50 @@ class Turn:
             self.client_gone = True
             raise
         yield json.dumps(self.shape(message)).encode()
+
+
+TOOL_POLL_S = 0.5
+
+
+def _tool_tasks(task_ids: list[str]) -> dict[str, tuple[str, str, str, int]]:
+    from tasks.models import Task
+
+    return {
+        str(pk): (status, code, message, len(results))
+        for pk, status, code, message, results in Task.objects.filter(pk__in=task_ids)
+        .filter(status__in=Task.TERMINAL)
+        .values_list("pk", "status", "error_code", "error_message", "results")
+    }
+
+
+async def tool_results(message: ChatMessage) -> AsyncIterator[bytes]:
+    """A ``tool_result`` event as each task the turn's tools created finishes (its status, and
+    its error or how many results it has), with pings while waiting; for at most
+    ``CHAT_TOOL_WAIT_SECONDS``, after which the page and the API go on showing the tasks."""
+    waiting = {r["task_id"]: r["id"] for r in message.tool_calls if r.get("task_id")}
+    deadline = asyncio.get_running_loop().time() + settings.CHAT_TOOL_WAIT_SECONDS
+    quiet_since = asyncio.get_running_loop().time()
+    while waiting:
+        finished = await _in_thread(_tool_tasks)(list(waiting))
+        for task_id, (status, code, error, outputs) in finished.items():
+            yield sse(
+                "tool_result",
+                {
+                    "id": waiting.pop(task_id),
+                    "task_id": task_id,
+                    "status": status,
+                    "error": {"code": code, "message": error} if code else None,
+                    "outputs": outputs,
+                },
+            )
+            quiet_since = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        if not waiting or now >= deadline:
+            return
+        if now - quiet_since >= HEARTBEAT_S:
+            yield b": ping\n\n"
+            quiet_since = now
+        await asyncio.sleep(TOOL_POLL_S)
 
 
 def sse(event: str, data: Any) -> bytes:

@@ -50,3 +50,251 @@ def test_a_tool_call_creates_a_task_billed_apart_from_the_turn(
     balance = billing_selectors.balance_for_user(user=user)
     assert balance.available == 10 * C - turn.charged_micro - task.charged_micro
     assert balance.held == 0
+
+
+def test_a_tool_task_that_fails_is_refunded_as_any_task(
+    chatter: Any, open_session: Any, say: Any
+) -> None:
+    user, client = chatter(10 * C)
+    session = open_session(client)
+
+    _, body = say(client, session, params=tool_call(prompt="a fox", sandbox_outcome="fail"))
+    task = run_to_end(Task.objects.get(pk=body["task_ids"][0]))
+
+    assert (task.status, task.charged_micro, task.refunded_micro) == (
+        Task.Status.FAILED,
+        0,
+        task.price_micro,
+    )
+    turn = ChatMessage.objects.get(pk=body["id"])
+    assert turn.status == ChatMessage.Status.COMPLETE  # the turn is settled on its own
+    balance = billing_selectors.balance_for_user(user=user)
+    assert (balance.available, balance.held) == (10 * C - turn.charged_micro, 0)
+
+
+def test_too_few_credits_for_the_tool_is_a_tool_error_and_the_turn_still_settles(
+    chatter: Any, open_session: Any, say: Any
+) -> None:
+    user, client = chatter(C // 2)  # the turn's tokens, not a 1-credit image
+    session = open_session(client)
+
+    status, body = say(client, session, params=tool_call(prompt="a fox"))
+
+    assert status == 201
+    assert body["status"] == "COMPLETE"
+    [call] = body["tool_calls"]
+    assert call["error"]["code"] == "insufficient_credits"
+    assert "credits" in call["error"]["message"]
+    # The refused submit is in History, as every refused submit is, and holds nothing
+    task = Task.objects.get(pk=call["task_id"])
+    assert (task.status, task.error_code, task.reserved_micro) == (
+        Task.Status.FAILED,
+        "insufficient_credits",
+        0,
+    )
+    assert not Hold.objects.filter(subject_id=str(task.pk)).exists()
+    turn = ChatMessage.objects.get(pk=body["id"])
+    balance = billing_selectors.balance_for_user(user=user)
+    assert (balance.available, balance.held) == (C // 2 - turn.charged_micro, 0)
+
+
+def test_two_tool_calls_in_one_turn_make_two_tasks_each_with_its_own_hold(
+    chatter: Any, open_session: Any, say: Any
+) -> None:
+    user, client = chatter(10 * C)
+    session = open_session(client)
+    calls = [
+        {"tool": "generate_image", "arguments": {"prompt": "a fox", "num_outputs": 2}},
+        {"tool": "generate_audio", "arguments": {"prompt": "a fox's bark"}},
+    ]
+
+    _, body = say(client, session, params={"sandbox_tool_call": calls})
+
+    assert [c["tool"] for c in body["tool_calls"]] == ["generate_image", "generate_audio"]
+    assert [c["error"] for c in body["tool_calls"]] == [None, None]
+    tasks = [Task.objects.get(pk=task_id) for task_id in body["task_ids"]]
+    assert [t.model_slug for t in tasks] == ["sandbox-image", "sandbox-speech"]
+    holds = [Hold.objects.get(subject_id=str(t.pk)).amount for t in tasks]
+    assert holds == [t.price_micro for t in tasks]
+    assert holds[0] == 2 * C  # two images
+    for task in tasks:
+        assert run_to_end(task).status == Task.Status.SUCCESS
+    turn = ChatMessage.objects.get(pk=body["id"])
+    balance = billing_selectors.balance_for_user(user=user)
+    assert balance.available == 10 * C - turn.charged_micro - sum(holds)
+    assert balance.held == 0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "code", "says"),
+    [
+        ({"prompt": "a fox", "colour": "red"}, "validation_error", "colour"),
+        ({"prompt": "a fox", "width": 99999}, "validation_error", "width"),
+        ("{not json", "invalid_arguments", "not valid JSON"),
+        ("[1, 2]", "invalid_arguments", "JSON object"),
+    ],
+)
+def test_arguments_that_are_not_valid_are_a_tool_error_and_nothing_is_created(
+    arguments: Any, code: str, says: str, chatter: Any, open_session: Any, say: Any
+) -> None:
+    user, client = chatter(10 * C)
+    session = open_session(client)
+
+    status, body = say(
+        client,
+        session,
+        params={"sandbox_tool_call": {"tool": "generate_image", "arguments": arguments}},
+    )
+
+    assert status == 201
+    [call] = body["tool_calls"]
+    assert call["error"]["code"] == code
+    assert says in call["error"]["message"]
+    assert (call["task_id"], body["task_ids"]) == (None, [])
+    assert not Task.objects.filter(user=user).exists()
+
+
+def test_a_full_capacity_is_a_tool_error(
+    chatter: Any, open_session: Any, say: Any, settings: Any
+) -> None:
+    settings.TASK_MAX_RUNNING_PER_USER = 1
+    user, client = chatter(10 * C)
+    session = open_session(client)
+    say(client, session, params=tool_call(prompt="first"))  # running, so the user is at 1
+
+    _, body = say(client, session, params=tool_call(prompt="second"))
+
+    [call] = body["tool_calls"]
+    assert call["error"]["code"] == "too_many_running_tasks"
+    assert Task.objects.filter(user=user).count() == 1
+
+
+def test_the_next_turn_tells_the_model_how_its_tool_calls_went(
+    chatter: Any, open_session: Any, say: Any
+) -> None:
+    from chat import services
+
+    user, client = chatter(C // 2)
+    session = open_session(client)
+    _, body = say(client, session, params=tool_call(prompt="a fox"))
+
+    start = services.start_turn(user=user, session_id=session, content="Did it work?")
+
+    assert start.request is not None
+    told = [m.content for m in start.request.messages if m.role == "assistant"]
+    assert told[-1].endswith(
+        "Tool results:\n- generate_image failed (insufficient_credits): "
+        + body["tool_calls"][0]["error"]["message"]
+    )
+    assert [t.name for t in start.request.tools] == [
+        "generate_image",
+        "generate_video",
+        "generate_audio",
+    ]
+
+
+def test_a_turn_settled_twice_at_once_runs_its_tools_once(chatter: Any, open_session: Any) -> None:
+    # Two settlements of one turn race (a retried settlement, the beat's sweep): the first
+    # runs the tools in its transaction; the second finds the turn settled.
+    import threading
+
+    from django.db import connection
+
+    from chat import services
+    from tasks.providers.base import ChatToolCall, ChatUsage
+
+    user, client = chatter(10 * C)
+    session = open_session(client)
+    start = services.start_turn(user=user, session_id=session, content="Draw a fox")
+    call = ChatToolCall(id="call_0", name="generate_image", arguments='{"prompt": "a fox"}')
+    barrier = threading.Barrier(2)
+    settled: list[ChatMessage] = []
+
+    def settle() -> None:
+        try:
+            barrier.wait()
+            settled.append(
+                services.finish_turn(
+                    message_id=start.message.pk,
+                    content="Here it comes.",
+                    usage=ChatUsage(input_tokens=10, output_tokens=3),
+                    streamed_tokens=3,
+                    finish_reason="tool_calls",
+                    tool_calls=[call],
+                )
+            )
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=settle) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(settled) == 2
+    assert settled[0].task_ids == settled[1].task_ids
+    assert Task.objects.filter(user=user).count() == 1
+    task = Task.objects.get(user=user)
+    assert Hold.objects.filter(subject_id=str(task.pk)).count() == 1
+
+
+def test_the_stream_says_when_a_tool_starts_and_when_its_task_finishes(
+    chatter: Any, open_session: Any, stream: Any
+) -> None:
+    # The worker's part (send the task upstream, take its result) is played by a thread.
+    import threading
+    import time
+
+    from django.db import connection
+
+    user, client = chatter(10 * C)
+    session = open_session(client)
+    done = threading.Event()
+
+    def worker() -> None:
+        try:
+            while not done.is_set():
+                task = Task.objects.filter(user=user, status=Task.Status.WAITING).first()
+                if task is not None:
+                    run_to_end(task)
+                    return
+                time.sleep(0.05)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        events = stream(client, session, "Draw a fox", params=tool_call(prompt="a red fox"))
+    finally:
+        done.set()
+        thread.join()
+
+    names = [name for name, _ in events]
+    assert names[0] == "message"
+    assert names[-3:] == ["tool_call", "tool_result", "settlement"]
+    call, result, settlement = (data for _, data in events[-3:])
+    assert call["tool"] == "generate_image"
+    assert call["task_id"] == result["task_id"] == settlement["task_ids"][0]
+    assert (result["id"], result["status"], result["error"], result["outputs"]) == (
+        call["id"],
+        "SUCCESS",
+        None,
+        1,
+    )
+
+
+def test_the_stream_reports_a_tool_error_at_once(
+    chatter: Any, open_session: Any, stream: Any
+) -> None:
+    _, client = chatter(C // 2)
+    session = open_session(client)
+
+    events = stream(client, session, "Draw a fox", params=tool_call(prompt="a fox"))
+
+    by_name = dict(events)
+    assert by_name["tool_call"]["error"]["code"] == "insufficient_credits"
+    assert by_name["tool_result"]["status"] == "FAILED"
+    assert by_name["tool_result"]["error"]["code"] == "insufficient_credits"
+    assert events[-1][0] == "settlement"
