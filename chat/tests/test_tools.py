@@ -298,3 +298,52 @@ def test_the_stream_reports_a_tool_error_at_once(
     assert by_name["tool_result"]["status"] == "FAILED"
     assert by_name["tool_result"]["error"]["code"] == "insufficient_credits"
     assert events[-1][0] == "settlement"
+
+
+def test_the_conversation_shows_the_tool_task_live_then_its_image(
+    chatter: Any, open_session: Any, say: Any, make_user: Any
+) -> None:
+    from django.test import Client
+
+    user, api = chatter(10 * C)
+    session = open_session(api)
+    _, body = say(api, session, "Draw a fox", params=tool_call(prompt="a red fox"))
+    task_id = body["task_ids"][0]
+    page = Client()
+    page.force_login(user)
+
+    html = page.get(f"/chat/{session}/").content.decode()
+    assert 'data-testid="tool-call" data-tool="generate_image"' in html
+    assert "“a red fox”" in html
+    assert f'hx-get="/chat/tasks/{task_id}/"' in html  # live while it runs
+
+    run_to_end(Task.objects.get(pk=task_id))
+    card = page.get(f"/chat/tasks/{task_id}/").content.decode()
+    assert 'data-status="SUCCESS"' in card
+    assert f'src="/api/v1/tasks/{task_id}/results/0/"' in card
+    assert "hx-get" not in card  # finished: no more polling
+    assert (
+        page.get(f"/chat/{session}/").content.decode().count('data-testid="tool-result-image"') == 1
+    )
+
+    # Another user's task is not shown to anyone else
+    stranger = Client()
+    stranger.force_login(make_user())
+    assert stranger.get(f"/chat/tasks/{task_id}/").status_code == 404
+
+
+def test_the_conversation_says_why_a_tool_did_not_generate(
+    chatter: Any, open_session: Any, say: Any
+) -> None:
+    from django.test import Client
+
+    user, api = chatter(C // 2)
+    session = open_session(api)
+    say(api, session, "Draw a fox", params=tool_call(prompt="a red fox"))
+    page = Client()
+    page.force_login(user)
+
+    html = page.get(f"/chat/{session}/").content.decode()
+
+    assert 'data-testid="tool-error" data-code="insufficient_credits"' in html
+    assert "Not generated: Not enough credits" in html

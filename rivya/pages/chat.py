@@ -12,12 +12,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -28,7 +30,8 @@ from rivya.errors import NotFound, ValidationFailed
 from rivya.money import format_credits
 from rivya.pages import forms
 from rivya.pages.common import fault, mark_changed, price_label
-from tasks.models import AIModel
+from rivya.pages.task_display import Shown as ShownTask
+from tasks.models import AIModel, Task
 
 SESSIONS_PER_PAGE = 30
 SIDEBAR_SESSIONS = 12
@@ -101,6 +104,27 @@ class Shown:
         return self.message.finish_reason == "length"
 
     @property
+    def tools(self) -> list[ToolShown]:
+        """The tools the model called, each with its task as History shows it (live)."""
+        records = self.message.tool_calls or []
+        ids = [r["task_id"] for r in records if r.get("task_id")]
+        tasks = {
+            str(t.pk): t for t in Task.objects.filter(pk__in=ids, user_id=self.message.user_id)
+        }
+        now = timezone.now()
+        return [
+            ToolShown(
+                record=record,
+                task=(
+                    ShownTask(task=tasks[record["task_id"]], model_name=record["model"], now=now)
+                    if record.get("task_id") in tasks
+                    else None
+                ),
+            )
+            for record in records
+        ]
+
+    @property
     def credits(self) -> dict[str, str]:
         m = self.message
         return {
@@ -109,6 +133,23 @@ class Shown:
             "refunded": format_credits(m.refunded_micro),
             "uncollected": format_credits(m.uncollected_micro),
         }
+
+
+@dataclass(frozen=True)
+class ToolShown:
+    """A tool call in the conversation: what the model asked for, and its task."""
+
+    record: dict[str, Any]
+    task: ShownTask | None
+
+    @property
+    def prompt(self) -> str:
+        arguments = self.record.get("arguments")
+        return str(arguments.get("prompt", "")) if isinstance(arguments, dict) else ""
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        return self.record.get("error")
 
 
 def _own_session(request: HttpRequest, session_id: uuid.UUID) -> ChatSession:
@@ -256,6 +297,18 @@ def chat_message(
 
 
 @login_required
+@require_GET
+def chat_tool_task(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
+    """A task a chat tool created, as the conversation shows it: polled while it runs."""
+    task = Task.objects.filter(pk=task_id, user=request.user, deleted_at=None).first()
+    if task is None:
+        raise Http404("No such task.")
+    name = AIModel.objects.filter(pk=task.model_id).values_list("name", flat=True).first()
+    shown = ShownTask(task=task, model_name=name or task.model_slug, now=timezone.now())
+    return render(request, "pages/chat/_tool_task.html", {"shown": shown})
+
+
+@login_required
 @require_POST
 def chat_rename(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     """Rename a chat; back where the form was (the list or the conversation)."""
@@ -294,6 +347,7 @@ urlpatterns = [
         chat_message,
         name="chat-message",
     ),
+    path("chat/tasks/<uuid:task_id>/", chat_tool_task, name="chat-tool-task"),
     path("chat/<uuid:session_id>/rename/", chat_rename, name="chat-rename"),
     path("chat/<uuid:session_id>/delete/", chat_delete, name="chat-delete"),
 ]
