@@ -9,8 +9,8 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
-from django.utils.html import format_html
-from django.utils.safestring import SafeString
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString, mark_safe
 
 from billing import selectors as billing_selectors
 from billing.admin import ReadOnlyAdmin, credits_html
@@ -104,6 +104,7 @@ class ChatMessageAdmin(ReadOnlyAdmin):
                 )
             },
         ),
+        ("Timeline", {"fields": ("timeline",)}),
         (
             "What happened",
             {
@@ -131,6 +132,7 @@ class ChatMessageAdmin(ReadOnlyAdmin):
             "session_link",
             "settlement",
             "hold",
+            "timeline",
         ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ChatMessage]:
@@ -197,4 +199,60 @@ class ChatMessageAdmin(ReadOnlyAdmin):
             hold.status,
             hold.amount,
             hold.captured,
+        )
+
+    @admin.display(description="timeline")
+    def timeline(self, obj: ChatMessage) -> SafeString:
+        """The turn for support: started and held, settled, then each tool the model called,
+        refused with its reason or linked to the task it created (its status and credits)."""
+        from tasks.models import Task
+
+        steps = [
+            format_html("<li>{}: turn started, {} µ held</li>", obj.created_at, obj.reserved_micro)
+        ]
+        if obj.finished_at:
+            steps.append(
+                format_html(
+                    "<li>{}: settled {}: {} µ charged, {} µ released</li>",
+                    obj.finished_at,
+                    obj.status,
+                    obj.charged_micro,
+                    obj.refunded_micro,
+                )
+            )
+        ids = [r["task_id"] for r in obj.tool_calls or [] if r.get("task_id")]
+        tasks = {str(t.pk): t for t in Task.objects.filter(pk__in=ids)}
+        for record in obj.tool_calls or []:
+            arguments = record.get("arguments")
+            prompt = arguments.get("prompt", "") if isinstance(arguments, dict) else arguments
+            task = tasks.get(record.get("task_id") or "")
+            if task is not None:
+                outcome = format_html(
+                    '<a href="{}">task {}</a>: {}, {} µ held, {} µ charged, {} µ refunded',
+                    reverse("admin:tasks_task_change", args=[task.pk]),
+                    str(task.pk)[:8],
+                    task.status,
+                    task.reserved_micro,
+                    task.charged_micro,
+                    task.refunded_micro,
+                )
+            else:
+                outcome = mark_safe("no task")  # noqa: S308 - a constant
+            error = record.get("error")
+            refused = (
+                format_html(" (refused: {}: {})", error["code"], error["message"]) if error else ""
+            )
+            steps.append(
+                format_html(
+                    "<li>tool call {} <code>{}</code> “{}” ({}): {}{}</li>",
+                    record.get("id", ""),
+                    record.get("tool", ""),
+                    str(prompt)[:200],
+                    record.get("model") or "no model",
+                    outcome,
+                    refused,
+                )
+            )
+        return format_html(
+            '<ol class="chat-timeline">{}</ol>', format_html_join("", "{}", ((s,) for s in steps))
         )

@@ -347,3 +347,26 @@ def test_the_conversation_says_why_a_tool_did_not_generate(
 
     assert 'data-testid="tool-error" data-code="insufficient_credits"' in html
     assert "Not generated: Not enough credits" in html
+
+
+def test_supports_timeline_of_a_turn_shows_its_tool_calls_and_links_their_tasks(
+    chatter: Any, open_session: Any, say: Any, staff: Any
+) -> None:
+    from django.test import Client
+
+    _, api = chatter(10 * C)
+    session = open_session(api)
+    calls = [
+        {"tool": "generate_image", "arguments": {"prompt": "a red fox"}},
+        {"tool": "generate_image", "arguments": {"prompt": "a fox", "colour": "red"}},
+    ]
+    _, body = say(api, session, params={"sandbox_tool_call": calls})
+    admin = Client()
+    admin.force_login(staff)
+
+    html = admin.get(f"/admin/chat/chatmessage/{body['id']}/change/").content.decode()
+
+    task_id = body["task_ids"][0]
+    assert f'<a href="/admin/tasks/task/{task_id}/change/">task {task_id[:8]}</a>: WAITING' in html
+    assert "“a red fox” (sandbox-image)" in html
+    assert "refused: validation_error: The arguments are not valid: colour" in html
