@@ -291,3 +291,51 @@ def test_a_refused_field_and_a_failed_turn_say_what_happened(
     assert failed.get_by_test_id("fault").inner_text() == "Cause: the provider failed."
     assert failed.get_by_test_id("error-message").inner_text() == message.error_message
     assert_shows_settlement(failed, message)  # the usage it reported before failing
+
+
+def test_a_turn_whose_tool_makes_an_image_shows_it_in_the_conversation(
+    chat_page: Any, sign_up: Callable[[Any, str], None], shoot: Any
+) -> None:
+    # The sandbox model is told (Testing section) to call generate_image; the stack's worker
+    # runs the task; the conversation shows it live, then the image.
+    from tasks.models import Task
+
+    page = chat_page
+    name = new_name()
+    sign_up(page, name)
+    session_id = start_chat(page)
+    set_knobs(
+        page,
+        tool_call='{"tool": "generate_image", "arguments": {"prompt": "a red fox"}}',
+        reply_tokens="12",
+    )
+
+    page.get_by_label("Message").fill("Draw me a fox, please.")
+    page.get_by_label("Message").press("Enter")
+
+    reply = page.locator(f"{REPLY}[data-status=COMPLETE]")
+    reply.wait_for(timeout=20_000)
+    call = reply.get_by_test_id("tool-call")
+    assert call.get_attribute("data-tool") == "generate_image"
+    assert "“a red fox”" in call.inner_text()
+    image = call.get_by_test_id("tool-result-image")
+    image.wait_for(timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('[data-testid=tool-result-image]').naturalWidth > 0"
+    )
+    assert call.get_by_test_id("tool-task").get_attribute("data-status") == "SUCCESS"
+
+    message = assistant_message(session_id)
+    task = Task.objects.get(pk=message.task_ids[0])
+    assert (task.status, task.prompt, task.charged_micro) == (
+        "SUCCESS",
+        "a red fox",
+        task.price_micro,
+    )
+    assert message.charged_micro < task.charged_micro  # billed apart: tokens, and the image
+    user = get_user_model().objects.get(username=name)
+    assert balance_for_user(user=user).available == (
+        10_000_000 - message.charged_micro - task.charged_micro
+    )
+    assert run_checks() == []
+    shoot(page, "chat-tool-image")
