@@ -42,6 +42,7 @@ The exit status is 0 only if all of those are 0. ``tests/chaos/test_chaos.py`` r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -418,9 +419,12 @@ def run_worker_kills(stack: Stack, small: bool, tally: dict[str, int]) -> list[s
 def run_redis_outage(stack: Stack, small: bool, tally: dict[str, int]) -> list[str]:
     """A steady submit load (4 clients, a submit every 50 ms each); after 10 s the private
     redis-server is killed for 60 s (``--small``: 5 s), then started again on the same port,
-    empty; the load goes on 15 s more. Every submit must be answered 202, or refused cleanly
-    (a 4xx, or a 503 with an error code), never with another 5xx; every accepted task must
-    finish."""
+    empty; the load goes on 15 s more. Midway through the outage the Celery worker's main
+    process is killed too, as Celery's reconnection crash does now and then
+    (docs/reliability.md): its supervisor must start it again. Every submit must be answered
+    202, or refused cleanly (a 4xx, or a 503 with an error code), never with another 5xx;
+    every accepted task must finish."""
+    import signal
     from urllib.parse import urlsplit
 
     before, outage, after = (3.0, 5.0, 5.0) if small else (10.0, 60.0, 15.0)
@@ -430,7 +434,13 @@ def run_redis_outage(stack: Stack, small: bool, tally: dict[str, int]) -> list[s
         time.sleep(before)
         stack.redis.popen.kill()
         stack.redis.popen.wait(timeout=10)
-        time.sleep(outage)
+        time.sleep(outage / 2)
+        worker = stack.supervisor.child.pid
+        if worker is not None and stack.supervisor.child.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker, signal.SIGKILL)
+            tally["worker_killed"] = 1
+        time.sleep(outage / 2)
         private_redis(stack.procs, port=urlsplit(stack.redis_url).port)
         time.sleep(after)
     finally:
@@ -690,6 +700,8 @@ def main(argv: list[str]) -> int:
     ] + (["ledger_check"] if result["ledger_breaches"] else [])
     if tally.get("deliveries_stored", 0) != tally.get("deliveries_distinct", 0):
         bad.append("a delivery stored other than once")
+    if tally.get("worker_killed") and not tally.get("worker_restarts"):
+        bad.append("the killed worker was not started again")
     if tally.get("not_killed"):
         bad.append("a fault point was armed but never reached")
     if bad:

@@ -18,9 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-# redis-outage is left out until the fault it found is fixed (docs/reliability.md, "What the
-# runs found").
-RUNS = ["callbacks", "cancel-race", "worker-kills", "sandbox-outage", "pg-terminate"]
+RUNS = [
+    "callbacks",
+    "cancel-race",
+    "worker-kills",
+    "redis-outage",
+    "sandbox-outage",
+    "pg-terminate",
+]
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -44,3 +49,5 @@ def test_small_run_loses_nothing(run: str) -> None:
     # (not measurable once the sandbox restarted: it forgets its jobs)
     assert result["duplicate_upstream_jobs"] in (0, None if run == "sandbox-outage" else 0)
     assert result["ledger_breaches"] == []
+    if run == "redis-outage":  # its worker was killed mid-outage and must have come back
+        assert result["tally"]["worker_killed"] == result["tally"]["worker_restarts"] == 1
