@@ -45,7 +45,20 @@ def procs(tmp_path: Path) -> Iterator[tuple[Processes, str]]:
     url = f"redis://127.0.0.1:{port}/0"
     env = {**os.environ, "CELERY_BROKER_URL": url, "REDIS_URL": url}
     with Processes(tmp_path, env) as procs:
-        procs.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port)])
+        procs.start(
+            "redis",
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--dir",
+                str(tmp_path),
+            ],
+        )
         client = redis.Redis(host="127.0.0.1", port=port)
 
         def up() -> bool:
