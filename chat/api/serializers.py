@@ -49,8 +49,34 @@ def notices_of(message: ChatMessage) -> list[str]:
     return notices
 
 
+class ToolErrorSerializer(serializers.Serializer[Any]):
+    code = serializers.CharField()
+    message = serializers.CharField()
+
+
+class ToolCallSerializer(serializers.Serializer[Any]):
+    """One tool the model called (docs/chat.md, "Tool calls")."""
+
+    id = serializers.CharField(help_text="the provider's id of the call")
+    tool = serializers.CharField(help_text="generate_image, generate_video or generate_audio")
+    model = serializers.CharField(help_text="the catalog model it generates with ('' if none)")
+    arguments = serializers.JSONField(
+        help_text="what the model asked: an object, or the text it sent when that was not one"
+    )
+    task_id = serializers.CharField(
+        allow_null=True, help_text="the task it created (null if refused before one was)"
+    )
+    error = ToolErrorSerializer(allow_null=True, help_text="why it did not generate, if so")
+
+
 class ChatMessageSerializer(serializers.ModelSerializer[ChatMessage]):
     session_id = serializers.UUIDField(read_only=True)
+    tool_calls = ToolCallSerializer(many=True, read_only=True)
+    task_ids = serializers.ListField(
+        child=serializers.CharField(),
+        read_only=True,
+        help_text="the ids of the tasks its tool calls created",
+    )
     credits = serializers.SerializerMethodField()
     usage = serializers.SerializerMethodField()
     context = serializers.SerializerMethodField()

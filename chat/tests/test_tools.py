@@ -370,3 +370,27 @@ def test_supports_timeline_of_a_turn_shows_its_tool_calls_and_links_their_tasks(
     assert f'<a href="/admin/tasks/task/{task_id}/change/">task {task_id[:8]}</a>: WAITING' in html
     assert "“a red fox” (sandbox-image)" in html
     assert "refused: validation_error: The arguments are not valid: colour" in html
+
+
+@pytest.mark.parametrize(
+    ("tool", "model", "arguments"),
+    [
+        ("generate_video", "sandbox-video", {"prompt": "a fox running", "duration_s": 2}),
+        ("generate_audio", "sandbox-speech", {"prompt": "hello, fox"}),
+    ],
+)
+def test_video_and_audio_tools_generate_with_their_catalog_models(
+    tool: str, model: str, arguments: dict[str, Any], chatter: Any, open_session: Any, say: Any
+) -> None:
+    _, client = chatter(10 * C)
+    session = open_session(client)
+
+    _, body = say(
+        client, session, params={"sandbox_tool_call": {"tool": tool, "arguments": arguments}}
+    )
+
+    [call] = body["tool_calls"]
+    assert (call["tool"], call["model"], call["error"]) == (tool, model, None)
+    task = run_to_end(Task.objects.get(pk=call["task_id"]))
+    assert (task.model_slug, task.status) == (model, Task.Status.SUCCESS)
+    assert task.results[0]["mime"].split("/")[0] == model.split("-")[1].replace("speech", "audio")
