@@ -661,8 +661,10 @@ def main(argv: list[str]) -> int:
             stack.redis = stack_redis[0]
             stack.redis_url = broker
             tally: dict[str, int] = {}
-            ids = RUNS[args.run](stack, args.small, tally)
-            stack.supervisor.stop()
+            try:
+                ids = RUNS[args.run](stack, args.small, tally)
+            finally:  # before the processes are stopped: no restart may outlive the run
+                stack.supervisor.stop()
             tally["worker_restarts"] = stack.supervisor.restarts
             result = outcome(ids, tally)
             # Jobs the provider created beyond one per task sent upstream (each would be paid

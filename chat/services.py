@@ -461,6 +461,14 @@ def finish_turn(
             output_price_micro=message.output_price_micro,
         )
         charged = min(billed, message.reserved_micro)
+        if tool_calls and error is None:
+            # Before the turn's capture, for the lock order every submit and settlement keeps
+            # (capacity rows, then holds and accounts): the other way round, a tool call
+            # settling while one of the user's tasks settles could deadlock. So the tools'
+            # credit check still counts the turn's whole hold (a few hundredths of a credit).
+            records = tools.run_tool_calls(user=message.user, calls=tool_calls, stopped=client_gone)
+            message.tool_calls = records
+            message.task_ids = tools.task_ids(records)
         if message.reserved_micro:
             hold = billing_selectors.hold_for_subject(
                 subject_type=SUBJECT, subject_id=str(message.pk)
@@ -480,10 +488,6 @@ def finish_turn(
             message.error_code = error.code or "provider_error"
             message.error_message = str(error)[:2000]
             message.error_kind = error_kind(error)
-        elif tool_calls:
-            records = tools.run_tool_calls(user=message.user, calls=tool_calls)
-            message.tool_calls = records
-            message.task_ids = tools.task_ids(records)
         now = timezone.now()
         message.finished_at = now
         if client_gone:

@@ -186,8 +186,8 @@ class Turn:
     async def events(self) -> AsyncIterator[bytes]:
         """The turn as server-sent events: ``message`` (the assistant message as it starts),
         ``delta`` per piece of text, ``tool_call`` per tool the model called (its task
-        created, or its tool error), ``tool_result`` as each of those tasks finishes, and
-        ``settlement`` (the settled message), last."""
+        created, or its tool error), ``settlement`` (the settled message: the turn's last
+        word), then ``tool_result`` as each task its tools created finishes."""
         try:
             yield sse("message", self.shape(self.start.message))
             if self.start.replayed:
@@ -217,9 +217,9 @@ class Turn:
                     break
             for call in message.tool_calls:
                 yield sse("tool_call", call)
+            yield sse("settlement", self.shape(message))
             async for event in tool_results(message):
                 yield event
-            yield sse("settlement", self.shape(message))
         except (asyncio.CancelledError, GeneratorExit):
             self.client_gone = True
             raise
@@ -241,7 +241,7 @@ class Turn:
         yield json.dumps(self.shape(message)).encode()
 
 
-TOOL_POLL_S = 0.5
+TOOL_POLL_S = 1.0
 
 
 def _tool_tasks(task_ids: list[str]) -> dict[str, tuple[str, str, str, int]]:
@@ -258,12 +258,19 @@ def _tool_tasks(task_ids: list[str]) -> dict[str, tuple[str, str, str, int]]:
 async def tool_results(message: ChatMessage) -> AsyncIterator[bytes]:
     """A ``tool_result`` event as each task the turn's tools created finishes (its status, and
     its error or how many results it has), with pings while waiting; for at most
-    ``CHAT_TOOL_WAIT_SECONDS``, after which the page and the API go on showing the tasks."""
+    ``CHAT_TOOL_WAIT_SECONDS``, after which the page and the API go on showing the tasks.
+    One query a second, each in a worker thread whose connection is then closed."""
     waiting = {r["task_id"]: r["id"] for r in message.tool_calls if r.get("task_id")}
     deadline = asyncio.get_running_loop().time() + settings.CHAT_TOOL_WAIT_SECONDS
     quiet_since = asyncio.get_running_loop().time()
     while waiting:
-        finished = await _in_thread(_tool_tasks)(list(waiting))
+        try:
+            finished = await _in_thread(_tool_tasks)(list(waiting))
+        except Exception:  # the turn is settled: a database blink only ends the watching
+            log.warning(
+                "chat message %s: watching its tool tasks failed", message.pk, exc_info=True
+            )
+            return
         for task_id, (status, code, error, outputs) in finished.items():
             yield sse(
                 "tool_result",

@@ -25,7 +25,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
-from rivya.errors import DomainError, ValidationFailed, json_depth
+from rivya.errors import DomainError, ValidationFailed, contains_nul, json_depth, without_nul
 from tasks.models import AIModel
 from tasks.providers.base import ChatTool, ChatToolCall
 
@@ -39,6 +39,10 @@ DESCRIPTIONS = {
 }
 MAX_ARGUMENTS_CHARS = 20_000
 MAX_ARGUMENTS_DEPTH = 8
+# What a call's record keeps of arguments that were refused as they came (the text the model
+# sent), and of the provider's names for the call and its tool.
+KEPT_TEXT_CHARS = 1_000
+KEPT_NAME_CHARS = 100
 
 
 def tool_models() -> dict[str, AIModel]:
@@ -87,21 +91,37 @@ def _error(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _arguments(text: str) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
-    """The call's arguments as an object, or the tool error saying why they are not one."""
+    """The call's arguments as an object, or the tool error saying why they are not one. Text
+    the database cannot store (NUL, an unpaired surrogate) or JSON's non-standard constants
+    (NaN, Infinity) are refused here, as the API refuses them: they must never reach the
+    settling transaction's writes."""
     if len(text) > MAX_ARGUMENTS_CHARS:
         return None, _error(
             "invalid_arguments", f"The arguments are over {MAX_ARGUMENTS_CHARS} characters."
         )
     try:
-        value = json.loads(text or "{}")
+        value = json.loads(text or "{}", parse_constant=_not_json)
     except (ValueError, RecursionError):
         return None, _error("invalid_arguments", "The arguments are not valid JSON.")
     if not isinstance(value, dict):
         return None, _error("invalid_arguments", "The arguments must be a JSON object.")
     if json_depth(value) > MAX_ARGUMENTS_DEPTH:
         return None, _error("invalid_arguments", "The arguments are nested too deeply.")
+    if contains_nul(value):
+        return None, _error(
+            "invalid_arguments", "The arguments hold a NUL character or invalid Unicode."
+        )
     return value, None
+
+
+def _kept(text: str, limit: int) -> str:
+    """Provider text kept on a record as it came: storable, and bounded."""
+    return str(without_nul(text[:limit]))
 
 
 def _refusal(exc: DomainError) -> dict[str, str]:
@@ -114,9 +134,12 @@ def _refusal(exc: DomainError) -> dict[str, str]:
     return _error(exc.code, exc.message)
 
 
-def run_tool_calls(*, user: Any, calls: Sequence[ChatToolCall]) -> list[dict[str, Any]]:
+def run_tool_calls(
+    *, user: Any, calls: Sequence[ChatToolCall], stopped: bool = False
+) -> list[dict[str, Any]]:
     """Run the calls a turn's model made; one record per call, in order:
     ``{id, tool, model, arguments, task_id, error}`` (``error``: ``{code, message}`` or None).
+    ``stopped``: the user pressed Stop on the reply, so nothing it asked for is generated.
     Call inside the transaction that settles the turn."""
     from tasks.services import task_submit  # tasks.services imports chat via notifications
 
@@ -124,15 +147,20 @@ def run_tool_calls(*, user: Any, calls: Sequence[ChatToolCall]) -> list[dict[str
     records = []
     for n, call in enumerate(calls):
         record: dict[str, Any] = {
-            "id": call.id,
-            "tool": call.name,
+            "id": _kept(call.id, KEPT_NAME_CHARS),
+            "tool": _kept(call.name, KEPT_NAME_CHARS),
             "model": "",
-            "arguments": call.arguments,
+            "arguments": _kept(call.arguments, KEPT_TEXT_CHARS),
             "task_id": None,
             "error": None,
         }
         records.append(record)
         model = models.get(call.name)
+        if stopped:
+            record["error"] = _error(
+                "stopped", "You stopped this reply, so what it asked to generate was not run."
+            )
+            continue
         if n >= settings.CHAT_MAX_TOOL_CALLS:
             record["error"] = _error(
                 "too_many_tool_calls",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -46,6 +47,18 @@ def task_get_for_user(*, user: Any, task_id: Any) -> Task | None:
     if pk is None:
         return None
     return Task.objects.filter(pk=pk, user=user, deleted_at__isnull=True).first()
+
+
+def tasks_get_for_user(*, user_id: Any, task_ids: Iterable[Any]) -> dict[str, Task]:
+    """The user's own, not deleted tasks among ``task_ids``, by id (the rule of
+    ``task_get_for_user``, for many at once: others' and deleted ones are left out)."""
+    pks = [pk for pk in (_uuid(t) for t in task_ids) if pk is not None]
+    if not pks:
+        return {}
+    return {
+        str(t.pk): t
+        for t in Task.objects.filter(pk__in=pks, user_id=user_id, deleted_at__isnull=True)
+    }
 
 
 HISTORY_SEARCH_MAX = 200  # characters of a prompt search

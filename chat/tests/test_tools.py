@@ -132,6 +132,12 @@ def test_two_tool_calls_in_one_turn_make_two_tasks_each_with_its_own_hold(
         ({"prompt": "a fox", "width": 99999}, "validation_error", "width"),
         ("{not json", "invalid_arguments", "not valid JSON"),
         ("[1, 2]", "invalid_arguments", "JSON object"),
+        # JSON's non-standard constants, and text the database cannot store: refused before
+        # the settling transaction writes anything (else the turn could never settle)
+        ('{"prompt": NaN}', "invalid_arguments", "not valid JSON"),
+        ('{"prompt": "a\\u0000fox"}', "invalid_arguments", "NUL"),
+        ('{"prompt": "a \\ud800 fox"}', "invalid_arguments", "invalid Unicode"),
+        ('{"prompt": "a fox", "x": "' + "y" * 20_000 + '"}', "invalid_arguments", "over"),
     ],
 )
 def test_arguments_that_are_not_valid_are_a_tool_error_and_nothing_is_created(
@@ -151,6 +157,9 @@ def test_arguments_that_are_not_valid_are_a_tool_error_and_nothing_is_created(
     assert call["error"]["code"] == code
     assert says in call["error"]["message"]
     assert (call["task_id"], body["task_ids"]) == (None, [])
+    assert body["status"] == "COMPLETE"
+    assert ChatMessage.objects.get(pk=body["id"]).charged_micro > 0  # the turn was settled
+    assert len(str(call["arguments"])) <= 1_000  # what is kept of refused arguments
     assert not Task.objects.filter(user=user).exists()
 
 
@@ -273,8 +282,9 @@ def test_the_stream_says_when_a_tool_starts_and_when_its_task_finishes(
 
     names = [name for name, _ in events]
     assert names[0] == "message"
-    assert names[-3:] == ["tool_call", "tool_result", "settlement"]
-    call, result, settlement = (data for _, data in events[-3:])
+    # The settlement is the turn's last word; the task's result follows it
+    assert names[-3:] == ["tool_call", "settlement", "tool_result"]
+    call, settlement, result = (data for _, data in events[-3:])
     assert call["tool"] == "generate_image"
     assert call["task_id"] == result["task_id"] == settlement["task_ids"][0]
     assert (result["id"], result["status"], result["error"], result["outputs"]) == (
@@ -297,7 +307,7 @@ def test_the_stream_reports_a_tool_error_at_once(
     assert by_name["tool_call"]["error"]["code"] == "insufficient_credits"
     assert by_name["tool_result"]["status"] == "FAILED"
     assert by_name["tool_result"]["error"]["code"] == "insufficient_credits"
-    assert events[-1][0] == "settlement"
+    assert [name for name, _ in events][-2:] == ["settlement", "tool_result"]
 
 
 def test_the_conversation_shows_the_tool_task_live_then_its_image(
@@ -394,3 +404,27 @@ def test_video_and_audio_tools_generate_with_their_catalog_models(
     task = run_to_end(Task.objects.get(pk=call["task_id"]))
     assert (task.model_slug, task.status) == (model, Task.Status.SUCCESS)
     assert task.results[0]["mime"].split("/")[0] == model.split("-")[1].replace("speech", "audio")
+
+
+def test_a_reply_stopped_by_its_user_generates_nothing(chatter: Any, open_session: Any) -> None:
+    # Stop means the user no longer wants what the reply asks for: its tools are not run.
+    from chat import services
+    from tasks.providers.base import ChatToolCall, ChatUsage
+
+    user, client = chatter(10 * C)
+    session = open_session(client)
+    start = services.start_turn(user=user, session_id=session, content="Draw a fox")
+
+    message = services.finish_turn(
+        message_id=start.message.pk,
+        content="Here it",
+        usage=ChatUsage(input_tokens=10, output_tokens=2),
+        streamed_tokens=2,
+        finish_reason="tool_calls",
+        client_gone=True,
+        tool_calls=[ChatToolCall(id="c", name="generate_image", arguments='{"prompt": "x"}')],
+    )
+
+    assert [c["error"]["code"] for c in message.tool_calls] == ["stopped"]
+    assert message.task_ids == []
+    assert not Task.objects.filter(user=user).exists()

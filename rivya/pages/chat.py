@@ -10,6 +10,7 @@ as server-sent events) and, once the turn has settled (or after Stop), swaps in 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,6 +32,7 @@ from rivya.money import format_credits
 from rivya.pages import forms
 from rivya.pages.common import fault, mark_changed, price_label
 from rivya.pages.task_display import Shown as ShownTask
+from tasks import selectors as task_selectors
 from tasks.models import AIModel, Task
 
 SESSIONS_PER_PAGE = 30
@@ -77,6 +79,9 @@ class Shown:
     """One message as the conversation shows it."""
 
     message: ChatMessage
+    # The tasks of the page's tool calls, fetched once for all its messages (None: this
+    # message's own are fetched when shown).
+    tasks: Mapping[str, Task] | None = None
 
     @property
     def is_assistant(self) -> bool:
@@ -107,10 +112,13 @@ class Shown:
     def tools(self) -> list[ToolShown]:
         """The tools the model called, each with its task as History shows it (live)."""
         records = self.message.tool_calls or []
-        ids = [r["task_id"] for r in records if r.get("task_id")]
-        tasks = {
-            str(t.pk): t for t in Task.objects.filter(pk__in=ids, user_id=self.message.user_id)
-        }
+        if not records:
+            return []
+        tasks = self.tasks
+        if tasks is None:
+            tasks = task_selectors.tasks_get_for_user(
+                user_id=self.message.user_id, task_ids=self.message.task_ids or []
+            )
         now = timezone.now()
         return [
             ToolShown(
@@ -245,6 +253,9 @@ def chat_session(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
     session = _own_session(request, session_id)
     model = session.model
     shown_messages, earlier = selectors.recent_messages_of(session=session, limit=SHOWN_MESSAGES)
+    tasks = task_selectors.tasks_get_for_user(
+        user_id=request.user.pk, task_ids=[t for m in shown_messages for t in m.task_ids or []]
+    )
     fields = forms.param_fields(model.params_schema)
     options, testing = forms.split_testing(fields, TESTING_FIRST)
     others, _ = selectors.sessions_page(user=request.user, limit=SIDEBAR_SESSIONS)
@@ -252,7 +263,7 @@ def chat_session(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
         "session": session,
         "model": model,
         "choice": _model_choice(model),
-        "items": [Shown(m) for m in shown_messages],
+        "items": [Shown(m, tasks) for m in shown_messages],
         "earlier": earlier,
         "fields": options,
         "testing_fields": testing,
@@ -300,7 +311,7 @@ def chat_message(
 @require_GET
 def chat_tool_task(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
     """A task a chat tool created, as the conversation shows it: polled while it runs."""
-    task = Task.objects.filter(pk=task_id, user=request.user, deleted_at=None).first()
+    task = task_selectors.task_get_for_user(user=request.user, task_id=task_id)
     if task is None:
         raise Http404("No such task.")
     name = AIModel.objects.filter(pk=task.model_id).values_list("name", flat=True).first()

@@ -216,6 +216,12 @@
         const block = buffer.slice(0, match.index);
         buffer = buffer.slice(match.index + match[0].length);
         onEvent(turn, parseEvent(block));
+        if (turn.settled) {
+          // The turn's last word: what follows (tool_result events) is for API clients; the
+          // page shows a tool's task live from the settled message.
+          reader.cancel().catch(() => {});
+          return;
+        }
       }
     }
     buffer += decoder.decode();

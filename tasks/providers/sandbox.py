@@ -507,7 +507,10 @@ def _chat_choice(event: dict[str, Any]) -> tuple[str, str | None]:
 class _ToolCalls:
     """Tool calls as OpenAI streams them: pieces under ``delta.tool_calls``, each with the
     ``index`` of the call it continues; the id and name come once, the arguments text in
-    pieces."""
+    pieces. Bounded: a reply with more calls, or longer texts, than any real one is broken."""
+
+    MAX_CALLS = 16
+    MAX_TEXT = 100_000
 
     def __init__(self) -> None:
         self.calls: dict[int, dict[str, str]] = {}
@@ -524,6 +527,8 @@ class _ToolCalls:
             function = piece.get("function") or {} if isinstance(piece, dict) else None
             if not isinstance(index, int) or not isinstance(function, dict):
                 raise _chat_bad("a tool call without an index or function")
+            if index not in self.calls and len(self.calls) >= self.MAX_CALLS:
+                raise _chat_bad(f"more than {self.MAX_CALLS} tool calls")
             call = self.calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
             for key, value in (
                 ("id", piece.get("id")),
@@ -535,6 +540,8 @@ class _ToolCalls:
                 if not isinstance(value, str):
                     raise _chat_bad(f"tool call {key} is not a string")
                 call[key] = call[key] + value if key == "arguments" else value
+                if len(call[key]) > self.MAX_TEXT:
+                    raise _chat_bad(f"a tool call's {key} over {self.MAX_TEXT} characters")
 
     def complete(self) -> tuple[ChatToolCall, ...]:
         return tuple(

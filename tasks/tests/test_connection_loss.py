@@ -131,7 +131,7 @@ def test_inside_a_transaction_a_lost_connection_is_left_to_the_transaction(
             with contextlib.suppress(DatabaseError):
                 IdempotencyRecord.objects.count()
             reconnect_if_broken()
-            reconnected_under_the_transaction.append(connection.connection is None)
+            reconnected_under_the_transaction.append(connection.closed_in_transaction)
             IdempotencyRecord.objects.count()  # still the lost connection: fails
 
     with pytest.raises(DatabaseError):
@@ -203,5 +203,26 @@ def test_a_page_that_loses_its_connection_says_so_with_a_503(
 
     assert answer.status_code == 503
     assert answer["Retry-After"] == "2"
-    assert b"lost its database connection" in answer.content
+    assert b"could not reach its database" in answer.content
     assert client.get("/history/").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("sql", "says"),
+    [
+        # PostgreSQL raises these itself, with their SQLSTATE
+        ("DO $$ BEGIN RAISE EXCEPTION 'deadlock' USING ERRCODE = '40P01'; END $$", "conflict"),
+        ("DO $$ BEGIN RAISE EXCEPTION 'serial' USING ERRCODE = '40001'; END $$", "conflict"),
+        ("SET LOCAL statement_timeout = 1; SELECT pg_sleep(0.5)", None),
+    ],
+)
+def test_only_a_lost_connection_or_a_conflict_is_answered_503(sql: str, says: str | None) -> None:
+    # A query cancelled by its timeout is ours to fix: it stays a 500, with its traceback.
+    from django.db import OperationalError, transaction
+
+    from rivya.middleware import database_trouble
+
+    with pytest.raises(OperationalError) as raised, transaction.atomic():
+        connection.cursor().execute(sql)
+    expected = {"conflict": "database_conflict", None: None}[says]
+    assert database_trouble(raised.value) == expected
