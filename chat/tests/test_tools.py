@@ -23,6 +23,32 @@ def tool_call(tool: str = "generate_image", **arguments: Any) -> dict[str, Any]:
     return {"sandbox_tool_call": {"tool": tool, "arguments": arguments}}
 
 
+def race(*works: Any) -> list[BaseException]:
+    """Run ``works`` in threads started together; what they raised."""
+    import threading
+
+    from django.db import connection
+
+    barrier = threading.Barrier(len(works))
+    failures: list[BaseException] = []
+
+    def run(work: Any) -> None:
+        try:
+            barrier.wait()
+            work()
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(work,)) for work in works]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failures
+
+
 def test_a_tool_call_creates_a_task_billed_apart_from_the_turn(
     chatter: Any, open_session: Any, say: Any
 ) -> None:
@@ -205,10 +231,6 @@ def test_the_next_turn_tells_the_model_how_its_tool_calls_went(
 def test_a_turn_settled_twice_at_once_runs_its_tools_once(chatter: Any, open_session: Any) -> None:
     # Two settlements of one turn race (a retried settlement, the beat's sweep): the first
     # runs the tools in its transaction; the second finds the turn settled.
-    import threading
-
-    from django.db import connection
-
     from chat import services
     from tasks.providers.base import ChatToolCall, ChatUsage
 
@@ -216,30 +238,21 @@ def test_a_turn_settled_twice_at_once_runs_its_tools_once(chatter: Any, open_ses
     session = open_session(client)
     start = services.start_turn(user=user, session_id=session, content="Draw a fox")
     call = ChatToolCall(id="call_0", name="generate_image", arguments='{"prompt": "a fox"}')
-    barrier = threading.Barrier(2)
     settled: list[ChatMessage] = []
 
     def settle() -> None:
-        try:
-            barrier.wait()
-            settled.append(
-                services.finish_turn(
-                    message_id=start.message.pk,
-                    content="Here it comes.",
-                    usage=ChatUsage(input_tokens=10, output_tokens=3),
-                    streamed_tokens=3,
-                    finish_reason="tool_calls",
-                    tool_calls=[call],
-                )
+        settled.append(
+            services.finish_turn(
+                message_id=start.message.pk,
+                content="Here it comes.",
+                usage=ChatUsage(input_tokens=10, output_tokens=3),
+                streamed_tokens=3,
+                finish_reason="tool_calls",
+                tool_calls=[call],
             )
-        finally:
-            connection.close()
+        )
 
-    threads = [threading.Thread(target=settle) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    assert race(settle, settle) == []
 
     assert len(settled) == 2
     assert settled[0].task_ids == settled[1].task_ids
@@ -428,3 +441,42 @@ def test_a_reply_stopped_by_its_user_generates_nothing(chatter: Any, open_sessio
     assert [c["error"]["code"] for c in message.tool_calls] == ["stopped"]
     assert message.task_ids == []
     assert not Task.objects.filter(user=user).exists()
+
+
+def test_a_tool_calling_turn_settles_while_the_users_task_settles(
+    chatter: Any, open_session: Any
+) -> None:
+    # Both take the user's capacity rows, holds and account: in the same order (capacity
+    # first), so neither waits on the other in a cycle. Five rounds, each started together.
+    from functools import partial
+
+    from chat import services
+    from tasks import services as task_services
+    from tasks.providers.base import ChatToolCall, ChatUsage
+    from tasks.tests.lifecycle import submit
+
+    user, client = chatter(20 * C)
+    session = open_session(client)
+    call = ChatToolCall(id="c", name="generate_image", arguments='{"prompt": "a fox"}')
+    for _ in range(5):
+        task = submit(user)
+        task_services.task_send_upstream(task_id=task.pk)
+        start = services.start_turn(user=user, session_id=session, content="Draw a fox")
+
+        failures = race(
+            partial(task_services.task_refresh, task_id=task.pk),
+            partial(
+                services.finish_turn,
+                message_id=start.message.pk,
+                content="Here it comes.",
+                usage=ChatUsage(input_tokens=10, output_tokens=3),
+                streamed_tokens=3,
+                finish_reason="tool_calls",
+                tool_calls=[call],
+            ),
+        )
+
+        assert failures == []
+        task.refresh_from_db()
+        assert task.status == Task.Status.SUCCESS
+        assert len(ChatMessage.objects.get(pk=start.message.pk).task_ids) == 1
