@@ -49,6 +49,28 @@ def race(*works: Any) -> list[BaseException]:
     return failures
 
 
+def settle_calling(message_id: Any, *calls: tuple[str, str]) -> ChatMessage:
+    """Settle a started turn as a provider would end it: a short reply, usage reported, and
+    ``calls`` (tool, arguments text) made."""
+    from chat import services
+    from tasks.providers.base import ChatToolCall, ChatUsage
+
+    return services.finish_turn(
+        message_id=message_id,
+        content="Here it comes.",
+        usage=ChatUsage(input_tokens=10, output_tokens=3),
+        streamed_tokens=3,
+        finish_reason="tool_calls",
+        tool_calls=[
+            ChatToolCall(id=f"call_{n}", name=tool, arguments=arguments)
+            for n, (tool, arguments) in enumerate(calls)
+        ],
+    )
+
+
+FOX = ("generate_image", '{"prompt": "a fox"}')
+
+
 def test_a_tool_call_creates_a_task_billed_apart_from_the_turn(
     chatter: Any, open_session: Any, say: Any
 ) -> None:
@@ -232,25 +254,14 @@ def test_a_turn_settled_twice_at_once_runs_its_tools_once(chatter: Any, open_ses
     # Two settlements of one turn race (a retried settlement, the beat's sweep): the first
     # runs the tools in its transaction; the second finds the turn settled.
     from chat import services
-    from tasks.providers.base import ChatToolCall, ChatUsage
 
     user, client = chatter(10 * C)
     session = open_session(client)
     start = services.start_turn(user=user, session_id=session, content="Draw a fox")
-    call = ChatToolCall(id="call_0", name="generate_image", arguments='{"prompt": "a fox"}')
     settled: list[ChatMessage] = []
 
     def settle() -> None:
-        settled.append(
-            services.finish_turn(
-                message_id=start.message.pk,
-                content="Here it comes.",
-                usage=ChatUsage(input_tokens=10, output_tokens=3),
-                streamed_tokens=3,
-                finish_reason="tool_calls",
-                tool_calls=[call],
-            )
-        )
+        settled.append(settle_calling(start.message.pk, FOX))
 
     assert race(settle, settle) == []
 
@@ -452,12 +463,10 @@ def test_a_tool_calling_turn_settles_while_the_users_task_settles(
 
     from chat import services
     from tasks import services as task_services
-    from tasks.providers.base import ChatToolCall, ChatUsage
     from tasks.tests.lifecycle import submit
 
     user, client = chatter(20 * C)
     session = open_session(client)
-    call = ChatToolCall(id="c", name="generate_image", arguments='{"prompt": "a fox"}')
     for _ in range(5):
         task = submit(user)
         task_services.task_send_upstream(task_id=task.pk)
@@ -465,15 +474,7 @@ def test_a_tool_calling_turn_settles_while_the_users_task_settles(
 
         failures = race(
             partial(task_services.task_refresh, task_id=task.pk),
-            partial(
-                services.finish_turn,
-                message_id=start.message.pk,
-                content="Here it comes.",
-                usage=ChatUsage(input_tokens=10, output_tokens=3),
-                streamed_tokens=3,
-                finish_reason="tool_calls",
-                tool_calls=[call],
-            ),
+            partial(settle_calling, start.message.pk, FOX),
         )
 
         assert failures == []

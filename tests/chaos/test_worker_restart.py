@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import WorkerSupervisor
-from bench.procs import Processes, free_port
+from bench.chaos import WorkerSupervisor, private_redis
+from bench.procs import Processes
 from rivya.celery import app
 
 pytestmark = pytest.mark.slow
@@ -39,35 +39,9 @@ def wait_for(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[tuple[Processes, str]]:
     """Processes on a private redis-server (never the shared one of ``make test``)."""
-    import redis
-
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    env = {**os.environ, "CELERY_BROKER_URL": url, "REDIS_URL": url}
-    with Processes(tmp_path, env) as procs:
-        procs.start(
-            "redis",
-            [
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--dir",
-                str(tmp_path),
-            ],
-        )
-        client = redis.Redis(host="127.0.0.1", port=port)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-
-        assert wait_for(up, 20), "the private redis-server did not start"
+    with Processes(tmp_path, dict(os.environ)) as procs:
+        url = private_redis(procs)
+        procs.env.update(CELERY_BROKER_URL=url, REDIS_URL=url)
         yield procs, url
 
 
