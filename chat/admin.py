@@ -16,6 +16,7 @@ from billing import selectors as billing_selectors
 from billing.admin import ReadOnlyAdmin, credits_html
 from chat.models import ChatMessage, ChatSession
 from chat.services import SUBJECT
+from tasks.models import Task
 
 
 class MessageInline(admin.TabularInline):
@@ -205,8 +206,6 @@ class ChatMessageAdmin(ReadOnlyAdmin):
     def timeline(self, obj: ChatMessage) -> SafeString:
         """The turn for support: started and held, settled, then each tool the model called,
         refused with its reason or linked to the task it created (its status and credits)."""
-        from tasks.models import Task
-
         steps = [
             format_html("<li>{}: turn started, {} µ held</li>", obj.created_at, obj.reserved_micro)
         ]

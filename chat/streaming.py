@@ -24,6 +24,7 @@ from django.db import connection
 
 from chat import services
 from chat.models import ChatMessage
+from tasks.models import Task
 from tasks.providers.base import ChatDelta, ChatEnd, ChatToolCall, ChatUsage, ProviderError
 from tasks.providers.registry import get_provider
 
@@ -245,8 +246,6 @@ TOOL_POLL_S = 1.0
 
 
 def _tool_tasks(task_ids: list[str]) -> dict[str, tuple[str, str, str, int]]:
-    from tasks.models import Task
-
     return {
         str(pk): (status, code, message, len(results))
         for pk, status, code, message, results in Task.objects.filter(pk__in=task_ids)

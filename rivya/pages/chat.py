@@ -32,6 +32,7 @@ from rivya.money import format_credits
 from rivya.pages import forms
 from rivya.pages.common import fault, mark_changed, price_label
 from rivya.pages.task_display import Shown as ShownTask
+from rivya.pages.task_display import model_name
 from tasks import selectors as task_selectors
 from tasks.models import AIModel, Task
 
@@ -314,8 +315,7 @@ def chat_tool_task(request: HttpRequest, task_id: uuid.UUID) -> HttpResponse:
     task = task_selectors.task_get_for_user(user=request.user, task_id=task_id)
     if task is None:
         raise Http404("No such task.")
-    name = AIModel.objects.filter(pk=task.model_id).values_list("name", flat=True).first()
-    shown = ShownTask(task=task, model_name=name or task.model_slug, now=timezone.now())
+    shown = ShownTask(task=task, model_name=model_name(task), now=timezone.now())
     return render(request, "pages/chat/_tool_task.html", {"shown": shown})
 
 

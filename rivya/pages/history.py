@@ -31,8 +31,9 @@ from rivya.errors import NotFound, TaskFinished
 from rivya.money import credits_phrase
 from rivya.pages.common import FAULT, is_htmx, mark_changed, single_label, single_shown
 from rivya.pages.task_display import Shown, timeline_steps
+from rivya.pages.task_display import model_name as model_name_of
 from tasks import selectors, services
-from tasks.models import AIModel, Category, Task
+from tasks.models import Category, Task
 from tasks.single.services import single_result
 
 # --- helpers ------------------------------------------------------------------------------
@@ -56,11 +57,6 @@ def _back(request: HttpRequest, value: str | None) -> str:
     return reverse("history")
 
 
-def _model_name(task: Task) -> str:
-    name = AIModel.objects.filter(pk=task.model_id).values_list("name", flat=True).first()
-    return name or task.model_slug
-
-
 @dataclass
 class ShownTask(Shown):
     """A task as History shows it, with a single task's label (from its own fields)."""
@@ -71,7 +67,7 @@ class ShownTask(Shown):
 
 
 def _one(request: HttpRequest, task: Task, *, model_name: str | None = None) -> ShownTask:
-    return ShownTask(task=task, model_name=model_name or _model_name(task), now=timezone.now())
+    return ShownTask(task=task, model_name=model_name or model_name_of(task), now=timezone.now())
 
 
 # --- the list -----------------------------------------------------------------------------

@@ -12,7 +12,14 @@ from django.utils.text import capfirst
 
 from rivya.money import credits_phrase, format_credits
 from rivya.pages.common import fault
-from tasks.models import Category, Task, TaskEvent
+from tasks.models import AIModel, Category, Task, TaskEvent
+
+
+def model_name(task: Task) -> str:
+    """The name of the model a task ran on, as the pages show it (its slug if the catalog
+    entry is gone)."""
+    name = AIModel.objects.filter(pk=task.model_id).values_list("name", flat=True).first()
+    return name or task.model_slug
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,17 @@ def page_text(client: Client) -> str:
     return html.unescape(client.get("/account/").content.decode())
 
 
+def record_failure(user: Any) -> None:
+    """A ``task.failed`` event for ``user`` (its data does not matter here)."""
+    webhooks.webhook_event_record(
+        user_id=user.pk,
+        event_type="task.failed",
+        subject_type="",
+        subject_id="",
+        data=lambda: {},
+    )
+
+
 def test_adding_an_endpoint_shows_its_secret_once(funded: Any, webhook_receiver: Receiver) -> None:
     user = funded(0)
     client = logged_in(user)
@@ -87,13 +98,7 @@ def test_another_account_s_endpoint_or_delivery_is_not_found(
 ) -> None:
     owner, other = funded(0), funded(0)
     endpoint = webhooks.endpoint_create(user=owner, url=webhook_receiver.url())
-    webhooks.webhook_event_record(
-        user_id=owner.pk,
-        event_type="task.failed",
-        subject_type="",
-        subject_id="",
-        data=lambda: {},
-    )
+    record_failure(owner)
     deliver_due()
     message = WebhookMessage.objects.get()
     client = logged_in(other)
@@ -120,13 +125,7 @@ def test_recent_deliveries_are_listed_and_resent(
     user = funded(0)
     webhooks.endpoint_create(user=user, url=webhook_receiver.url())
     webhook_receiver.script("/hook", {"status": 500})
-    webhooks.webhook_event_record(
-        user_id=user.pk,
-        event_type="task.failed",
-        subject_type="",
-        subject_id="",
-        data=lambda: {},
-    )
+    record_failure(user)
     deliver_due()
     client = logged_in(user)
     text = page_text(client)
