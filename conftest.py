@@ -35,6 +35,20 @@ def pytest_configure(config: pytest.Config) -> None:
     # tests/browser/asgi_settings.py.)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that run on the end-to-end stack (``tests/e2e.py``: a Celery worker, beat and
+    the dispatcher on the test database, started once for the session and running until it
+    ends) go last, after every other test, whatever order pytest-django and pytest-randomly
+    chose. Otherwise a test that leaves work behind (a WAITING task) could have the live stack
+    writing it while the test's database flush truncates the tables: a deadlock (seen in CI,
+    after ``test_submit_round_trips``)."""
+    on_stack = [item for item in items if "stack" in getattr(item, "fixturenames", ())]
+    if on_stack:
+        others = [item for item in items if "stack" not in getattr(item, "fixturenames", ())]
+        items[:] = others + on_stack
+
+
 _counter = itertools.count()
 
 
